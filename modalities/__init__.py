@@ -1,0 +1,1 @@
+"""Per-modality tokenizers: CPU preprocessing, the embedding module, and save/load of their config."""

@@ -1,0 +1,175 @@
+"""Image modality: CPU preprocessing (runs in DataLoader workers) and the patch-feature embedder.
+
+The embedder takes patch features from any timm backbone (``timm:<name>``, ``features_only``) or from
+an open_clip visual tower (``open_clip:<name>``), projects them to ``d_model`` and adds learned 2-D
+positions.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import nn
+
+
+@dataclass
+class ImageConfig:
+    """Config of the image tokenizer; saved with the model."""
+
+    backbone: str = "timm:resnet10t"
+    out_index: int = 2  # timm features_only stage (2 = stride 8 for resnets)
+    image_size: int = 64
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    resize: str = "squash"  # squash | center_crop
+    # Pretrained weights for the backbone: None (random init), a timm/open_clip tag, or a local file.
+    pretrained: str | None = None
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.mean = tuple(float(x) for x in self.mean)
+        self.std = tuple(float(x) for x in self.std)
+        if self.resize not in ("squash", "center_crop"):
+            raise ValueError(f"ImageConfig.resize must be 'squash' or 'center_crop', got {self.resize!r}")
+        if ":" not in self.backbone:
+            raise ValueError(f"ImageConfig.backbone must be 'timm:<name>' or 'open_clip:<name>', got {self.backbone!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+
+# ------------------------------------------------------------------------------------------------
+# Preprocessing (CPU)
+# ------------------------------------------------------------------------------------------------
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode (1, L, LA, P, RGBA, I;16, I, F, CMYK, ...) to RGB; alpha over white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        img = Image.fromarray(arr.astype(np.uint8), mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("LA", "RGBA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
+    """Open an image file (or bytes / PIL image), apply EXIF orientation and return RGB."""
+    if isinstance(source, Image.Image):
+        img = source
+    else:
+        fp = io.BytesIO(source) if isinstance(source, bytes) else source
+        img = Image.open(fp)
+        img.load()  # decode now so truncated files fail here, naming the file
+    img = ImageOps.exif_transpose(img)
+    return to_rgb(img)
+
+
+class ImagePreprocessor:
+    """Decode → RGB → resize → normalize to a ``[3, S, S]`` float tensor. Picklable for workers."""
+
+    def __init__(self, cfg: ImageConfig):
+        self.cfg = cfg
+        self.mean = np.asarray(cfg.mean, dtype=np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(cfg.std, dtype=np.float32).reshape(3, 1, 1)
+
+    def __call__(self, source: str | Path | bytes | Image.Image) -> torch.Tensor:
+        img = load_image(source)
+        s = self.cfg.image_size
+        if self.cfg.resize == "center_crop":
+            img = ImageOps.fit(img, (s, s), Image.BICUBIC)
+        elif img.size != (s, s):
+            img = img.resize((s, s), Image.BICUBIC)
+        arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0  # [3, S, S]
+        return torch.from_numpy((arr - self.mean) / self.std)
+
+    def denormalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Inverse of the normalisation, clamped to [0, 1] (for sample grids)."""
+        mean = torch.tensor(self.cfg.mean, device=pixels.device).view(-1, 1, 1)
+        std = torch.tensor(self.cfg.std, device=pixels.device).view(-1, 1, 1)
+        return (pixels * std + mean).clamp(0, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Embedding (inside the model)
+# ------------------------------------------------------------------------------------------------
+def _build_backbone(cfg: ImageConfig) -> tuple[nn.Module, str]:
+    kind, name = cfg.backbone.split(":", 1)
+    if kind == "timm":
+        import timm
+
+        kwargs: dict[str, Any] = dict(features_only=True, out_indices=(cfg.out_index,), **cfg.backbone_kwargs)
+        if cfg.pretrained:
+            if Path(cfg.pretrained).is_file():
+                kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(cfg.pretrained)))
+            else:
+                kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(tag=cfg.pretrained))
+        return timm.create_model(name, **kwargs), "timm"
+    if kind == "open_clip":
+        import open_clip
+
+        model = open_clip.create_model(name, pretrained=cfg.pretrained or None, **cfg.backbone_kwargs)
+        visual = model.visual
+        visual.output_tokens = True
+        return visual, "open_clip"
+    raise ValueError(f"unknown image backbone kind {kind!r} in {cfg.backbone!r}; use 'timm:' or 'open_clip:'")
+
+
+class ImageEmbedder(nn.Module):
+    """Pixels ``[B, 3, S, S]`` → patch embeddings ``[B, N, d_model]`` with 2-D positions."""
+
+    def __init__(self, cfg: ImageConfig, d_model: int):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone, self.kind = _build_backbone(cfg)
+        self.channels_last = self.kind == "timm"
+        with torch.no_grad():
+            was_training = self.backbone.training
+            self.backbone.eval()
+            feats = self._features(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
+            self.backbone.train(was_training)
+        _, self.grid_h, self.grid_w, in_dim = feats.shape
+        self.proj = nn.Linear(in_dim, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.row_pos = nn.Parameter(torch.zeros(self.grid_h, 1, d_model))
+        self.col_pos = nn.Parameter(torch.zeros(1, self.grid_w, d_model))
+        nn.init.normal_(self.row_pos, std=0.02)
+        nn.init.normal_(self.col_pos, std=0.02)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_h * self.grid_w
+
+    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Backbone features as ``[B, h, w, C]``."""
+        if self.kind == "timm":
+            if self.channels_last:
+                pixels = pixels.contiguous(memory_format=torch.channels_last)
+            fmap = self.backbone(pixels)[-1]  # [B, C, h, w]
+            return fmap.permute(0, 2, 3, 1)
+        _, tokens = self.backbone(pixels)  # [B, h*w, C]
+        b, n, c = tokens.shape
+        side = int(round(n**0.5))
+        if side * side != n:
+            raise ValueError(f"open_clip tower returned {n} tokens, not a square grid")
+        return tokens.reshape(b, side, side, c)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"expected pixels [B, 3, H, W], got {tuple(pixels.shape)}")
+        feats = self._features(pixels)  # [B, h, w, C]
+        x = self.proj(feats) + (self.row_pos + self.col_pos)  # [B, h, w, d]
+        x = self.norm(x.flatten(1, 2))  # [B, h*w, d]
+        mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        return x, mask

@@ -1,0 +1,1 @@
+"""Training and evaluation: Lightning tasks, datamodules and data formats, metrics, Hydra entry points."""

@@ -1,0 +1,33 @@
+"""mmzoo's model zoo: the unified seq2seq model, its registry, vocabulary, generation and I/O.
+
+Imports are lazy so that ``import zoo`` stays cheap.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["create_model", "list_models", "model_config", "load", "UnifiedSeq2Seq", "ModelConfig", "VocabLayout"]
+
+
+def __getattr__(name: str):
+    if name in ("create_model", "list_models", "model_config"):
+        from zoo import registry
+
+        return getattr(registry, name)
+    if name == "load":
+        from zoo.hub import load
+
+        return load
+    if name == "UnifiedSeq2Seq":
+        from zoo.model import UnifiedSeq2Seq
+
+        return UnifiedSeq2Seq
+    if name == "ModelConfig":
+        from zoo.config import ModelConfig
+
+        return ModelConfig
+    if name == "VocabLayout":
+        from zoo.vocab import VocabLayout
+
+        return VocabLayout
+    raise AttributeError(f"module 'zoo' has no attribute {name!r}")

@@ -1,0 +1,66 @@
+"""Built-in architectures: OFA's published sizes plus CPU-sized and micro test variants.
+
+The text vocabulary size comes from the tokenizer at build time (``vocab={"text_size": ...}``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from zoo.registry import register_model
+
+_VOCAB = {"text_size": 1024, "image_code_size": 512, "loc_bins": 100}
+
+
+def _image(backbone: str, out_index: int, size: int) -> dict[str, Any]:
+    return {"backbone": backbone, "out_index": out_index, "image_size": size}
+
+
+@register_model("test-tiny")
+def test_tiny() -> dict[str, Any]:
+    """Micro model for unit tests."""
+    return dict(d_model=32, n_heads=2, enc_layers=1, dec_layers=1, ffn_dim=64, max_positions=64,
+                vocab={"text_size": 300, "image_code_size": 16, "loc_bins": 4},
+                modalities={"image": _image("timm:test_resnet", 2, 32)})
+
+
+@register_model("test-vit")
+def test_vit() -> dict[str, Any]:
+    """Micro model with a ViT image backbone (timm ``test_vit``)."""
+    return dict(d_model=32, n_heads=2, enc_layers=1, dec_layers=1, ffn_dim=64, max_positions=64,
+                vocab={"text_size": 300, "image_code_size": 16, "loc_bins": 4},
+                modalities={"image": {**_image("timm:test_vit", -1, 160)}})
+
+
+@register_model("ofa-tiny")
+def ofa_tiny() -> dict[str, Any]:
+    """OFA-tiny dimensions (d256, 4+4 layers); small ResNet stem at 64 px: trains on a laptop CPU."""
+    return dict(d_model=256, n_heads=4, enc_layers=4, dec_layers=4, ffn_dim=1024, vocab=dict(_VOCAB),
+                modalities={"image": _image("timm:resnet10t", 2, 64)})
+
+
+@register_model("ofa-medium")
+def ofa_medium() -> dict[str, Any]:
+    return dict(d_model=512, n_heads=8, enc_layers=4, dec_layers=4, ffn_dim=2048, max_positions=1024,
+                vocab=dict(_VOCAB, text_size=50000, image_code_size=8192, loc_bins=1000),
+                modalities={"image": _image("timm:resnet50", 3, 256)})
+
+
+@register_model("ofa-base")
+def ofa_base() -> dict[str, Any]:
+    return dict(d_model=768, n_heads=12, enc_layers=6, dec_layers=6, ffn_dim=3072, max_positions=1024,
+                vocab=dict(_VOCAB, text_size=50000, image_code_size=8192, loc_bins=1000),
+                modalities={"image": _image("timm:resnet101", 3, 384)})
+
+
+@register_model("ofa-large")
+def ofa_large() -> dict[str, Any]:
+    return dict(d_model=1024, n_heads=16, enc_layers=12, dec_layers=12, ffn_dim=4096, max_positions=1024,
+                vocab=dict(_VOCAB, text_size=50000, image_code_size=8192, loc_bins=1000),
+                modalities={"image": _image("timm:resnet152", 3, 480)})
+
+
+@register_model("ofa-huge")
+def ofa_huge() -> dict[str, Any]:
+    return dict(d_model=1280, n_heads=16, enc_layers=24, dec_layers=12, ffn_dim=5120, max_positions=1024,
+                vocab=dict(_VOCAB, text_size=50000, image_code_size=8192, loc_bins=1000),
+                modalities={"image": _image("timm:resnet152", 3, 480)})

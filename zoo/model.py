@@ -1,0 +1,153 @@
+"""The unified encoder-decoder: modality segments in, unified-vocabulary tokens out."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from modalities.image import ImageConfig, ImageEmbedder
+from zoo.config import MODALITY_TYPES, ModelConfig
+from zoo.layers import DecoderLayer, EncoderLayer, KVCache, causal_allowed
+from zoo.vocab import PAD_ID
+
+# A segment value is a tensor (pixels, ...) or a tuple (ids, mask) for token segments.
+Segments = dict[str, Any]
+
+
+def build_embedder(name: str, mcfg: dict[str, Any], d_model: int) -> nn.Module:
+    """The ``nn.Module`` that embeds one non-text modality (text uses the shared token embedding)."""
+    if name == "image":
+        return ImageEmbedder(ImageConfig(**mcfg), d_model)
+    if name == "sensor":
+        from modalities.sensor import SensorConfig, SensorEmbedder
+
+        return SensorEmbedder(SensorConfig(**mcfg), d_model)
+    raise ValueError(f"no embedder for modality {name!r}")
+
+
+class UnifiedSeq2Seq(nn.Module):
+    """OFA-style encoder-decoder over concatenated modality segments and one unified vocabulary.
+
+    ``encode({"image": pixels, "text": (ids, mask)})`` concatenates the segments in the dict's order,
+    each with its modality-type embedding; ``decode`` predicts over the unified vocabulary with a
+    token embedding tied to the output projection.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layout = cfg.layout
+        d = cfg.d_model
+        self.embed_tokens = nn.Embedding(self.layout.size, d, padding_idx=PAD_ID)
+        self.enc_pos = nn.Embedding(cfg.max_positions, d)
+        self.dec_pos = nn.Embedding(cfg.max_positions, d)
+        self.type_embed = nn.Embedding(len(MODALITY_TYPES), d)
+        self.embedders = nn.ModuleDict({n: build_embedder(n, m, d) for n, m in cfg.modalities.items()})
+        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
+        self.enc_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
+        self.dec_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for name, p in self.named_parameters():
+            if name.startswith("embedders."):
+                continue  # backbones keep their own init
+            if p.ndim == 2:
+                nn.init.normal_(p, std=0.02)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+        with torch.no_grad():
+            self.embed_tokens.weight[PAD_ID].zero_()
+
+    @property
+    def head_dim(self) -> int:
+        return self.cfg.d_model // self.cfg.n_heads
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # --- encoder ------------------------------------------------------------------------------
+    def embed_segments(self, inputs: Segments) -> tuple[torch.Tensor, torch.Tensor]:
+        """Concatenate embedded segments → ``x [B,S,d]``, ``mask [B,S]`` (True = real token)."""
+        xs, masks = [], []
+        for name, value in inputs.items():
+            if name == "text":
+                ids, mask = value
+                if ids.shape[1] > self.cfg.max_positions:
+                    raise ValueError(f"text segment of {ids.shape[1]} tokens exceeds max_positions={self.cfg.max_positions}")
+                pos = torch.arange(ids.shape[1], device=ids.device)
+                x = self.embed_tokens(ids) + self.enc_pos(pos)
+            elif name in self.embedders:
+                x, mask = self.embedders[name](*value) if isinstance(value, tuple) else self.embedders[name](value)
+            else:
+                raise KeyError(f"model has no embedder for input {name!r}; it has {['text', *self.embedders]}")
+            xs.append(x + self.type_embed.weight[MODALITY_TYPES.index(name)])
+            masks.append(mask)
+        if not xs:
+            raise ValueError("encode() needs at least one input segment")
+        return torch.cat(xs, dim=1), torch.cat(masks, dim=1)
+
+    def encode(self, inputs: Segments) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the encoder; returns ``memory [B,S,d]`` and its mask ``[B,S]``."""
+        x, mask = self.embed_segments(inputs)
+        x = self.drop(x)
+        allowed = mask[:, None, None, :]  # [B,1,1,S]
+        for layer in self.encoder:
+            if self.cfg.grad_checkpointing and self.training:
+                x = checkpoint(layer, x, allowed, use_reentrant=False)
+            else:
+                x = layer(x, allowed)
+        return self.enc_norm(x), mask
+
+    # --- decoder ------------------------------------------------------------------------------
+    def start_cache(self, memory: torch.Tensor, memory_mask: torch.Tensor, max_len: int) -> KVCache:
+        """A KV cache with the source's cross-attention K/V projected once."""
+        if max_len > self.cfg.max_positions:
+            raise ValueError(f"max_len={max_len} exceeds max_positions={self.cfg.max_positions}")
+        cache = KVCache(len(self.decoder), memory.shape[0], self.cfg.n_heads, self.head_dim, max_len,
+                        memory.device, memory.dtype)
+        cache.cross = [layer.cross_attn.project_memory(memory) for layer in self.decoder]
+        cache.memory_allowed = memory_mask[:, None, None, :]
+        return cache
+
+    def decode_hidden(self, tgt_in: torch.Tensor, memory: torch.Tensor | None = None,
+                      memory_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Decoder hidden states ``[B,T,d]`` for input ids ``[B,T]``; extends ``cache`` if given."""
+        b, t = tgt_in.shape
+        start = cache.length if cache is not None else 0
+        if start + t > self.cfg.max_positions:
+            raise ValueError(f"decoder length {start + t} exceeds max_positions={self.cfg.max_positions}")
+        pos = torch.arange(start, start + t, device=tgt_in.device)
+        x = self.drop(self.embed_tokens(tgt_in) + self.dec_pos(pos))
+        self_allowed = None if (cache is not None and t == 1) else causal_allowed(t, start, x.device)
+        if cache is None:
+            mem_allowed = memory_mask[:, None, None, :]
+            mem_kv = [layer.cross_attn.project_memory(memory) for layer in self.decoder]
+        else:
+            mem_allowed, mem_kv = cache.memory_allowed, cache.cross
+        for i, layer in enumerate(self.decoder):
+            if self.cfg.grad_checkpointing and self.training and cache is None:
+                x = checkpoint(layer, x, self_allowed, mem_kv[i], mem_allowed, use_reentrant=False)
+            else:
+                x = layer(x, self_allowed, mem_kv[i], mem_allowed, cache, i)
+        if cache is not None:
+            cache.length += t
+        return self.dec_norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied output projection onto the unified vocabulary."""
+        return F.linear(hidden, self.embed_tokens.weight)
+
+    def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor | None = None,
+               memory_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        return self.logits(self.decode_hidden(tgt_in, memory, memory_mask, cache))
+
+    def forward(self, inputs: Segments, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits ``[B,T,V]``."""
+        memory, mask = self.encode(inputs)
+        return self.decode(tgt_in, memory, mask)
