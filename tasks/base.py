@@ -1,0 +1,184 @@
+"""``Seq2SeqTask``: the LightningModule every task builds on.
+
+Teacher-forced cross-entropy with label smoothing, AdamW with linear warm-up and cosine decay, and
+validation/test by generation with the KV cache. Subclasses say how a batch becomes encoder
+segments, which tokens may be generated, how outputs are scored and how predictions are written.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from zoo.generation import generate
+from zoo.model import UnifiedSeq2Seq
+from zoo.vocab import EOS_ID, PAD_ID
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """All ranks' ``obj`` as a list (a one-element list when not distributed)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def strip_after_eos(tokens: torch.Tensor) -> list[list[int]]:
+    """Token rows → lists cut at the first EOS, without PAD."""
+    rows = []
+    for row in tokens.tolist():
+        if EOS_ID in row:
+            row = row[: row.index(EOS_ID)]
+        rows.append([t for t in row if t != PAD_ID])
+    return rows
+
+
+class Seq2SeqTask(L.LightningModule):
+    """Base LightningModule: loss, optimisation, generation-based evaluation."""
+
+    name = "seq2seq"
+
+    def __init__(
+        self,
+        model: UnifiedSeq2Seq,
+        tokenizer: Any,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.98),
+        warmup_steps: int = 200,
+        min_lr_ratio: float = 0.05,
+        label_smoothing: float = 0.1,
+        max_new_tokens: int = 32,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        num_samples: int = 16,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["model", "tokenizer"])
+        self.model = model
+        self.tokenizer = tokenizer
+        self.layout = model.layout
+        self._outputs: list[tuple[Any, Any]] = []
+        self._samples: dict[str, Any] | None = None
+        self.predictions: dict[str, dict[Any, Any]] = {}  # stage -> {record id: prediction}
+        self.samples: dict[str, dict[str, Any]] = {}  # stage -> first batch inputs + predictions
+        self.final_metrics: dict[str, float] = {}
+
+    # --- what subclasses define -------------------------------------------------------------
+    def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def allowed_tokens(self) -> torch.Tensor | None:
+        return None
+
+    def decode_outputs(self, tokens: torch.Tensor) -> list[Any]:
+        raise NotImplementedError
+
+    def compute_metrics(self, stage: str, predictions: dict[Any, Any]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def format_predictions(self, predictions: dict[Any, Any]) -> list[dict[str, Any]]:
+        return [{"id": k, "prediction": v} for k, v in predictions.items()]
+
+    def write_samples(self, path: Path, stage: str) -> None:
+        """Write a human-readable sample grid for ``stage`` (optional)."""
+
+    # --- training -----------------------------------------------------------------------------
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        memory, mask = self.model.encode(self.model_inputs(batch))
+        hidden = self.model.decode_hidden(batch["tgt_in"], memory, mask)
+        labels = batch["labels"]
+        keep = labels != PAD_ID
+        logits = self.model.logits(hidden[keep])  # only real target positions: [N, V]
+        return F.cross_entropy(logits.float(), labels[keep], label_smoothing=self.hparams.label_smoothing)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["ids"]))
+        return loss
+
+    # --- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_tokens(self, batch: dict[str, Any], **overrides: Any) -> torch.Tensor:
+        kw = dict(max_new_tokens=self.hparams.max_new_tokens, num_beams=self.hparams.num_beams,
+                  length_penalty=self.hparams.length_penalty, allowed=self.allowed_tokens())
+        kw.update(overrides)
+        return generate(self.model, self.model_inputs(batch), **kw)
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+        preds = self.decode_outputs(self.generate_tokens(batch))
+        self._outputs.extend(zip(batch["ids"], preds))
+        if self._samples is None:
+            n = self.hparams.num_samples
+            self._samples = {k: (v[:n].detach().cpu() if torch.is_tensor(v) else v[:n]) for k, v in batch.items()}
+            self._samples["predictions"] = preds[:n]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        merged: dict[Any, Any] = {}
+        for part in gather_objects(self._outputs):
+            merged.update(part)  # keyed by record id: sampler padding duplicates collapse
+        self._outputs = []
+        if self._samples is not None:
+            self.samples[stage] = self._samples
+        self._samples = None
+        if self.trainer.sanity_checking:
+            return
+        self.predictions[stage] = merged
+        metrics = self.compute_metrics(stage, merged)
+        for k, v in metrics.items():
+            self.log(f"{stage}/{k}", float(v), prog_bar=k == self.monitor_metric, rank_zero_only=False, sync_dist=False)
+            self.final_metrics[f"{stage}/{k}"] = float(v)
+
+    monitor_metric = "loss"
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    # --- optimisation -------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            is_embedding = any(s in name for s in ("embed_tokens", "_pos", "type_embed"))
+            (no_decay if p.ndim < 2 or is_embedding else decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(self.hparams.warmup_steps, total // 2)
+        floor = self.hparams.min_lr_ratio
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / max(1, warmup)
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # --- checkpoints carry what is needed to rebuild the model without Hydra ------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mmzoo"] = {
+            "task": self.name,
+            "model_config": self.model.cfg.to_dict(),
+            "tokenizer": self.tokenizer.to_str(),
+        }

@@ -1,0 +1,101 @@
+"""Lightning plugins and callbacks: atomic checkpoints, run artifacts, throughput."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temp file + ``os.replace`` (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Save to a temp file in the same folder, fsync, then ``os.replace``: a kill never corrupts ``last``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+class RunArtifacts(L.Callback):
+    """After each validation/test epoch, write the task's predictions (official format) and sample grid."""
+
+    def __init__(self, output_dir: str, predictions_file: str = "predictions.json", samples_file: str = "samples.png"):
+        self.output_dir = Path(output_dir)
+        self.predictions_file, self.samples_file = predictions_file, samples_file
+
+    def _write(self, trainer: L.Trainer, task: Any, stage: str) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or stage not in task.predictions:
+            return
+        preds = task.format_predictions(task.predictions[stage])
+        atomic_write_text(self.output_dir / self.predictions_file, json.dumps(preds, indent=1))
+        task.write_samples(self.output_dir / self.samples_file, stage)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._write(trainer, pl_module, "val")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._write(trainer, pl_module, "test")
+
+
+class Throughput(L.Callback):
+    """Logs ``train/samples_per_sec`` over each epoch (training steps only, validation excluded)."""
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self.seconds = 0.0
+        self._t0: float | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._t0 is not None:
+            self.seconds += time.perf_counter() - self._t0
+            self.samples += len(batch["ids"]) * trainer.world_size
+            self._t0 = None
+
+    @property
+    def samples_per_sec(self) -> float:
+        return self.samples / self.seconds if self.seconds else 0.0
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if self.seconds:
+            pl_module.log("train/samples_per_sec", self.samples_per_sec, rank_zero_only=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"samples": self.samples, "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.samples, self.seconds = state["samples"], state["seconds"]

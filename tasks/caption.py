@@ -1,0 +1,216 @@
+"""Image captioning: ``[image] what does the image describe?`` → caption text.
+
+Holds the COCO-captions datamodule and the captioning task (CIDEr-D, BLEU-4).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from modalities.image import ImageConfig, ImagePreprocessor
+from modalities.text import TextTokenizer
+from tasks.base import Seq2SeqTask, strip_after_eos
+from tasks.data.coco import CaptionRecord, read_coco_captions
+from tasks.data.collate import Seq2SeqCollator
+from zoo.vocab import VocabLayout
+
+CAPTION_PROMPT = "what does the image describe?"
+
+
+class CaptionTrainSet(Dataset):
+    """One item per (image, caption) pair; captions are tokenised once up front."""
+
+    def __init__(self, paths: list[Path], ids: list[Any], targets: list[list[int]], prompt: list[int],
+                 preprocess: ImagePreprocessor):
+        self.paths, self.ids, self.targets, self.prompt, self.preprocess = paths, ids, targets, prompt, preprocess
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"image": self.preprocess(self.paths[i]), "prompt": self.prompt, "target": self.targets[i],
+                "id": self.ids[i]}
+
+
+class ImageEvalSet(Dataset):
+    """One item per image (references are scored at epoch end)."""
+
+    def __init__(self, records: list[CaptionRecord], prompt: list[int], preprocess: ImagePreprocessor):
+        self.records, self.prompt, self.preprocess = records, prompt, preprocess
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        r = self.records[i]
+        return {"image": self.preprocess(r.path), "prompt": self.prompt, "id": r.image_id}
+
+
+class CaptionDataModule(L.LightningDataModule):
+    """COCO-captions data (``captions_{split}.json`` + images); generates Shapes on first use.
+
+    Call :meth:`prepare_data` (dataset and tokenizer), then :meth:`bind` with the model's image config
+    and vocabulary layout before the loaders are used.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_file: str = "captions_train.json",
+        val_file: str = "captions_val.json",
+        test_file: str | None = "captions_test.json",
+        image_root: str | None = None,
+        generate: str | None = "shapes",
+        shapes: dict[str, Any] | None = None,
+        tokenizer_path: str | None = None,
+        tokenizer_vocab_size: int = 1024,
+        batch_size: int = 64,
+        eval_batch_size: int = 128,
+        num_workers: int = 1,
+        max_target_len: int = 32,
+        prompt: str = CAPTION_PROMPT,
+        val_limit: int | None = None,
+    ):
+        super().__init__()
+        self.root = Path(root)
+        self.image_root = Path(image_root) if image_root else self.root
+        self.files = {"train": train_file, "val": val_file, "test": test_file}
+        self.generate, self.shapes_kwargs = generate, dict(shapes or {})
+        self.tokenizer_path = tokenizer_path
+        self.vocab_size = tokenizer_vocab_size
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers, self.max_target_len, self.prompt_text = num_workers, max_target_len, prompt
+        self.val_limit = val_limit
+        self.records: dict[str, list[CaptionRecord]] = {}
+        self.tokenizer: TextTokenizer | None = None
+        self.preprocess: ImagePreprocessor | None = None
+        self.layout: VocabLayout | None = None
+        self.collate = Seq2SeqCollator()
+
+    # --- preparation --------------------------------------------------------------------------
+    def _read(self, split: str) -> list[CaptionRecord]:
+        if split not in self.records:
+            self.records[split] = read_coco_captions(self.root / self.files[split], self.image_root)
+        return self.records[split]
+
+    def prepare_data(self) -> None:
+        if self.generate == "shapes":
+            from tasks.data.shapes import ShapesConfig, ensure_shapes
+
+            ensure_shapes(self.root, ShapesConfig(**self.shapes_kwargs))
+        elif self.generate:
+            raise ValueError(f"unknown data generator {self.generate!r}; use 'shapes' or null")
+        self.load_tokenizer()
+
+    def load_tokenizer(self) -> TextTokenizer:
+        """The text tokenizer: a given file, or a BPE trained on the training captions (cached)."""
+        if self.tokenizer is None:
+            if self.tokenizer_path:
+                self.tokenizer = TextTokenizer.from_file(self.tokenizer_path)
+            else:
+                path = self.root / f"tokenizer-bpe{self.vocab_size}.json"
+                if not path.is_file():
+                    texts = [c for r in self._read("train") for c in r.captions]
+                    tok = TextTokenizer.train([self.prompt_text, *texts], vocab_size=self.vocab_size)
+                    tmp_dir = path.parent / f".tok-{path.stem}"
+                    tok.save(tmp_dir).replace(path)
+                    tmp_dir.rmdir()
+                self.tokenizer = TextTokenizer.from_file(path)
+        return self.tokenizer
+
+    def bind(self, image_cfg: ImageConfig | dict, layout: VocabLayout, tokenizer: TextTokenizer | None = None) -> None:
+        """Attach the model's preprocessing and vocabulary (and optionally a pretrained tokenizer)."""
+        if isinstance(image_cfg, dict):
+            image_cfg = ImageConfig(**image_cfg)
+        self.preprocess = ImagePreprocessor(image_cfg)
+        self.layout = layout
+        if tokenizer is not None:
+            self.tokenizer = tokenizer
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        assert self.tokenizer is not None and self.layout is not None
+        offset = self.layout.text_start
+        return [[t + offset for t in ids] for ids in self.tokenizer.encode_batch(texts, self.max_target_len)]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.preprocess is None or self.layout is None:
+            raise RuntimeError("CaptionDataModule.bind(image_cfg, layout) must be called before setup()")
+        self.load_tokenizer()
+        self.prompt_ids = self._encode([self.prompt_text])[0]
+
+    # --- datasets -----------------------------------------------------------------------------
+    def references(self, stage: str) -> dict[Any, list[str]]:
+        return {r.image_id: r.captions for r in self._eval_records(stage)}
+
+    def _eval_records(self, stage: str) -> list[CaptionRecord]:
+        records = self._read(stage)
+        return records[: self.val_limit] if self.val_limit else records
+
+    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=self.collate, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available(), drop_last=shuffle)
+
+    def train_dataloader(self) -> DataLoader:
+        recs = self._read("train")
+        paths = [r.path for r in recs for _ in r.captions]
+        ids = [r.image_id for r in recs for _ in r.captions]
+        targets = self._encode([c for r in recs for c in r.captions])
+        ds = CaptionTrainSet(paths, ids, targets, self.prompt_ids, self.preprocess)
+        return self._loader(ds, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(ImageEvalSet(self._eval_records("val"), self.prompt_ids, self.preprocess),
+                            self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if not self.files["test"]:
+            raise ValueError("this dataset has no test split (data.test_file is null)")
+        return self._loader(ImageEvalSet(self._eval_records("test"), self.prompt_ids, self.preprocess),
+                            self.eval_batch_size, shuffle=False)
+
+
+class CaptionTask(Seq2SeqTask):
+    """Captioning: image + instruction → text; scored with CIDEr-D and BLEU-4."""
+
+    name = "caption"
+    monitor_metric = "cider"
+
+    def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {"image": batch["image"], "text": (batch["prompt_ids"], batch["prompt_mask"])}
+
+    def allowed_tokens(self) -> torch.Tensor:
+        if not hasattr(self, "_allowed"):
+            self._allowed = self.layout.allowed_mask("text")
+        return self._allowed
+
+    def decode_outputs(self, tokens: torch.Tensor) -> list[str]:
+        rows = strip_after_eos(self.layout.unified_to_text(tokens))
+        return self.tokenizer.decode_batch(rows)
+
+    def compute_metrics(self, stage: str, predictions: dict[Any, str]) -> dict[str, float]:
+        from tasks.metrics import caption_scores
+
+        refs = self.trainer.datamodule.references(stage)
+        missing = set(refs) - set(predictions)
+        if missing:
+            raise RuntimeError(f"{len(missing)} {stage} images got no prediction (e.g. {sorted(missing)[:3]})")
+        scores = caption_scores({k: predictions[k] for k in refs}, refs)
+        return {"cider": scores["cider"], "bleu4": scores["bleu4"], "rouge_l": scores["rouge_l"]}
+
+    def format_predictions(self, predictions: dict[Any, str]) -> list[dict[str, Any]]:
+        return [{"image_id": k, "caption": v} for k, v in predictions.items()]
+
+    def write_samples(self, path: Path, stage: str) -> None:
+        from tasks.visualize import save_grid
+
+        s = self.samples.get(stage)
+        if not s:
+            return
+        pre = self.trainer.datamodule.preprocess
+        images = [pre.denormalize(x) for x in s["image"]]
+        save_grid(images, s["predictions"], path)

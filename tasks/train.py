@@ -1,0 +1,122 @@
+"""``zoo-train``: the Hydra entry point. ``train(cfg)`` instantiates, fits, tests and returns metrics."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from tasks.resolvers import register_resolvers
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """``ckpt_path``: null, a file, or ``last`` (this run dir's last.ckpt, else the newest run's)."""
+    ckpt = cfg.get("ckpt_path")
+    if not ckpt:
+        return None
+    if ckpt != "last":
+        if not Path(ckpt).is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt} does not exist")
+        return str(ckpt)
+    own = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if own.is_file():
+        return str(own)
+    runs = Path(cfg.paths.log_dir) / cfg.task_name / "runs"
+    found = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"ckpt_path=last: no checkpoints/last.ckpt in {own.parent.parent} or under {runs}")
+    return str(found[-1])
+
+
+def build_model(model_cfg: DictConfig, text_vocab_size: int):
+    """Create the configured architecture with the tokenizer's text vocabulary size."""
+    import zoo
+
+    overrides: dict[str, Any] = OmegaConf.to_container(model_cfg.get("overrides") or {}, resolve=True)  # type: ignore[assignment]
+    vocab = dict(zoo.model_config(model_cfg.name).vocab)
+    vocab.update(overrides.pop("vocab", {}) or {})
+    vocab["text_size"] = text_vocab_size
+    vocab.pop("ranges", None)
+    return zoo.create_model(model_cfg.name, vocab=vocab, **overrides)
+
+
+def write_metrics(path: Path, metrics: dict[str, float]) -> None:
+    from tasks.callbacks import atomic_write_text
+
+    atomic_write_text(path, json.dumps(dict(sorted(metrics.items())), indent=2))
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit and test the configured task; writes ``metrics.json`` into the run directory."""
+    import lightning as L
+    import torch
+    from hydra.utils import instantiate
+
+    from tasks.callbacks import AtomicCheckpointIO, Throughput
+
+    out = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("matmul_precision"):
+        torch.set_float32_matmul_precision(cfg.matmul_precision)
+
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    tokenizer = dm.load_tokenizer()
+    model = build_model(cfg.model, tokenizer.vocab_size)
+    dm.bind(model.cfg.modalities["image"], model.layout)
+    task = instantiate(cfg.task, model=model, tokenizer=tokenizer)
+
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    throughput = Throughput()
+    callbacks.append(throughput)
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
+    if trainer.is_global_zero:
+        n_params = model.num_parameters()
+        print(f"[mmzoo] run directory: {out}\n[mmzoo] model {model.cfg.arch}: {n_params / 1e6:.2f}M parameters, "
+              f"vocab {model.layout.size}, precision {trainer.precision}")
+
+    metrics: dict[str, float] = {}
+    ckpt_path = resolve_ckpt_path(cfg)
+    if cfg.get("train", True):
+        t0 = time.perf_counter()
+        trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
+        metrics["train/fit_seconds"] = time.perf_counter() - t0
+        metrics["train/samples_per_sec"] = throughput.samples_per_sec
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))})
+    if cfg.get("test", True):
+        ckpt = None
+        if cfg.get("train", True):
+            best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+            ckpt = best or None
+        else:
+            ckpt = ckpt_path
+        trainer.test(task, datamodule=dm, ckpt_path=ckpt)
+    metrics.update(task.final_metrics)
+    if trainer.is_global_zero:
+        write_metrics(out / "metrics.json", metrics)
+        print("[mmzoo] final metrics:")
+        for k, v in sorted(metrics.items()):
+            print(f"  {k:28s} {v:.4f}")
+        print(f"[mmzoo] run directory: {out}")
+    return metrics
+
+
+def main() -> None:
+    import hydra
+
+    register_resolvers()
+
+    @hydra.main(version_base="1.3", config_path="pkg://configs", config_name="train")
+    def _main(cfg: DictConfig) -> float | None:
+        metrics = train(cfg)
+        opt = cfg.get("optimized_metric")
+        return metrics.get(opt) if opt else None
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()
