@@ -60,6 +60,7 @@ class Seq2SeqTask(L.LightningModule):
         num_samples: int = 16,
     ):
         super().__init__()
+        betas = (float(betas[0]), float(betas[1]))  # plain types keep checkpoints loadable with weights_only
         self.save_hyperparameters(ignore=["model", "tokenizer"])
         self.model = model
         self.tokenizer = tokenizer

@@ -189,7 +189,8 @@ class CaptionTask(Seq2SeqTask):
         return self._allowed
 
     def decode_outputs(self, tokens: torch.Tensor) -> list[str]:
-        rows = strip_after_eos(self.layout.unified_to_text(tokens))
+        lo, hi = self.layout.ranges()["text"]
+        rows = [[t - lo for t in row if lo <= t < hi] for row in strip_after_eos(tokens)]
         return self.tokenizer.decode_batch(rows)
 
     def compute_metrics(self, stage: str, predictions: dict[Any, str]) -> dict[str, float]:

@@ -34,7 +34,8 @@ def build_model(model_cfg: DictConfig, text_vocab_size: int):
     """Create the configured architecture with the tokenizer's text vocabulary size."""
     import zoo
 
-    overrides: dict[str, Any] = OmegaConf.to_container(model_cfg.get("overrides") or {}, resolve=True)  # type: ignore[assignment]
+    raw = model_cfg.get("overrides")
+    overrides: dict[str, Any] = OmegaConf.to_container(raw, resolve=True) if raw else {}  # type: ignore[assignment]
     vocab = dict(zoo.model_config(model_cfg.name).vocab)
     vocab.update(overrides.pop("vocab", {}) or {})
     vocab["text_size"] = text_vocab_size

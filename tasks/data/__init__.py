@@ -1,0 +1,1 @@
+"""Dataset readers and generators for the standard formats and the embedded data."""

@@ -1,0 +1,63 @@
+"""Reader for the COCO-captions format: ``{"images": [...], "annotations": [...]}``."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class DataError(ValueError):
+    """A dataset record is malformed; the message names the file and the record."""
+
+
+@dataclass
+class CaptionRecord:
+    """One image with all its reference captions."""
+
+    image_id: Any
+    path: Path
+    captions: list[str] = field(default_factory=list)
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+
+
+def read_coco_captions(json_path: str | Path, image_root: str | Path | None = None,
+                       check_files: bool = True) -> list[CaptionRecord]:
+    """Read a COCO captions file; ``file_name`` is resolved against ``image_root`` (default: its folder).
+
+    Raises :class:`DataError` naming the file and record for a missing image file, an empty caption,
+    an annotation that points at an unknown image, or a structurally wrong file.
+    """
+    json_path = Path(json_path)
+    root = Path(image_root) if image_root is not None else json_path.parent
+    data = read_json(json_path)
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+        raise DataError(f"{json_path}: not a COCO captions file (needs 'images' and 'annotations' lists)")
+    records: dict[Any, CaptionRecord] = {}
+    for i, img in enumerate(data["images"]):
+        if "id" not in img or "file_name" not in img:
+            raise DataError(f"{json_path}: images[{i}] lacks 'id' or 'file_name': {img}")
+        path = root / img["file_name"]
+        if check_files and not path.is_file():
+            raise DataError(f"{json_path}: images[{i}] (id={img['id']}) points at missing file {path}")
+        if img["id"] in records:
+            raise DataError(f"{json_path}: images[{i}] repeats image id {img['id']}")
+        records[img["id"]] = CaptionRecord(img["id"], path)
+    for i, ann in enumerate(data["annotations"]):
+        image_id, caption = ann.get("image_id"), ann.get("caption")
+        if image_id not in records:
+            raise DataError(f"{json_path}: annotations[{i}] (id={ann.get('id')}) points at unknown image_id {image_id!r}")
+        if not isinstance(caption, str) or not caption.strip():
+            raise DataError(f"{json_path}: annotations[{i}] (id={ann.get('id')}, image_id={image_id}) has an empty caption")
+        records[image_id].captions.append(caption.strip())
+    return list(records.values())

@@ -1,0 +1,79 @@
+"""Every experiment composes and runs (fast_dev_run); real short training; resume after SIGKILL."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import EXPERIMENTS, compose
+
+TINY = ["model=test_tiny", "data.num_workers=0", "data.batch_size=8", "data.eval_batch_size=16",
+        "data.tokenizer_vocab_size=300", "task.max_new_tokens=8"]
+
+
+def _data(root: Path) -> list[str]:
+    return [f"data.root={root}", "data.shapes.n_train=64", "data.shapes.n_val=16", "data.shapes.n_test=16"]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_fast_dev_run(experiment, tiny_shapes, tmp_path):
+    from tasks.train import train
+
+    cfg = compose([f"experiment={experiment}", *TINY, *_data(tiny_shapes), "trainer.fast_dev_run=true",
+                   "logger={}"], tmp_path)
+    metrics = train(cfg)
+    assert (tmp_path / "metrics.json").is_file()
+    assert any(k.startswith("test/") for k in metrics)
+
+
+def test_short_training_loss_drops_and_writes_artifacts(tiny_shapes, tmp_path):
+    from tasks.train import train
+
+    cfg = compose(["experiment=caption_shapes", *TINY, *_data(tiny_shapes), "trainer.max_epochs=6",
+                   "trainer.log_every_n_steps=1", "task.warmup_steps=5", "task.lr=3e-3"], tmp_path)
+    metrics = train(cfg)
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses) >= 30
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.6 * first, (first, last)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved == pytest.approx(metrics)
+    assert {"val/cider", "val/bleu4", "test/cider", "train/loss"} <= set(saved)
+    preds = json.loads((tmp_path / "predictions.json").read_text())
+    assert len(preds) == 16 and set(preds[0]) == {"image_id", "caption"}
+    assert (tmp_path / "samples.png").stat().st_size > 1000
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and (tmp_path / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_resume_after_sigkill(tiny_shapes, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "tasks.train", "experiment=caption_shapes", *TINY, *_data(tiny_shapes),
+            f"hydra.run.dir={run_dir}", f"paths.log_dir={tmp_path}/logs", "trainer.max_steps=60",
+            "trainer.max_epochs=-1", "callbacks.mid_epoch_checkpoint.every_n_train_steps=4", "test=false"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if last.is_file():
+            step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+            if step >= 8:
+                break
+        time.sleep(0.2)
+    assert proc.poll() is None, "training finished before it could be killed; make the run longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]  # still loadable
+    assert 8 <= killed_at < 60
+    done = subprocess.run(args + ["ckpt_path=last"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = torch.load(last, map_location="cpu", weights_only=False)
+    assert final["global_step"] == 60
+    assert "Restoring states from the checkpoint" in done.stdout + done.stderr
