@@ -93,6 +93,10 @@ class Seq2SeqTask(L.LightningModule):
     # --- training -----------------------------------------------------------------------------
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         memory, mask = self.model.encode(self.model_inputs(batch))
+        counts = batch.get("target_counts")
+        if counts is not None:  # several targets per source: encode once, repeat the memory
+            memory = memory.repeat_interleave(counts, dim=0)
+            mask = mask.repeat_interleave(counts, dim=0)
         hidden = self.model.decode_hidden(batch["tgt_in"], memory, mask)
         labels = batch["labels"]
         keep = labels != PAD_ID
@@ -101,7 +105,7 @@ class Seq2SeqTask(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["ids"]))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
         return loss
 
     # --- evaluation ---------------------------------------------------------------------------

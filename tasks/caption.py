@@ -22,18 +22,27 @@ CAPTION_PROMPT = "what does the image describe?"
 
 
 class CaptionTrainSet(Dataset):
-    """One item per (image, caption) pair; captions are tokenised once up front."""
+    """One item per image carrying up to ``captions_per_image`` of its captions (tokenised up front).
 
-    def __init__(self, paths: list[Path], ids: list[Any], targets: list[list[int]], prompt: list[int],
-                 preprocess: ImagePreprocessor):
+    The image is encoded once for all its captions, which makes an epoch over every caption several
+    times cheaper than one item per (image, caption) pair. ``captions_per_image=1`` draws one caption
+    at random per visit.
+    """
+
+    def __init__(self, paths: list[Path], ids: list[Any], targets: list[list[list[int]]], prompt: list[int],
+                 preprocess: ImagePreprocessor, captions_per_image: int = 5):
         self.paths, self.ids, self.targets, self.prompt, self.preprocess = paths, ids, targets, prompt, preprocess
+        self.k = captions_per_image
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"image": self.preprocess(self.paths[i]), "prompt": self.prompt, "target": self.targets[i],
-                "id": self.ids[i]}
+        caps = self.targets[i]
+        if len(caps) > self.k:
+            pick = torch.randperm(len(caps))[: self.k].tolist()
+            caps = [caps[j] for j in pick]
+        return {"image": self.preprocess(self.paths[i]), "prompt": self.prompt, "targets": caps, "id": self.ids[i]}
 
 
 class ImageEvalSet(Dataset):
@@ -68,7 +77,8 @@ class CaptionDataModule(L.LightningDataModule):
         shapes: dict[str, Any] | None = None,
         tokenizer_path: str | None = None,
         tokenizer_vocab_size: int = 1024,
-        batch_size: int = 64,
+        batch_size: int = 16,
+        captions_per_image: int = 5,
         eval_batch_size: int = 128,
         num_workers: int = 1,
         max_target_len: int = 32,
@@ -83,6 +93,9 @@ class CaptionDataModule(L.LightningDataModule):
         self.tokenizer_path = tokenizer_path
         self.vocab_size = tokenizer_vocab_size
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        if captions_per_image < 1:
+            raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
+        self.captions_per_image = captions_per_image
         self.num_workers, self.max_target_len, self.prompt_text = num_workers, max_target_len, prompt
         self.val_limit = val_limit
         self.records: dict[str, list[CaptionRecord]] = {}
@@ -157,10 +170,10 @@ class CaptionDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         recs = self._read("train")
-        paths = [r.path for r in recs for _ in r.captions]
-        ids = [r.image_id for r in recs for _ in r.captions]
-        targets = self._encode([c for r in recs for c in r.captions])
-        ds = CaptionTrainSet(paths, ids, targets, self.prompt_ids, self.preprocess)
+        flat = iter(self._encode([c for r in recs for c in r.captions]))  # one batched tokenizer call
+        targets = [[next(flat) for _ in r.captions] for r in recs]
+        ds = CaptionTrainSet([r.path for r in recs], [r.image_id for r in recs], targets, self.prompt_ids,
+                             self.preprocess, self.captions_per_image)
         return self._loader(ds, self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -13,7 +13,7 @@ import torch
 
 from tests.conftest import EXPERIMENTS, compose
 
-TINY = ["model=test_tiny", "data.num_workers=0", "data.batch_size=8", "data.eval_batch_size=16",
+TINY = ["model=test_tiny", "data.num_workers=0", "data.batch_size=4", "data.eval_batch_size=16",
         "data.tokenizer_vocab_size=300", "task.max_new_tokens=8"]
 
 

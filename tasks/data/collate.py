@@ -3,7 +3,8 @@
 A sample is a dict with any of:
   ``image``  float tensor ``[3,H,W]`` (preprocessed in the worker)
   ``prompt`` list[int] of unified ids (the instruction)
-  ``target`` list[int] of unified ids, without BOS/EOS (absent at evaluation)
+  ``target`` list[int] of unified ids, without BOS/EOS (absent at evaluation), or
+  ``targets`` list of such lists: several targets for one source (encoded once, see ``target_counts``)
   ``id``     the source record's id
 and task-specific extras which are collected into lists.
 """
@@ -37,12 +38,18 @@ class Seq2SeqCollator:
             batch["sensor"] = torch.stack([s["sensor"] for s in samples])
         if "prompt" in first:
             batch["prompt_ids"], batch["prompt_mask"] = pad_ids([s["prompt"] for s in samples])
+        targets = None
         if "target" in first:
+            targets = [s["target"] for s in samples]
+        elif "targets" in first:
+            targets = [t for s in samples for t in s["targets"]]
+            batch["target_counts"] = torch.tensor([len(s["targets"]) for s in samples])
+        if targets is not None:
             # decoder input: BOS + target ; labels: target + EOS (PAD is ignored by the loss)
-            batch["tgt_in"], _ = pad_ids([[BOS_ID, *s["target"]] for s in samples])
-            batch["labels"], _ = pad_ids([[*s["target"], EOS_ID] for s in samples])
+            batch["tgt_in"], _ = pad_ids([[BOS_ID, *t] for t in targets])
+            batch["labels"], _ = pad_ids([[*t, EOS_ID] for t in targets])
         batch["ids"] = [s["id"] for s in samples]
         for key in first:
-            if key not in ("image", "sensor", "prompt", "target", "id"):
+            if key not in ("image", "sensor", "prompt", "target", "targets", "id"):
                 batch[key] = [s[key] for s in samples]
         return batch
