@@ -135,8 +135,15 @@ class CaptionDataModule(L.LightningDataModule):
                 self.tokenizer = TextTokenizer.from_file(path)
         return self.tokenizer
 
-    def bind(self, image_cfg: ImageConfig | dict, layout: VocabLayout, tokenizer: TextTokenizer | None = None) -> None:
-        """Attach the model's preprocessing and vocabulary (and optionally a pretrained tokenizer)."""
+    def model_overrides(self) -> dict[str, Any]:
+        """Model-config entries this data dictates (none for images: the model's image config rules)."""
+        return {}
+
+    def bind(self, model_cfg: Any, layout: VocabLayout, tokenizer: TextTokenizer | None = None) -> None:
+        """Attach the model's image preprocessing and vocabulary (and optionally a pretrained tokenizer)."""
+        image_cfg = model_cfg.modalities.get("image") if hasattr(model_cfg, "modalities") else model_cfg
+        if image_cfg is None:
+            raise ValueError("this model has no image modality; captioning needs one")
         if isinstance(image_cfg, dict):
             image_cfg = ImageConfig(**image_cfg)
         self.preprocess = ImagePreprocessor(image_cfg)

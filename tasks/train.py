@@ -30,12 +30,23 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     return str(found[-1])
 
 
-def build_model(model_cfg: DictConfig, text_vocab_size: int):
-    """Create the configured architecture with the tokenizer's text vocabulary size."""
+def build_model(model_cfg: DictConfig, text_vocab_size: int, data_overrides: dict[str, Any] | None = None):
+    """Create the configured architecture with the tokenizer's text vocabulary size.
+
+    ``data_overrides`` come from the datamodule (e.g. a sensor modality config with statistics fitted
+    on the training data) and are merged under the user's ``model.overrides``.
+    """
     import zoo
 
     raw = model_cfg.get("overrides")
     overrides: dict[str, Any] = OmegaConf.to_container(raw, resolve=True) if raw else {}  # type: ignore[assignment]
+    for key, value in (data_overrides or {}).items():
+        if key == "modalities":
+            mods = overrides.setdefault("modalities", {})
+            for m, mcfg in value.items():
+                mods[m] = {**mcfg, **mods.get(m, {})}
+        else:
+            overrides.setdefault(key, value)
     vocab = dict(zoo.model_config(model_cfg.name).vocab)
     vocab.update(overrides.pop("vocab", {}) or {})
     vocab["text_size"] = text_vocab_size
@@ -65,8 +76,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     dm = instantiate(cfg.data)
     dm.prepare_data()
     tokenizer = dm.load_tokenizer()
-    model = build_model(cfg.model, tokenizer.vocab_size)
-    dm.bind(model.cfg.modalities["image"], model.layout)
+    data_overrides = dm.model_overrides() if hasattr(dm, "model_overrides") else {}
+    model = build_model(cfg.model, tokenizer.vocab_size, data_overrides)
+    dm.bind(model.cfg, model.layout)
     task = instantiate(cfg.task, model=model, tokenizer=tokenizer)
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
