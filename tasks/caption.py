@@ -16,9 +16,8 @@ from modalities.text import TextTokenizer
 from tasks.base import Seq2SeqTask, strip_after_eos
 from tasks.data.coco import CaptionRecord, read_coco_captions
 from tasks.data.collate import Seq2SeqCollator
+from zoo.instructions import CAPTION_PROMPT
 from zoo.vocab import VocabLayout
-
-CAPTION_PROMPT = "what does the image describe?"
 
 
 class CaptionTrainSet(Dataset):
