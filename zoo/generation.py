@@ -32,8 +32,14 @@ def _apply_constraints(logits: torch.Tensor, step: int, prefix: torch.Tensor,
 @torch.no_grad()
 def greedy_search(model, memory: torch.Tensor, memory_mask: torch.Tensor, max_new_tokens: int,
                   allowed: torch.Tensor | None = None, processors: Sequence[LogitsProcessor] = (),
-                  min_new_tokens: int = 0, use_cache: bool = True) -> torch.Tensor:
-    """Greedy decoding → ``[B, T]`` token ids (T ≤ max_new_tokens)."""
+                  min_new_tokens: int = 0, use_cache: bool = True, do_sample: bool = False,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Greedy decoding (or sampling with ``do_sample``) → ``[B, T]`` token ids (T ≤ max_new_tokens).
+
+    Sampling draws from ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens
+    and to the smallest set whose probability reaches ``top_p``, after the constraints.
+    """
     b = memory.shape[0]
     device = memory.device
     out = torch.full((b, max_new_tokens), PAD_ID, dtype=torch.long, device=device)
@@ -48,7 +54,7 @@ def greedy_search(model, memory: torch.Tensor, memory_mask: torch.Tensor, max_ne
         else:
             logits = model.decode(seq, memory, memory_mask)[:, -1]
         logits = _apply_constraints(logits.float(), step, out[:, :step], allowed, processors, min_new_tokens)
-        nxt = logits.argmax(-1)
+        nxt = sample_next(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
         nxt = torch.where(finished, torch.full_like(nxt, PAD_ID), nxt)
         out[:, step] = nxt
         finished |= nxt == EOS_ID
@@ -116,9 +122,118 @@ def beam_search(model, memory: torch.Tensor, memory_mask: torch.Tensor, max_new_
 
 
 def generate(model, inputs: dict, max_new_tokens: int, num_beams: int = 1, **kwargs) -> torch.Tensor:
-    """Encode ``inputs`` once and decode (greedy when ``num_beams == 1``)."""
+    """Encode ``inputs`` once and decode (greedy when ``num_beams == 1``).
+
+    ``no_repeat_ngram_size=n`` adds a :class:`NoRepeatNGram` processor; ``do_sample``, ``temperature``,
+    ``top_k``, ``top_p`` and ``generator`` select sampling (``num_beams == 1`` only).
+    """
+    ngram = kwargs.pop("no_repeat_ngram_size", 0)
+    if ngram:
+        kwargs["processors"] = [*kwargs.get("processors", ()), NoRepeatNGram(ngram)]
     memory, mask = model.encode(inputs)
     if num_beams == 1:
         kwargs.pop("length_penalty", None)
         return greedy_search(model, memory, mask, max_new_tokens, **kwargs)
+    if kwargs.pop("do_sample", False):
+        raise ValueError("sampling (do_sample=True) needs num_beams=1")
+    for k in ("temperature", "top_k", "top_p", "generator"):
+        kwargs.pop(k, None)
     return beam_search(model, memory, mask, max_new_tokens, num_beams=num_beams, **kwargs)
+
+
+# --- sampling and extra logits processors ----------------------------------------------------
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token per row of ``logits [N,V]`` with temperature, top-k and nucleus (top-p) filtering."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = logits.float() / temperature
+    neg = float("-inf")
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, neg)
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, neg)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+class NoRepeatNGram:
+    """Processor: forbid any token that would repeat an n-gram already in the generated prefix."""
+
+    def __init__(self, n: int):
+        if n < 1:
+            raise ValueError(f"no_repeat_ngram_size must be >= 1, got {n}")
+        self.n = n
+
+    def __call__(self, step: int, prefix: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        n, t = self.n, prefix.shape[1]
+        if t < n:  # no complete n-gram yet
+            return logits
+        if n == 1:
+            banned = torch.zeros_like(logits, dtype=torch.int32).scatter_add_(
+                1, prefix, (prefix != PAD_ID).to(torch.int32))
+        else:
+            grams = prefix.unfold(1, n, 1)  # [N, W, n] every n-gram so far
+            last = prefix[:, t - n + 1:]  # [N, n-1] the current context
+            match = (grams[:, :, :-1] == last[:, None, :]).all(-1).to(torch.int32)  # [N, W]
+            banned = torch.zeros_like(logits, dtype=torch.int32).scatter_add_(1, grams[:, :, -1], match)
+        return logits.masked_fill(banned > 0, torch.finfo(logits.dtype).min)
+
+
+class PrefixTrie:
+    """Processor: the generated sequence must spell one of ``sequences`` followed by EOS.
+
+    Closed-set decoding (e.g. VQA over candidate answers) with greedy or beam search. The trie is
+    stored as sorted ``node * V + token`` edge keys, so the per-step state walk and the mask are a few
+    vectorised tensor ops for the whole batch, whatever the number of candidates.
+    """
+
+    def __init__(self, sequences: Sequence[Sequence[int]], vocab_size: int):
+        children: dict[tuple[int, int], int] = {}
+        n_nodes = 1
+        for seq in sequences:
+            if not len(seq):
+                raise ValueError("PrefixTrie: empty candidate sequence")
+            node = 0
+            for tok in [*map(int, seq), EOS_ID]:
+                if not 0 <= tok < vocab_size:
+                    raise ValueError(f"PrefixTrie: token {tok} outside the vocabulary [0, {vocab_size})")
+                nxt = children.get((node, tok))
+                if nxt is None:
+                    nxt = children[(node, tok)] = n_nodes
+                    n_nodes += 1
+                node = nxt
+        self.vocab_size = vocab_size
+        edges = sorted(children.items())
+        self.keys = torch.tensor([p * vocab_size + t for (p, t), _ in edges], dtype=torch.long)
+        self.child = torch.tensor([c for _, c in edges], dtype=torch.long)
+        self.parent = torch.tensor([p for (p, _), _ in edges], dtype=torch.long)
+        self.token = torch.tensor([t for (_, t), _ in edges], dtype=torch.long)
+        self.num_sequences = len(sequences)
+
+    def states(self, prefix: torch.Tensor) -> torch.Tensor:
+        """Trie node reached by each row of ``prefix [N,t]`` (-1 once it left the trie)."""
+        keys, child = self.keys.to(prefix.device), self.child.to(prefix.device)
+        state = torch.zeros(prefix.shape[0], dtype=torch.long, device=prefix.device)
+        for s in range(prefix.shape[1]):
+            key = state * self.vocab_size + prefix[:, s]
+            pos = torch.searchsorted(keys, key).clamp(max=len(keys) - 1)
+            found = (keys[pos] == key) & (state >= 0)
+            state = torch.where(found, child[pos], torch.full_like(state, -1))
+        return state
+
+    def __call__(self, step: int, prefix: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        state = self.states(prefix)  # [N]
+        parent, token = self.parent.to(logits.device), self.token.to(logits.device)
+        # ok[N, E]: edge e leaves the row's node; scatter those tokens into an allowed mask
+        ok = parent[None, :] == state[:, None]
+        allowed = torch.zeros(logits.shape, dtype=torch.int32, device=logits.device).scatter_add_(
+            1, token[None, :].expand_as(ok).contiguous(), ok.to(torch.int32)) > 0
+        allowed[state < 0, EOS_ID] = True  # off the trie (finished beams): only EOS
+        return logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)

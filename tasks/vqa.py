@@ -1,0 +1,362 @@
+"""Visual question answering: ``[image] <question>`` → answer text.
+
+The datamodule reads the VQAv2 pair of files (the default, and the embedded Shapes VQA), JSONL
+manifests or a Hugging Face imagefolder, validates every record before training, and tokenises
+questions and answers up front. The task decodes in one of three ways (``task.decoding``):
+
+* ``open``: free generation inside the text vocabulary (greedy or beam);
+* ``trie``: generation constrained to the candidate answers by a :class:`~zoo.generation.PrefixTrie`;
+* ``allcand``: every candidate is scored in one batched teacher-forced pass (the source is encoded
+  once and repeated per candidate, log-probabilities summed) and the best is picked.
+
+Scored with the official VQAv2 accuracy overall, per question type and per answer type.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from modalities.image import ImageConfig, ImagePreprocessor
+from modalities.text import TextTokenizer
+from tasks.base import Seq2SeqTask, strip_after_eos
+from tasks.data.collate import Seq2SeqCollator, pad_ids
+from tasks.data.formats import VQARecord, read_imagefolder, read_jsonl, read_vqa
+from tasks.data.validate import Problems, filter_records
+from zoo.generation import PrefixTrie
+from zoo.vocab import EOS_ID, PAD_ID, VocabLayout
+
+DECODING = ("open", "trie", "allcand")
+
+
+class VQASet(Dataset):
+    """One item per question: preprocessed image, tokenised question and (training) answer."""
+
+    def __init__(self, paths: list[Path], ids: list[Any], prompts: list[list[int]],
+                 targets: list[list[int]] | None, preprocess: ImagePreprocessor):
+        self.paths, self.ids, self.prompts, self.targets, self.preprocess = paths, ids, prompts, targets, preprocess
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = {"image": self.preprocess(self.paths[i]), "prompt": self.prompts[i], "id": self.ids[i]}
+        if self.targets is not None:
+            item["target"] = self.targets[i]
+        return item
+
+
+class VQADataModule(L.LightningDataModule):
+    """VQA data in the VQAv2, JSONL or imagefolder format; generates Shapes VQA on first use.
+
+    ``splits`` maps ``train``/``val``/``test`` to the split's files: ``{questions, annotations}`` for
+    ``vqa2``, ``{file}`` for ``jsonl``, ``{folder}`` for ``imagefolder`` (relative to ``root``). Call
+    :meth:`prepare_data`, then :meth:`bind` with the model's config and layout.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        format: str = "vqa2",
+        splits: dict[str, dict[str, str]] | None = None,
+        image_root: str | None = None,
+        image_pattern: str | None = None,
+        generate: str | None = "shapes",
+        shapes: dict[str, Any] | None = None,
+        skip_bad: bool = False,
+        check_files: str = "decode",
+        tokenizer_path: str | None = None,
+        tokenizer_vocab_size: int = 512,
+        batch_size: int = 64,
+        eval_batch_size: int = 256,
+        num_workers: int = 1,
+        max_question_len: int = 32,
+        max_answer_len: int = 8,
+        max_candidates: int = 3129,
+        val_limit: int | None = None,
+    ):
+        super().__init__()
+        if format not in ("vqa2", "jsonl", "imagefolder"):
+            raise ValueError(f"data.format must be vqa2|jsonl|imagefolder, got {format!r}")
+        self.root = Path(root)
+        self.image_root = Path(image_root) if image_root else self.root
+        self.format, self.image_pattern = format, image_pattern
+        self.splits = {k: dict(v) for k, v in (splits or {}).items() if v}
+        self.generate, self.shapes_kwargs = generate, dict(shapes or {})
+        self.skip_bad, self.check_files = skip_bad, check_files
+        self.tokenizer_path, self.vocab_size = tokenizer_path, tokenizer_vocab_size
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.max_question_len, self.max_answer_len = max_question_len, max_answer_len
+        self.max_candidates, self.val_limit = max_candidates, val_limit
+        self.records: dict[str, list[VQARecord]] = {}
+        self.tokenizer: TextTokenizer | None = None
+        self.preprocess: ImagePreprocessor | None = None
+        self.layout: VocabLayout | None = None
+        self.collate = Seq2SeqCollator()
+
+    # --- reading + validation -----------------------------------------------------------------
+    def has_split(self, split: str) -> bool:
+        return split in self.splits
+
+    def read(self, split: str) -> list[VQARecord]:
+        """The split's records, validated (bad records raise, or are skipped with ``skip_bad``)."""
+        if split in self.records:
+            return self.records[split]
+        if split not in self.splits:
+            raise ValueError(f"no {split} split configured (data.splits.{split})")
+        spec = self.splits[split]
+        problems = Problems(self.skip_bad, f"{split} split")
+        if self.format == "vqa2":
+            ann = spec.get("annotations")
+            recs = read_vqa(self.root / spec["questions"], self.root / ann if ann else None, self.image_root,
+                            self.image_pattern, problems)
+        elif self.format == "jsonl":
+            recs = read_jsonl(self.root / spec["file"], self.image_root if self.image_root != self.root else None,
+                              "vqa", problems)
+        else:
+            recs = read_imagefolder(self.root / spec["folder"], "vqa", problems)
+        if split == "train":
+            for r in recs:
+                if r.answer is None:
+                    problems.report(f"{split} question {r.question_id} ({r.path.name}) has no answer to train on")
+            recs = [r for r in recs if r.answer is not None]
+        recs = filter_records(recs, lambda r: r.path,
+                              lambda r: f"{split} question_id={r.question_id} (image_id={r.image_id})",
+                              problems, self.check_files)
+        problems.log()
+        if not recs:
+            raise ValueError(f"the {split} split has no usable records ({len(problems)} skipped)")
+        self.records[split] = recs
+        return recs
+
+    def prepare_data(self) -> None:
+        if self.generate == "shapes":
+            from tasks.data.shapes import ShapesConfig
+            from tasks.data.shapes_vqa import ensure_shapes_vqa
+
+            ensure_shapes_vqa(self.root, ShapesConfig(**self.shapes_kwargs))
+        elif self.generate:
+            raise ValueError(f"unknown data generator {self.generate!r}; use 'shapes' or null")
+        for split in self.splits:
+            self.read(split)  # fail here, before the long run
+        self.load_tokenizer()
+
+    def load_tokenizer(self) -> TextTokenizer:
+        """A given tokenizer file, or a BPE trained on the training questions and answers (cached)."""
+        if self.tokenizer is None:
+            if self.tokenizer_path:
+                self.tokenizer = TextTokenizer.from_file(self.tokenizer_path)
+            else:
+                path = self.root / f"tokenizer-vqa-bpe{self.vocab_size}.json"
+                if not path.is_file():
+                    recs = self.read("train")
+                    texts = [r.question for r in recs] + [a for r in recs for a in r.answers]
+                    tok = TextTokenizer.train(texts, vocab_size=self.vocab_size)
+                    tmp_dir = path.parent / f".tok-{path.stem}-{id(self)}"
+                    tok.save(tmp_dir).replace(path)
+                    tmp_dir.rmdir()
+                self.tokenizer = TextTokenizer.from_file(path)
+        return self.tokenizer
+
+    def model_overrides(self) -> dict[str, Any]:
+        return {}
+
+    def bind(self, model_cfg: Any, layout: VocabLayout, tokenizer: TextTokenizer | None = None) -> None:
+        """Attach the model's image preprocessing and vocabulary (and optionally a pretrained tokenizer)."""
+        image_cfg = model_cfg.modalities.get("image") if hasattr(model_cfg, "modalities") else model_cfg
+        if image_cfg is None:
+            raise ValueError("this model has no image modality; VQA needs one")
+        self.preprocess = ImagePreprocessor(ImageConfig(**image_cfg) if isinstance(image_cfg, dict) else image_cfg)
+        self.layout = layout
+        if tokenizer is not None:
+            self.tokenizer = tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.preprocess is None or self.layout is None:
+            raise RuntimeError("VQADataModule.bind(model_cfg, layout) must be called before setup()")
+        self.load_tokenizer()
+        for split in self.splits:
+            self.read(split)
+
+    def encode_text(self, texts: list[str], max_len: int) -> list[list[int]]:
+        """Unified ids of ``texts`` (one batched tokenizer call)."""
+        assert self.tokenizer is not None and self.layout is not None
+        off = self.layout.text_start
+        return [[t + off for t in ids] for ids in self.tokenizer.encode_batch(texts, max_len)]
+
+    # --- answers / references -----------------------------------------------------------------
+    def answer_candidates(self) -> list[str]:
+        """The ``max_candidates`` most frequent training answers (the closed answer set)."""
+        counts = Counter(r.answer for r in self.read("train"))
+        return [a for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: self.max_candidates]]
+
+    def eval_records(self, stage: str) -> list[VQARecord]:
+        recs = self.read(stage)
+        return recs[: self.val_limit] if self.val_limit else recs
+
+    def references(self, stage: str) -> dict[Any, dict[str, Any]]:
+        return {r.question_id: r.annotation() for r in self.eval_records(stage)}
+
+    def questions(self, stage: str) -> dict[Any, str]:
+        return {r.question_id: r.question for r in self.eval_records(stage)}
+
+    # --- loaders ------------------------------------------------------------------------------
+    def _dataset(self, recs: list[VQARecord], train: bool) -> VQASet:
+        prompts = self.encode_text([r.question for r in recs], self.max_question_len)
+        targets = self.encode_text([r.answer for r in recs], self.max_answer_len) if train else None
+        return VQASet([r.path for r in recs], [r.question_id for r in recs], prompts, targets, self.preprocess)
+
+    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=self.collate, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available(), drop_last=shuffle)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset(self.read("train"), True), self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset(self.eval_records("val"), False), self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if "test" not in self.splits:
+            raise ValueError("this dataset has no test split (data.splits.test is null)")
+        return self._loader(self._dataset(self.eval_records("test"), False), self.eval_batch_size, shuffle=False)
+
+
+def _metric_key(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in str(name))
+
+
+class VQATask(Seq2SeqTask):
+    """VQA: image + question → answer; open-ended, trie-constrained or all-candidate decoding."""
+
+    name = "vqa"
+    monitor_metric = "vqa_acc"
+
+    def __init__(self, *args: Any, decoding: str = "open", candidates: list[str] | None = None,
+                 candidate_chunk: int = 64, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if decoding not in DECODING:
+            raise ValueError(f"task.decoding must be one of {DECODING}, got {decoding!r}")
+        self.decoding, self.candidate_chunk = decoding, candidate_chunk
+        self.candidates: list[str] | None = list(candidates) if candidates else None
+        self._cand: dict[str, Any] = {}
+
+    # --- candidates ---------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.candidates is None and dm is not None and hasattr(dm, "answer_candidates") and dm.has_split("train"):
+            self.candidates = dm.answer_candidates()
+
+    def candidate_tensors(self) -> dict[str, Any]:
+        """Candidate answers as unified ids, a trie over them and teacher-forcing tensors (cached)."""
+        if not self._cand:
+            if not self.candidates:
+                raise RuntimeError("closed-set decoding needs candidate answers (a training split or "
+                                   "checkpoint['mmzoo']['candidates'])")
+            off = self.layout.text_start
+            ids = [[t + off for t in x] for x in self.tokenizer.encode_batch(self.candidates)]
+            tgt_in, _ = pad_ids([[1, *x] for x in ids])  # BOS + answer
+            labels, _ = pad_ids([[*x, EOS_ID] for x in ids])  # answer + EOS
+            self._cand = {"ids": ids, "trie": PrefixTrie(ids, self.layout.size), "tgt_in": tgt_in, "labels": labels}
+        return self._cand
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["mmzoo"]["candidates"] = self.candidates
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.candidates = checkpoint.get("mmzoo", {}).get("candidates") or self.candidates
+        self._cand = {}
+
+    # --- Seq2SeqTask hooks --------------------------------------------------------------------
+    def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {"image": batch["image"], "text": (batch["prompt_ids"], batch["prompt_mask"])}
+
+    def allowed_tokens(self) -> torch.Tensor:
+        if not hasattr(self, "_allowed"):
+            self._allowed = self.layout.allowed_mask("text")
+        return self._allowed
+
+    @torch.no_grad()
+    def generate_tokens(self, batch: dict[str, Any], **overrides: Any) -> torch.Tensor:
+        if self.decoding == "allcand":
+            return self.rank_candidates(batch)
+        if self.decoding == "trie":
+            cand = self.candidate_tensors()
+            longest = max(len(x) for x in cand["ids"]) + 1
+            overrides = {"processors": [cand["trie"]],
+                         "max_new_tokens": min(longest, self.hparams.max_new_tokens), **overrides}
+        return super().generate_tokens(batch, **overrides)
+
+    @torch.no_grad()
+    def candidate_scores(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Sum of log-probabilities of every candidate answer for every question → ``[B, C]``.
+
+        The source is encoded once; the memory is repeated per candidate in chunks of
+        ``candidate_chunk`` candidates, each chunk one teacher-forced decoder pass.
+        """
+        cand = self.candidate_tensors()
+        memory, mask = self.model.encode(self.model_inputs(batch))
+        b, dev = memory.shape[0], memory.device
+        tgt_in, labels = cand["tgt_in"].to(dev), cand["labels"].to(dev)
+        scores = []
+        for c0 in range(0, len(tgt_in), self.candidate_chunk):
+            ci, cl = tgt_in[c0:c0 + self.candidate_chunk], labels[c0:c0 + self.candidate_chunk]
+            c = ci.shape[0]
+            hidden = self.model.decode_hidden(ci.repeat(b, 1), memory.repeat_interleave(c, 0),
+                                              mask.repeat_interleave(c, 0))  # [B*c, L, d]
+            logp = F.log_softmax(self.model.logits(hidden).float(), dim=-1)
+            lab = cl.repeat(b, 1)  # [B*c, L]
+            tok = logp.gather(-1, lab.unsqueeze(-1)).squeeze(-1).masked_fill(lab == PAD_ID, 0.0)
+            scores.append(tok.sum(-1).view(b, c))
+        return torch.cat(scores, dim=1)
+
+    def rank_candidates(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The best candidate per question as generated-style tokens ``[B, L]`` (answer + EOS)."""
+        best = self.candidate_scores(batch).argmax(-1)
+        return self.candidate_tensors()["labels"].to(best.device)[best]
+
+    def decode_outputs(self, tokens: torch.Tensor) -> list[str]:
+        lo, hi = self.layout.ranges()["text"]
+        rows = [[t - lo for t in row if lo <= t < hi] for row in strip_after_eos(tokens)]
+        return self.tokenizer.decode_batch(rows)
+
+    def compute_metrics(self, stage: str, predictions: dict[Any, str]) -> dict[str, float]:
+        from tasks.metrics import vqa_scores
+
+        refs = self.trainer.datamodule.references(stage)
+        missing = set(refs) - set(predictions)
+        limit = getattr(self.trainer, f"limit_{stage}_batches", 1.0)
+        if missing and (self.trainer.fast_dev_run or limit != 1.0):  # a deliberately partial pass
+            refs = {k: v for k, v in refs.items() if k in predictions}
+        elif missing:
+            raise RuntimeError(f"{len(missing)} {stage} questions got no prediction (e.g. {sorted(missing)[:3]})")
+        if not any(r["answers"] for r in refs.values()):
+            return {}  # unanswered test split: predictions only
+        s = vqa_scores({k: predictions[k] for k in refs}, refs)
+        out = {"vqa_acc": s["overall"]}
+        out.update({f"vqa_acc_{_metric_key(k)}": v for k, v in s["per_question_type"].items()})
+        out.update({f"vqa_acc_type_{_metric_key(k)}": v for k, v in s["per_answer_type"].items()})
+        return out
+
+    def format_predictions(self, predictions: dict[Any, str]) -> list[dict[str, Any]]:
+        return [{"question_id": k, "answer": v} for k, v in predictions.items()]
+
+    def write_samples(self, path: Path, stage: str) -> None:
+        from tasks.visualize import save_grid
+
+        s = self.samples.get(stage)
+        if not s:
+            return
+        pre = self.trainer.datamodule.preprocess
+        lo = self.layout.text_start
+        questions = self.tokenizer.decode_batch(
+            [[t - lo for t in row if t != PAD_ID] for row in s["prompt_ids"].tolist()])
+        texts = [f"Q: {q} A: {a}" for q, a in zip(questions, s["predictions"])]
+        save_grid([pre.denormalize(x) for x in s["image"]], texts, path)
