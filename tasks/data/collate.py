@@ -2,6 +2,7 @@
 
 A sample is a dict with any of:
   ``image``  float tensor ``[3,H,W]`` (preprocessed in the worker)
+  ``sensor`` ``(values [C,T], valid [C,T])`` from the sensor tokenizer (padded over time to the batch's longest)
   ``prompt`` list[int] of unified ids (the instruction)
   ``target`` list[int] of unified ids, without BOS/EOS (absent at evaluation), or
   ``targets`` list of such lists: several targets for one source (encoded once, see ``target_counts``)
@@ -34,8 +35,13 @@ class Seq2SeqCollator:
         first = samples[0]
         if "image" in first:
             batch["image"] = torch.stack([s["image"] for s in samples])
-        if "sensor" in first:
-            batch["sensor"] = torch.stack([s["sensor"] for s in samples])
+        if "sensor" in first:  # (values [C,T], valid [C,T]) pairs of any length → padded; plain tensors stack
+            if isinstance(first["sensor"], tuple):
+                from modalities.sensor import pad_sensor_batch
+
+                batch["sensor"] = pad_sensor_batch([s["sensor"] for s in samples])
+            else:
+                batch["sensor"] = torch.stack([s["sensor"] for s in samples])
         if "prompt" in first:
             batch["prompt_ids"], batch["prompt_mask"] = pad_ids([s["prompt"] for s in samples])
         targets = None
