@@ -21,11 +21,19 @@ def _data(root: Path) -> list[str]:
     return [f"data.root={root}", "data.shapes.n_train=64", "data.shapes.n_val=16", "data.shapes.n_test=16"]
 
 
+def _experiment_data(experiment: str, shapes_root: Path, tmp_path: Path) -> list[str]:
+    """Small-data overrides for one experiment (Shapes by default)."""
+    if experiment == "sensor_motion":
+        return [f"data.root={tmp_path}/motion", "data.motion.n_train=32", "data.motion.n_val=8", "data.motion.n_test=8"]
+    return _data(shapes_root)
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_fast_dev_run(experiment, tiny_shapes, tmp_path):
     from tasks.train import train
 
-    cfg = compose([f"experiment={experiment}", *TINY, *_data(tiny_shapes), "trainer.fast_dev_run=true",
+    cfg = compose([f"experiment={experiment}", *TINY, *_experiment_data(experiment, tiny_shapes, tmp_path),
+                   "trainer.fast_dev_run=true",
                    "logger={}"], tmp_path)
     metrics = train(cfg)
     assert (tmp_path / "metrics.json").is_file()

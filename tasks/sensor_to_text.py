@@ -1,0 +1,352 @@
+"""Sensor-to-text: ``[sensor] what is the wearer doing?`` → a description of the activities.
+
+Holds the activity parser and metrics, the sensor datamodule (JSONL manifest + CSV/NPZ/NPY
+recordings; generates Motion on first use) and the Lightning task. Metrics: BLEU-4 and CIDEr-D
+against the reference descriptions, activity-sequence accuracy (the predicted text parsed back into
+an ordered list of activities must equal the ground truth exactly) and per-activity F1 (presence of
+each activity in a recording).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from modalities.sensor import IMU_CHANNELS, SensorConfig, SensorRecording, SensorTokenizer
+from modalities.text import TextTokenizer
+from tasks.base import Seq2SeqTask, strip_after_eos
+from tasks.data.collate import Seq2SeqCollator
+from tasks.data.motion import ACTIVITIES
+from tasks.data.sensor_formats import ManifestRecord, read_manifest, read_recording
+from zoo.instructions import SENSOR_PROMPT
+from zoo.vocab import VocabLayout
+
+# ------------------------------------------------------------------------------------------------
+# Activity parser and metrics
+# ------------------------------------------------------------------------------------------------
+# Ordered: at one position the first alternative wins ("walks up the stairs" is climbing, not walking).
+_PATTERNS: tuple[tuple[str, str], ...] = (
+    ("climbing stairs", r"(?:climb\w*|walk\w*\s+up|go(?:es|ing)?\s+up|ascend\w*)(?:\s+(?:a|the))?"
+                        r"(?:\s+flight\s+of)?\s+stair\w*|stair\w*|climb\w*|ascend\w*"),
+    ("walking", r"walk\w*|stroll\w*"),
+    ("running", r"run\w*|ran|jog\w*|sprint\w*"),
+    ("jumping", r"jump\w*|hop\w*"),
+    ("sitting", r"sit\w*|sat|seat\w*"),
+    ("standing", r"stand\w*|stood"),
+    ("lying", r"lies|lying|lie\s+down|lay\w*|reclin\w*"),
+)
+_ACTIVITY_RE = re.compile("|".join(f"(?P<a{i}>\\b(?:{p})\\b)" for i, (_, p) in enumerate(_PATTERNS)), re.IGNORECASE)
+
+
+def parse_activities(text: str) -> list[str]:
+    """The ordered activities a description mentions (repeats in a row collapsed)."""
+    out: list[str] = []
+    for m in _ACTIVITY_RE.finditer(text):
+        act = _PATTERNS[int(m.lastgroup[1:])][0]  # type: ignore[index]
+        if not out or out[-1] != act:
+            out.append(act)
+    return out
+
+
+def activity_scores(predictions: Mapping[Any, str], truth: Mapping[Any, Sequence[str]]) -> dict[str, float]:
+    """``activity_acc`` (exact ordered match), ``activity_f1`` (macro) and ``f1_<activity>`` (presence)."""
+    ids = list(truth)
+    if not ids:
+        return {}
+    parsed = {k: parse_activities(predictions.get(k, "")) for k in ids}
+    scores = {"activity_acc": float(np.mean([parsed[k] == list(truth[k]) for k in ids]))}
+    names = sorted(set(ACTIVITIES) | {a for k in ids for a in truth[k]})
+    pred = np.array([[a in parsed[k] for a in names] for k in ids])
+    gold = np.array([[a in truth[k] for a in names] for k in ids])
+    tp, fp, fn = (pred & gold).sum(0), (pred & ~gold).sum(0), (~pred & gold).sum(0)
+    f1 = np.where(tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), np.nan)
+    for a, v in zip(names, f1):
+        if not np.isnan(v):
+            scores[f"f1_{a.replace(' ', '_')}"] = float(v)
+    scores["activity_f1"] = float(np.nanmean(f1))
+    return scores
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+class SensorTrainSet(Dataset):
+    """One item per recording with up to ``k`` of its descriptions (the recording is encoded once)."""
+
+    def __init__(self, recordings: list[SensorRecording], ids: list[str], targets: list[list[list[int]]],
+                 prompt: list[int], tokenizer: SensorTokenizer, k: int):
+        self.recordings, self.ids, self.targets, self.prompt, self.tokenizer, self.k = recordings, ids, targets, prompt, tokenizer, k
+
+    def __len__(self) -> int:
+        return len(self.recordings)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        descs = self.targets[i]
+        if len(descs) > self.k:
+            descs = [descs[j] for j in torch.randperm(len(descs))[: self.k].tolist()]
+        return {"sensor": self.tokenizer(self.recordings[i]), "prompt": self.prompt, "targets": descs, "id": self.ids[i]}
+
+
+class SensorEvalSet(Dataset):
+    """One item per recording (references are scored at epoch end)."""
+
+    def __init__(self, recordings: list[SensorRecording], ids: list[str], prompt: list[int], tokenizer: SensorTokenizer):
+        self.recordings, self.ids, self.prompt, self.tokenizer = recordings, ids, prompt, tokenizer
+
+    def __len__(self) -> int:
+        return len(self.recordings)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"sensor": self.tokenizer(self.recordings[i]), "prompt": self.prompt, "id": self.ids[i]}
+
+
+class SensorTextDataModule(L.LightningDataModule):
+    """Sensor recordings listed in JSONL manifests (``manifest_{split}.jsonl``); Motion on first use.
+
+    :meth:`prepare_data` makes the data, the text tokenizer and the per-channel statistics (fitted on
+    the training recordings); :meth:`model_overrides` hands the fitted :class:`SensorConfig` to the
+    model; :meth:`bind` takes the model's sensor config (a pretrained model's statistics rule) and
+    vocabulary layout before the loaders are used.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_file: str = "manifest_train.jsonl",
+        val_file: str = "manifest_val.jsonl",
+        test_file: str | None = "manifest_test.jsonl",
+        generate: str | None = "motion",
+        motion: dict[str, Any] | None = None,
+        channels: Sequence[str] | None = None,
+        timestamp_column: str | None = "timestamp",
+        time_unit: str = "s",
+        sample_rate: float = 50.0,
+        patch_len: int = 25,
+        patch_stride: int = 25,
+        max_seconds: float = 12.8,
+        tokenizer_path: str | None = None,
+        tokenizer_vocab_size: int = 512,
+        batch_size: int = 32,
+        descriptions_per_recording: int = 5,
+        eval_batch_size: int = 128,
+        num_workers: int = 1,
+        max_target_len: int = 48,
+        prompt: str = SENSOR_PROMPT,
+        val_limit: int | None = None,
+    ):
+        super().__init__()
+        self.root = Path(root)
+        self.files = {"train": train_file, "val": val_file, "test": test_file}
+        self.generate, self.motion_kwargs = generate, dict(motion or {})
+        self.read_kwargs = {"timestamp_column": timestamp_column, "time_unit": time_unit}
+        self.base_cfg = SensorConfig(channels=list(channels or IMU_CHANNELS), sample_rate=sample_rate,
+                                     patch_len=patch_len, patch_stride=patch_stride,
+                                     max_len=int(round(max_seconds * sample_rate)))
+        self.tokenizer_path, self.vocab_size = tokenizer_path, tokenizer_vocab_size
+        if descriptions_per_recording < 1:
+            raise ValueError(f"descriptions_per_recording must be >= 1, got {descriptions_per_recording}")
+        self.batch_size, self.eval_batch_size, self.k = batch_size, eval_batch_size, descriptions_per_recording
+        self.num_workers, self.max_target_len, self.prompt_text, self.val_limit = num_workers, max_target_len, prompt, val_limit
+        self.records: dict[str, list[ManifestRecord]] = {}
+        self._recs: dict[str, list[SensorRecording]] = {}
+        self.sensor_cfg: SensorConfig | None = None  # fitted on train (prepare_data) or the model's (bind)
+        self.sensor_tokenizer: SensorTokenizer | None = None
+        self.tokenizer: TextTokenizer | None = None
+        self.layout: VocabLayout | None = None
+        self.collate = Seq2SeqCollator()
+
+    # --- reading ------------------------------------------------------------------------------
+    def _read(self, split: str) -> list[ManifestRecord]:
+        if split not in self.records:
+            if not self.files.get(split):
+                raise ValueError(f"this dataset has no {split} split (data.{split}_file is null)")
+            records = read_manifest(self.root / self.files[split])
+            if split != "train" and self.val_limit:
+                records = records[: self.val_limit]
+            self.records[split] = records
+        return self.records[split]
+
+    def recordings(self, split: str) -> list[SensorRecording]:
+        """The split's recordings read through the format readers (kept in memory: they are small)."""
+        if split not in self._recs:
+            channels = (self.sensor_cfg or self.base_cfg).channels
+            self._recs[split] = [read_recording(r.path, channels, r.rate, **self.read_kwargs) for r in self._read(split)]
+        return self._recs[split]
+
+    def prepare_data(self) -> None:
+        if self.generate == "motion":
+            from tasks.data.motion import MotionConfig, ensure_motion
+
+            ensure_motion(self.root, MotionConfig(**self.motion_kwargs))
+        elif self.generate:
+            raise ValueError(f"unknown data generator {self.generate!r}; use 'motion' or null")
+        self.load_tokenizer()
+        if self.sensor_cfg is None:
+            self.sensor_cfg = SensorTokenizer(self.base_cfg).fit(self.recordings("train"))
+
+    def load_tokenizer(self) -> TextTokenizer:
+        """The text tokenizer: a given file, or a BPE trained on the training descriptions (cached)."""
+        if self.tokenizer is None:
+            if self.tokenizer_path:
+                self.tokenizer = TextTokenizer.from_file(self.tokenizer_path)
+            else:
+                path = self.root / f"tokenizer-bpe{self.vocab_size}.json"
+                if not path.is_file():
+                    texts = [d for r in self._read("train") for d in r.descriptions]
+                    tok = TextTokenizer.train([self.prompt_text, *texts], vocab_size=self.vocab_size)
+                    tmp_dir = path.parent / f".tok-{path.stem}"
+                    tok.save(tmp_dir).replace(path)
+                    tmp_dir.rmdir()
+                self.tokenizer = TextTokenizer.from_file(path)
+        return self.tokenizer
+
+    def model_overrides(self) -> dict[str, Any]:
+        """The fitted sensor config, saved with the model as ``modalities.sensor``."""
+        if self.sensor_cfg is None:
+            raise RuntimeError("call prepare_data() before model_overrides()")
+        return {"modalities": {"sensor": self.sensor_cfg.to_dict()}}
+
+    def bind(self, model_cfg: Any, layout: VocabLayout, tokenizer: TextTokenizer | None = None) -> None:
+        """Use the model's sensor config (channels, rate, statistics) and vocabulary layout."""
+        mods = getattr(model_cfg, "modalities", {"sensor": model_cfg})
+        cfg = mods.get("sensor")
+        if cfg is None:
+            raise ValueError("this model has no sensor modality; sensor-to-text needs one")
+        cfg = SensorConfig(**cfg) if isinstance(cfg, dict) else cfg
+        if not cfg.fitted:
+            raise ValueError("the model's sensor config has no fitted mean/std")
+        if self.sensor_cfg is not None and cfg.channels != self.sensor_cfg.channels:
+            self._recs.clear()  # read the model's channels
+        self.sensor_cfg = cfg
+        self.sensor_tokenizer = SensorTokenizer(cfg)
+        self.layout = layout
+        if tokenizer is not None:
+            self.tokenizer = tokenizer
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        assert self.tokenizer is not None and self.layout is not None
+        offset = self.layout.text_start
+        return [[t + offset for t in ids] for ids in self.tokenizer.encode_batch(texts, self.max_target_len)]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.sensor_tokenizer is None or self.layout is None:
+            raise RuntimeError("SensorTextDataModule.bind(model_cfg, layout) must be called before setup()")
+        self.load_tokenizer()
+        self.prompt_ids = self._encode([self.prompt_text])[0]
+
+    # --- ground truth -------------------------------------------------------------------------
+    def references(self, stage: str) -> dict[str, list[str]]:
+        return {r.id: r.descriptions for r in self._read(stage)}
+
+    def activities(self, stage: str) -> dict[str, list[str]]:
+        """Ground-truth activity sequences (the manifest's, else parsed from the first description)."""
+        return {r.id: r.activities if r.activities is not None else parse_activities(r.descriptions[0])
+                for r in self._read(stage)}
+
+    # --- loaders ------------------------------------------------------------------------------
+    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=self.collate, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available(), drop_last=shuffle)
+
+    def train_dataloader(self) -> DataLoader:
+        recs = self._read("train")
+        flat = iter(self._encode([d for r in recs for d in r.descriptions]))
+        targets = [[next(flat) for _ in r.descriptions] for r in recs]
+        ds = SensorTrainSet(self.recordings("train"), [r.id for r in recs], targets, self.prompt_ids,
+                            self.sensor_tokenizer, self.k)
+        return self._loader(ds, self.batch_size, shuffle=True)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        ds = SensorEvalSet(self.recordings(split), [r.id for r in self._read(split)], self.prompt_ids, self.sensor_tokenizer)
+        return self._loader(ds, self.eval_batch_size, shuffle=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+
+# ------------------------------------------------------------------------------------------------
+# Task
+# ------------------------------------------------------------------------------------------------
+class SensorToTextTask(Seq2SeqTask):
+    """Sensor recording + instruction → description; activity accuracy/F1, BLEU-4, CIDEr-D."""
+
+    name = "sensor_to_text"
+    monitor_metric = "activity_acc"
+
+    def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {"sensor": batch["sensor"], "text": (batch["prompt_ids"], batch["prompt_mask"])}
+
+    def allowed_tokens(self) -> torch.Tensor:
+        if not hasattr(self, "_allowed"):
+            self._allowed = self.layout.allowed_mask("text")
+        return self._allowed
+
+    def decode_outputs(self, tokens: torch.Tensor) -> list[str]:
+        lo, hi = self.layout.ranges()["text"]
+        return self.tokenizer.decode_batch([[t - lo for t in row if lo <= t < hi] for row in strip_after_eos(tokens)])
+
+    def compute_metrics(self, stage: str, predictions: dict[Any, str]) -> dict[str, float]:
+        from tasks.metrics import caption_scores
+
+        dm = self.trainer.datamodule
+        refs = dm.references(stage)
+        missing = set(refs) - set(predictions)
+        if missing:
+            raise RuntimeError(f"{len(missing)} {stage} recordings got no prediction (e.g. {sorted(missing)[:3]})")
+        preds = {k: predictions[k] for k in refs}
+        scores = caption_scores(preds, refs)
+        return {"bleu4": scores["bleu4"], "cider": scores["cider"], **activity_scores(preds, dm.activities(stage))}
+
+    def format_predictions(self, predictions: dict[Any, str]) -> list[dict[str, Any]]:
+        return [{"id": k, "description": v, "activities": parse_activities(v)} for k, v in predictions.items()]
+
+    def write_samples(self, path: Path, stage: str) -> None:
+        s = self.samples.get(stage)
+        if not s:
+            return
+        values, valid = s["sensor"]
+        plot_recordings(values, valid, s["predictions"], path)
+
+
+def plot_recordings(values: torch.Tensor, valid: torch.Tensor, texts: Sequence[str], path: str | Path,
+                    cols: int = 2, size: tuple[int, int] = (360, 120)) -> Path:
+    """A PIL grid: each recording's normalised channels as lines, its text below."""
+    import os
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    colours = [(200, 30, 30), (30, 140, 30), (30, 60, 200), (230, 140, 0), (140, 40, 170), (0, 150, 160)]
+    font = ImageFont.load_default()
+    w, h = size
+    text_h = 3 * 12 + 6
+    n = len(texts)
+    rows = max(1, -(-n // cols))
+    canvas = Image.new("RGB", (cols * w, rows * (h + text_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, text in enumerate(texts):
+        x0, y0 = (i % cols) * w, (i // cols) * (h + text_h)
+        v = values[i].float().clamp(-4, 4).numpy()
+        t_len = int(valid[i].any(0).nonzero().max()) + 1 if valid[i].any() else 1
+        xs = x0 + 4 + np.arange(t_len) * (w - 8) / max(1, t_len - 1)
+        for c in range(v.shape[0]):
+            ys = y0 + h / 2 - v[c, :t_len] * (h / 10)
+            draw.line(list(zip(xs.tolist(), ys.tolist())), fill=colours[c % len(colours)], width=1)
+        draw.rectangle([x0 + 2, y0 + 2, x0 + w - 3, y0 + h - 3], outline=(180, 180, 180))
+        for j, line in enumerate(textwrap.wrap(str(text), w // 6)[:3]):
+            draw.text((x0 + 4, y0 + h + 2 + j * 12), line, fill="black", font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    canvas.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
