@@ -1,0 +1,131 @@
+"""``zoo-eval``: evaluate a checkpoint (or a saved model folder) on a dataset's val/test split.
+
+The model, tokenizer and task are rebuilt from the checkpoint alone (``checkpoint["mmzoo"]``); the
+training config is not needed. Generation is batched (Lightning's evaluation loop, with its progress
+bar); the run directory gets ``predictions.json`` in the task's official results format (COCO
+``[{"image_id", "caption"}]``, VQA ``[{"question_id", "answer"}]``), ``metrics.json`` and ``samples.png``.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from tasks.resolvers import register_resolvers
+
+GENERATION_KEYS = ("max_new_tokens", "num_beams", "length_penalty")
+
+
+def _init_params(cls: type) -> set[str]:
+    """Keyword parameters accepted along the class's ``__init__`` chain."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            names |= {p.name for p in inspect.signature(init).parameters.values()
+                      if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return names - {"self", "model", "tokenizer"}
+
+
+def load_for_eval(source: str, task_type: str | None = None, unsafe_pickle: bool = False
+                  ) -> tuple[Any, Any, str, dict[str, Any]]:
+    """``(model, tokenizer, task name, task settings)`` from a ``.ckpt`` or a model folder / hub id."""
+    path = Path(source)
+    if path.is_file():
+        from tasks.export import bundle_from_checkpoint, read_checkpoint
+
+        ckpt = read_checkpoint(path, unsafe_pickle=unsafe_pickle)
+        bundle = bundle_from_checkpoint(ckpt, str(path))
+        meta = ckpt["mmzoo"]
+        name = task_type or meta.get("task")
+        settings = dict(ckpt.get("hyper_parameters") or {})
+        if meta.get("candidates"):
+            settings["candidates"] = meta["candidates"]
+        return bundle.model, bundle.tokenizer, name, settings
+    import zoo
+
+    bundle = zoo.load(source)
+    names = list(bundle.tasks)
+    if task_type is None:
+        if len(names) != 1:
+            raise ValueError(f"{source} holds tasks {names}; say which with task_type=<name>")
+        task_type = names[0]
+    return bundle.model, bundle.tokenizer, task_type, dict(bundle.tasks.get(task_type) or {})
+
+
+def default_data_config(name: str) -> DictConfig:
+    """The task's default ``configs/data/<name>.yaml``."""
+    from importlib.resources import files
+
+    return OmegaConf.load(str(files("configs") / "data" / f"{name}.yaml"))
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Run ``zoo-eval``; returns the metrics (also written to ``metrics.json``)."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from tasks.callbacks import atomic_write_text
+    from tasks.registry import get_task
+    from tasks.train import write_metrics
+
+    if cfg.split not in ("val", "test"):
+        raise ValueError(f"split must be val or test, got {cfg.split!r}")
+    out = Path(cfg.paths.output_dir)
+    model, tokenizer, name, settings = load_for_eval(str(cfg.ckpt), cfg.get("task_type"), cfg.unsafe_pickle)
+    entry = get_task(name)
+    task_cls = entry.task_class()
+    accepted = _init_params(task_cls)
+    kwargs = {k: v for k, v in settings.items() if k in accepted}
+    kwargs.update({k: v for k, v in (cfg.get("task") or {}).items() if v is not None})
+    unknown = set(kwargs) - accepted
+    if unknown:
+        raise ValueError(f"task {name!r} has no setting(s) {sorted(unknown)}; it accepts {sorted(accepted)}")
+    task = task_cls(model=model, tokenizer=tokenizer, **kwargs)
+
+    if cfg.get("data") is None:
+        with open_dict(cfg):
+            cfg.data = default_data_config(entry.data_config)
+    dm = instantiate(cfg.data)
+    dm.bind(model.cfg, model.layout, tokenizer=tokenizer)  # the checkpoint's tokenizer, never retrained
+    dm.prepare_data()
+    t = cfg.trainer
+    limit = t.get("limit_batches") or 1.0
+    trainer = L.Trainer(accelerator=t.accelerator, devices=t.devices, precision=t.precision, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(out),
+                        limit_val_batches=limit, limit_test_batches=limit)
+    print(f"[mmzoo] run directory: {out}\n[mmzoo] evaluating {cfg.ckpt} ({name}) on the {cfg.split} split")
+    if cfg.split == "val":
+        trainer.validate(task, datamodule=dm, verbose=False)
+    else:
+        trainer.test(task, datamodule=dm, verbose=False)
+    metrics = dict(task.final_metrics)
+    if trainer.is_global_zero:
+        preds = task.format_predictions(task.predictions.get(cfg.split, {}))
+        atomic_write_text(out / "predictions.json", json.dumps(preds, indent=1))
+        task.write_samples(out / "samples.png", cfg.split)
+        write_metrics(out / "metrics.json", metrics)
+        print(f"[mmzoo] {len(preds)} predictions → {out / 'predictions.json'}")
+        for k, v in sorted(metrics.items()):
+            print(f"  {k:28s} {v:.4f}")
+        print(f"[mmzoo] run directory: {out}")
+    return metrics
+
+
+def main() -> None:
+    import hydra
+
+    register_resolvers()
+
+    @hydra.main(version_base="1.3", config_path="pkg://configs", config_name="eval")
+    def _main(cfg: DictConfig) -> None:
+        evaluate(cfg)
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Task registry: task name → its LightningModule, its datamodule and its default data config.
+
+``zoo-eval`` rebuilds a task from the name stored in a checkpoint (``checkpoint["mmzoo"]["task"]``).
+Classes are named by import path and imported on use, so looking a task up stays cheap.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["TaskEntry", "register_task", "get_task", "list_tasks"]
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """Where a task's classes live (``module:Class``) and the data config it evaluates on by default."""
+
+    name: str
+    task: str
+    datamodule: str
+    data_config: str
+
+    @staticmethod
+    def _load(path: str) -> Any:
+        module, _, attr = path.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def task_class(self) -> type:
+        return self._load(self.task)
+
+    def datamodule_class(self) -> type:
+        return self._load(self.datamodule)
+
+
+_TASKS: dict[str, TaskEntry] = {}
+
+
+def register_task(name: str, task: str, datamodule: str, data_config: str) -> None:
+    """Register a task by name (``task``/``datamodule`` as ``module:Class``; ``data_config`` a
+    ``configs/data`` file name)."""
+    if name in _TASKS and _TASKS[name] != TaskEntry(name, task, datamodule, data_config):
+        raise ValueError(f"task {name!r} is already registered")
+    _TASKS[name] = TaskEntry(name, task, datamodule, data_config)
+
+
+def get_task(name: str) -> TaskEntry:
+    if name not in _TASKS:
+        raise KeyError(f"unknown task {name!r}; registered: {', '.join(sorted(_TASKS))}")
+    return _TASKS[name]
+
+
+def list_tasks() -> list[str]:
+    return sorted(_TASKS)
+
+
+register_task("caption", "tasks.caption:CaptionTask", "tasks.caption:CaptionDataModule", "shapes_captions")
+register_task("vqa", "tasks.vqa:VQATask", "tasks.vqa:VQADataModule", "shapes_vqa")
