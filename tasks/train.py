@@ -75,13 +75,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     dm = instantiate(cfg.data)
     dm.prepare_data()
-    tokenizer = dm.load_tokenizer()
-    data_overrides = dm.model_overrides() if hasattr(dm, "model_overrides") else {}
-    model = build_model(cfg.model, tokenizer.vocab_size, data_overrides)
-    dm.bind(model.cfg, model.layout)
+    extra_callbacks = []
+    if cfg.get("pretrained"):  # zoo-finetune: the pretrained model and tokenizers replace new ones
+        from tasks.finetune import from_pretrained
+
+        model, tokenizer, extra_callbacks = from_pretrained(cfg)
+        dm.bind(model.cfg, model.layout, tokenizer)
+    else:
+        tokenizer = dm.load_tokenizer()
+        data_overrides = dm.model_overrides() if hasattr(dm, "model_overrides") else {}
+        model = build_model(cfg.model, tokenizer.vocab_size, data_overrides)
+        dm.bind(model.cfg, model.layout)
     task = instantiate(cfg.task, model=model, tokenizer=tokenizer)
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks += extra_callbacks
     throughput = Throughput()
     callbacks.append(throughput)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["create_model", "list_models", "model_config", "load", "UnifiedSeq2Seq", "ModelConfig", "VocabLayout"]
+__all__ = ["create_model", "list_models", "model_config", "load", "list_pretrained", "register_pretrained",
+           "Pretrained", "UnifiedSeq2Seq", "ModelConfig", "VocabLayout"]
 
 
 def __getattr__(name: str):
@@ -14,10 +15,14 @@ def __getattr__(name: str):
         from zoo import registry
 
         return getattr(registry, name)
-    if name == "load":
-        from zoo.hub import load
+    if name in ("load", "list_pretrained", "register_pretrained"):
+        from zoo import hub
 
-        return load
+        return getattr(hub, name)
+    if name == "Pretrained":
+        from zoo.pretrained import Pretrained
+
+        return Pretrained
     if name == "UnifiedSeq2Seq":
         from zoo.model import UnifiedSeq2Seq
 

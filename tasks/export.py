@@ -1,0 +1,153 @@
+"""``zoo-export ckpt=<path> out=<dir>``: a Lightning training checkpoint → a loadable model folder.
+
+The checkpoint must come from an mmzoo run: it carries ``checkpoint["mmzoo"]`` (model config, tokenizer,
+task) and the task's weights under the ``model.`` prefix; fine-tuning runs add
+``checkpoint["mmzoo_finetune"]`` (starting point, mode, LoRA settings; LoRA is merged on export).
+
+A ``.ckpt`` is a pickle: export only your own / trusted checkpoints. It is read with
+``weights_only=True``; full unpickling needs ``unsafe_pickle=true``.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+USAGE = """usage: zoo-export ckpt=<run>/checkpoints/best.ckpt out=<folder> [adapter_out=<folder>] [name=<title>]
+                  [push_to_hub=<org/name>] [unsafe_pickle=false]
+
+Writes config.json, model.safetensors, tokenizer.json and a README.md model card (training data, metrics
+and the reproducing command are read from the run directory when the checkpoint sits in one)."""
+
+
+def read_checkpoint(path: str | Path, unsafe_pickle: bool = False) -> dict[str, Any]:
+    """Load a training checkpoint, refusing arbitrary objects unless ``unsafe_pickle``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        if not unsafe_pickle:
+            raise ValueError(f"{path}: cannot be read with weights_only=True ({type(e).__name__}: {str(e)[:300]}). "
+                             "If it is your own training output, re-run with unsafe_pickle=true") from e
+        print(f"[mmzoo] warning: unpickling {path} fully (unsafe_pickle=true)", file=sys.stderr)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "mmzoo" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"{path}: not an mmzoo training checkpoint (no 'mmzoo' entry with the model config)")
+    return ckpt
+
+
+def _model_state(ckpt: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    if not state:
+        raise ValueError(f"{where}: the state dict has no 'model.' entries")
+    return state
+
+
+def bundle_from_checkpoint(ckpt: dict[str, Any], where: str = "checkpoint",
+                           adapter_out: str | Path | None = None) -> Any:
+    """Rebuild the :class:`zoo.pretrained.Pretrained` bundle of a training checkpoint (LoRA merged)."""
+    from modalities.text import TextTokenizer
+    from zoo.model import UnifiedSeq2Seq
+    from zoo.pretrained import Pretrained, model_config_from_dict
+
+    meta = ckpt["mmzoo"]
+    cfg = model_config_from_dict(dict(meta["model_config"]), f"{where}['mmzoo']['model_config']")
+    model = UnifiedSeq2Seq(cfg)
+    state = _model_state(ckpt, where)
+    ft = ckpt.get("mmzoo_finetune") or {}
+    if ft.get("mode") == "lora":
+        from tasks.finetune import apply_lora, merge_lora, save_adapter
+
+        model = apply_lora(model, **ft["lora"])
+        model.load_state_dict(state, strict=True)
+        if adapter_out is not None:
+            save_adapter(model, adapter_out)
+        model = merge_lora(model)
+    else:
+        model.load_state_dict(state, strict=True)
+    model.eval()
+    tokenizer = TextTokenizer.from_str(meta["tokenizer"])
+    hp = ckpt.get("hyper_parameters") or {}
+    gen = {k: hp[k] for k in ("max_new_tokens", "num_beams", "length_penalty") if k in hp}
+    tasks = dict(ft.get("tasks") or {})
+    tasks[meta.get("task", "seq2seq")] = gen
+    return Pretrained(model=model, tokenizer=tokenizer, tasks=tasks, source=where)
+
+
+def run_card(ckpt_path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """Model-card fields read from the run directory around ``<run>/checkpoints/x.ckpt``."""
+    card: dict[str, Any] = {}
+    run = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+    ft = ckpt.get("mmzoo_finetune") or {}
+    metrics_file = run / "metrics.json"
+    if metrics_file.is_file():
+        m = json.loads(metrics_file.read_text())
+        card["metrics"] = {k: float(v) for k, v in m.items() if k.startswith(("val/", "test/"))}
+    else:  # run still going: the monitored value of the best checkpoint
+        for key, state in (ckpt.get("callbacks") or {}).items():
+            if "ModelCheckpoint" in key and state.get("best_model_score") is not None and state.get("monitor"):
+                card["metrics"] = {state["monitor"]: float(state["best_model_score"])}
+                break
+    hydra_dir = run / ".hydra"
+    if (hydra_dir / "config.yaml").is_file():
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.load(hydra_dir / "config.yaml")
+        try:
+            data = OmegaConf.to_container(cfg.get("data") or {}, resolve=True)
+        except Exception:  # noqa: BLE001 — interpolations that need Hydra's runtime
+            data = OmegaConf.to_container(cfg.get("data") or {}, resolve=False)
+        target = str(data.pop("_target_", "data")).rsplit(".", 1)[-1]
+        desc = f"`{target}` from `{data.get('root')}`"
+        if data.get("generate"):
+            desc += f", generated by the `{data['generate']}` generator with {data.get(data['generate'])}"
+        card["training_data"] = desc + f"; {ckpt.get('epoch', 0) + 1} epoch(s), {ckpt.get('global_step')} steps."
+        if (hydra_dir / "overrides.yaml").is_file():
+            overrides = [str(o) for o in OmegaConf.load(hydra_dir / "overrides.yaml")]
+            if (hydra_dir / "hydra.yaml").is_file() and not any(o.startswith("experiment=") for o in overrides):
+                exp = OmegaConf.load(hydra_dir / "hydra.yaml").hydra.runtime.choices.get("experiment")
+                overrides = ([f"experiment={exp}"] if exp else []) + overrides
+            card["command"] = " ".join(["zoo-finetune" if ft else "zoo-train", *overrides])
+    if ft:
+        card["base_model"] = ft.get("pretrained")
+        card["training_data"] = (card.get("training_data") or "") + \
+            f" Fine-tuned from `{ft.get('pretrained')}` with mode `{ft.get('mode')}`."
+    return card
+
+
+def export(ckpt_path: str | Path, out: str | Path, *, adapter_out: str | Path | None = None,
+           card: dict[str, Any] | None = None, unsafe_pickle: bool = False) -> Path:
+    """Write the model folder for a training checkpoint; returns the folder."""
+    ckpt_path = Path(ckpt_path)
+    ckpt = read_checkpoint(ckpt_path, unsafe_pickle)
+    bundle = bundle_from_checkpoint(ckpt, str(ckpt_path), adapter_out)
+    return bundle.save_pretrained(out, card={"load_as": str(out), **run_card(ckpt_path, ckpt), **(card or {})})
+
+
+def main(argv: list[str] | None = None) -> None:
+    from zoo.cli import parse_kv
+
+    args = parse_kv(sys.argv[1:] if argv is None else argv,
+                    {"ckpt": ..., "out": ..., "adapter_out": None, "name": None, "push_to_hub": None,
+                     "unsafe_pickle": False}, USAGE)
+    card = {"name": args["name"]} if args["name"] else {}
+    if args["push_to_hub"]:
+        card["load_as"] = f"hf-hub:{args['push_to_hub']}"
+    folder = export(args["ckpt"], args["out"], adapter_out=args["adapter_out"], card=card,
+                    unsafe_pickle=args["unsafe_pickle"])
+    print(f"[mmzoo] exported {args['ckpt']} -> {folder}")
+    for p in sorted(folder.iterdir()):
+        print(f"  {p.name:20s} {p.stat().st_size:>12,d} bytes")
+    if args["push_to_hub"]:
+        from zoo.hub import upload_folder
+
+        print(f"[mmzoo] pushed: {upload_folder(folder, args['push_to_hub'])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""``zoo-finetune``: fine-tune a pretrained model (weights + tokenizers) on any experiment's data.
+
+``zoo-finetune pretrained=<arch.tag|folder|hf-hub:org/name> experiment=<exp> finetune.mode=full|frozen_encoder|lora``
+composes ``configs/finetune.yaml`` (``train.yaml`` + a pretrained source) and runs ``tasks.train.train``,
+which calls :func:`from_pretrained` instead of building a fresh model. After training the best checkpoint
+is exported to ``<run>/model`` (LoRA merged) and, for LoRA, the adapters to ``<run>/adapter``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+FINETUNE_MODES = ("full", "frozen_encoder", "lora")
+#: The backbone's linear layers: fused self-attention QKV, cross-attention Q and KV, outputs, FFN.
+LORA_TARGETS = ("qkv", "q", "kv", "out", "fc1", "fc2")
+LORA_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": list(LORA_TARGETS)}
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA (peft) and freezing
+# ------------------------------------------------------------------------------------------------
+def lora_target_regex(targets: Sequence[str] = LORA_TARGETS) -> str:
+    """A regex (peft full-matches module names) selecting ``targets`` only inside encoder/decoder layers,
+    so same-named layers of an image backbone (e.g. a ViT's ``qkv``) are left alone."""
+    return rf"(encoder|decoder)\.\d+\.(.*\.)?({'|'.join(targets)})"
+
+
+def lora_config(r: int = 8, alpha: int = 16, dropout: float = 0.0,
+                target_modules: Sequence[str] = LORA_TARGETS) -> Any:
+    """A ``peft.LoraConfig`` for the backbone's linear layers."""
+    from peft import LoraConfig
+
+    bad = set(target_modules) - set(LORA_TARGETS)
+    if bad:
+        raise ValueError(f"finetune.lora.target_modules {sorted(bad)} are not backbone linear layers {LORA_TARGETS}")
+    return LoraConfig(r=int(r), lora_alpha=int(alpha), lora_dropout=float(dropout), bias="none",
+                      target_modules=lora_target_regex(list(target_modules)))
+
+
+def apply_lora(model: nn.Module, **lora: Any) -> Any:
+    """Wrap ``model`` in a ``peft.PeftModel`` with LoRA adapters (only adapters train). The wrapper forwards
+    attribute access (``encode``, ``decode_hidden``, ``cfg``, ...) to the model."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(**{**LORA_DEFAULTS, **lora}))
+
+
+def save_adapter(peft_model: Any, folder: str | Path) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors``."""
+    peft_model.save_pretrained(str(folder), safe_serialization=True)
+    return Path(folder)
+
+
+def load_adapter(model: nn.Module, folder: str | Path, trainable: bool = False) -> Any:
+    """Attach saved LoRA adapters (safetensors only) to a base model → ``PeftModel``."""
+    from peft import PeftModel
+
+    folder = Path(folder)
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise FileNotFoundError(f"{folder}: no adapter_model.safetensors (only safetensors adapters are loaded)")
+    return PeftModel.from_pretrained(model, str(folder), is_trainable=trainable, use_safetensors=True)
+
+
+def merge_lora(peft_model: Any) -> nn.Module:
+    """Fold the adapters into the base weights and return the plain model."""
+    return peft_model.merge_and_unload()
+
+
+def freeze_encoder(model: nn.Module) -> None:
+    """Freeze modality embedders, encoder layers, encoder positions/norm and type embeddings (the tied
+    token embedding stays trainable: the decoder uses it)."""
+    for name, p in model.named_parameters():
+        if name.startswith(("embedders.", "encoder.", "enc_norm.", "enc_pos.", "type_embed.")):
+            p.requires_grad_(False)
+
+
+def prepare_model(model: nn.Module, mode: str = "full", lora: dict[str, Any] | None = None) -> nn.Module:
+    """Apply a fine-tuning mode: ``full`` | ``frozen_encoder`` | ``lora``."""
+    if mode not in FINETUNE_MODES:
+        raise ValueError(f"finetune.mode must be one of {FINETUNE_MODES}, got {mode!r}")
+    model.train()
+    if mode == "frozen_encoder":
+        freeze_encoder(model)
+    elif mode == "lora":
+        model = apply_lora(model, **(lora or {}))
+    return model
+
+
+def count_trainable(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+class FinetuneInfo(L.Callback):
+    """Records the starting point and mode in every checkpoint (``checkpoint["mmzoo_finetune"]``), so
+    ``zoo-export`` can rebuild LoRA checkpoints and write the model card."""
+
+    def __init__(self, info: dict[str, Any]):
+        self.info = info
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mmzoo_finetune"] = dict(self.info)
+
+
+# ------------------------------------------------------------------------------------------------
+# The hook used by tasks.train.train
+# ------------------------------------------------------------------------------------------------
+def finetune_settings(cfg: DictConfig) -> dict[str, Any]:
+    raw = cfg.get("finetune") or {}
+    ft = OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else dict(raw)
+    lora = {**LORA_DEFAULTS, **(ft.get("lora") or {})}
+    return {"mode": ft.get("mode", "full"), "lora": lora, "allow_pickle": bool(ft.get("allow_pickle", False))}
+
+
+def from_pretrained(cfg: DictConfig) -> tuple[nn.Module, Any, list[L.Callback]]:
+    """Load ``cfg.pretrained`` and prepare it for ``cfg.finetune.mode`` → ``(model, tokenizer, callbacks)``."""
+    from zoo.hub import load
+
+    ft = finetune_settings(cfg)
+    bundle = load(str(cfg.pretrained), allow_pickle=ft["allow_pickle"])
+    model = prepare_model(bundle.model, ft["mode"], ft["lora"])
+    trainable, total = count_trainable(model)
+    print(f"[mmzoo] fine-tuning {bundle.source} ({bundle.model.cfg.arch}) mode={ft['mode']}: "
+          f"{trainable / 1e6:.3f}M of {total / 1e6:.2f}M parameters trainable")
+    info = {"pretrained": str(cfg.pretrained), "mode": ft["mode"], "tasks": bundle.tasks}
+    if ft["mode"] == "lora":
+        info["lora"] = ft["lora"]
+    return model, bundle.tokenizer, [FinetuneInfo(info)]
+
+
+def main() -> None:
+    import hydra
+
+    from tasks.resolvers import register_resolvers
+    from tasks.train import train
+
+    register_resolvers()
+
+    @hydra.main(version_base="1.3", config_path="pkg://configs", config_name="finetune")
+    def _main(cfg: DictConfig) -> float | None:
+        metrics = train(cfg)
+        out = Path(cfg.paths.output_dir)
+        best = out / "checkpoints" / "best.ckpt"
+        if cfg.finetune.get("export", True) and best.is_file():
+            from tasks.export import export
+
+            lora = finetune_settings(cfg)["mode"] == "lora"
+            folder = export(best, out / "model", adapter_out=out / "adapter" if lora else None)
+            print(f"[mmzoo] fine-tuned model: {folder}" + (f"\n[mmzoo] LoRA adapters: {out / 'adapter'}" if lora else ""))
+        opt = cfg.get("optimized_metric")
+        return metrics.get(opt) if opt else None
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,443 @@
+"""``Pretrained``: a model bundled with all its modality tokenizers, saved to and loaded from a folder.
+
+A saved model is a folder::
+
+    config.json        ModelConfig fields (arch, vocab layout with ranges, modality configs with their
+                       fitted statistics) + "mmzoo_version", "format" and "tasks" (task -> generation settings)
+    model.safetensors  the weights (the only weight format loaded without an explicit opt-in)
+    tokenizer.json     the text tokenizer
+    README.md          the model card
+
+Loading never executes code from the folder: no pickle unless ``allow_pickle=True``, no ``_target_``, and
+the architecture resolves only through the registry.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from zoo.config import ModelConfig
+from zoo.instructions import CAPTION_PROMPT, SENSOR_PROMPT, t2i_prompt
+from zoo.vocab import EOS_ID
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "README.md"
+FORMAT_VERSION = 1
+META_KEYS = ("mmzoo_version", "format", "tasks")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# timm/open_clip keyword arguments that would make a loaded config fetch or unpickle other files
+_UNSAFE_BACKBONE_KWARGS = {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir"}
+DEFAULT_GENERATION = {"max_new_tokens": 32, "num_beams": 1, "length_penalty": 1.0}
+
+
+class UnsafeModelError(ValueError):
+    """A model folder or config asks for something loading refuses to do (pickle, ``_target_``, ...)."""
+
+
+def _version() -> str:
+    import zoo
+
+    return zoo.__version__
+
+
+# ------------------------------------------------------------------------------------------------
+# Safety checks on loaded configs and folders
+# ------------------------------------------------------------------------------------------------
+def refuse_targets(obj: Any, where: str, path: str = "") -> None:
+    """Raise :class:`UnsafeModelError` if any mapping in ``obj`` has a ``_target_`` key."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            here = f"{path}.{k}" if path else str(k)
+            if k == "_target_":
+                raise UnsafeModelError(
+                    f"{where}: key {here!r} = {v!r} asks to instantiate an import path; mmzoo never instantiates "
+                    "code from a loaded config (architectures resolve only through the registry)")
+            refuse_targets(v, where, here)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            refuse_targets(v, where, f"{path}[{i}]")
+
+
+def model_config_from_dict(d: dict[str, Any], where: str = CONFIG_FILE) -> ModelConfig:
+    """A ``ModelConfig`` from a loaded ``config.json``, refusing code paths and unknown architectures.
+
+    Backbone weights come from the folder's own weights file, so modality ``pretrained`` entries are
+    dropped (nothing else is fetched) and backbone kwargs that point at other files are refused.
+    """
+    from zoo.registry import list_models
+
+    refuse_targets(d, where)
+    d = {k: v for k, v in d.items() if k not in META_KEYS}
+    arch = d.get("arch", "custom")
+    if arch != "custom" and arch not in list_models():
+        raise UnsafeModelError(f"{where}: architecture {arch!r} is not registered in this mmzoo "
+                               f"(known: {', '.join(list_models())}, or 'custom'); upgrade mmzoo or re-export")
+    mods = {}
+    for name, mcfg in (d.get("modalities") or {}).items():
+        mcfg = dict(mcfg)
+        bad = _UNSAFE_BACKBONE_KWARGS & set(mcfg.get("backbone_kwargs") or {})
+        if bad:
+            raise UnsafeModelError(f"{where}: modalities.{name}.backbone_kwargs sets {sorted(bad)}, which would load "
+                                   "files from outside the model folder; refused")
+        if "pretrained" in mcfg:
+            mcfg["pretrained"] = None
+        mods[name] = mcfg
+    d["modalities"] = mods
+    try:
+        return ModelConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: not a valid mmzoo model config: {e}") from e
+
+
+def _load_weights(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    st = folder / WEIGHTS_FILE
+    if st.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(st))
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not pickles:
+        raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE} (files: {sorted(p.name for p in folder.iterdir())})")
+    if not allow_pickle:
+        raise UnsafeModelError(
+            f"{pickles[0]}: refusing to load a pickle weights file (pickle can run arbitrary code). mmzoo loads "
+            f"only {WEIGHTS_FILE}; if you trust this file, pass allow_pickle=True, or convert it to safetensors")
+    if len(pickles) > 1:
+        raise ValueError(f"{folder}: several pickle weight files {[p.name for p in pickles]}; keep one")
+    try:
+        state = torch.load(pickles[0], map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 — the user opted in to full unpickling
+        warnings.warn(f"{pickles[0]}: not loadable with weights_only=True; unpickling fully (allow_pickle=True)")
+        state = torch.load(pickles[0], map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{pickles[0]}: expected a state dict, got {type(state).__name__}")
+    return state
+
+
+def full_modality_config(name: str, mcfg: dict[str, Any]) -> dict[str, Any]:
+    """A modality's config with every field filled in (defaults and fitted statistics written out)."""
+    from dataclasses import asdict
+
+    if name == "image":
+        from modalities.image import ImageConfig
+
+        return ImageConfig(**mcfg).to_dict()
+    if name == "sensor":
+        from modalities.sensor import SensorConfig
+
+        c = SensorConfig(**mcfg)
+        return c.to_dict() if hasattr(c, "to_dict") else asdict(c)
+    return dict(mcfg)
+
+
+# ------------------------------------------------------------------------------------------------
+# Model card
+# ------------------------------------------------------------------------------------------------
+def model_card(config: dict[str, Any], card: dict[str, Any] | None = None) -> str:
+    """Markdown model card: training data, metrics, intended use, limits and the reproducing command."""
+    card = dict(card or {})
+    tasks = list(config.get("tasks") or {})
+    metrics = card.get("metrics") or {}
+    name = card.get("name") or config.get("arch", "mmzoo model")
+    lines = ["---", "library_name: mmzoo", "tags:", "- mmzoo", *[f"- {t}" for t in tasks]]
+    if card.get("base_model"):
+        lines.append(f"base_model: {card['base_model']}")
+    lines += ["---", "", f"# {name}", "",
+              f"A unified encoder-decoder (`{config.get('arch')}`, d_model {config.get('d_model')}, "
+              f"{config.get('enc_layers')}+{config.get('dec_layers')} layers) from mmzoo {config.get('mmzoo_version')}, "
+              f"with modalities: {', '.join(['text', *config.get('modalities', {})])}.", ""]
+    if card.get("num_parameters"):
+        lines += [f"Parameters: {card['num_parameters'] / 1e6:.2f}M.", ""]
+    lines += ["## Load", "", "```python", "import zoo", f"bundle = zoo.load({card.get('load_as', './this-folder')!r})"]
+    if "caption" in tasks:
+        lines.append("print(bundle.caption(['image.png']))")
+    lines += ["```", "", "## Training data", "", card.get("training_data") or "Not recorded.", ""]
+    lines += ["## Metrics", ""]
+    if metrics:
+        lines += ["| metric | value |", "| --- | --- |", *[f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items())]]
+    else:
+        lines.append("Not recorded.")
+    lines += ["", "## Intended use", "",
+              card.get("intended_use") or f"Research and demos of {', '.join(tasks) or 'its tasks'} on data like its "
+              "training data; a starting point for fine-tuning with `zoo-finetune`.", "",
+              "## Limits", "",
+              card.get("limits") or "Trained only on the data above: expect poor results on other image domains, "
+              "vocabulary and languages. Not evaluated for fairness or safety; do not use for decisions about people.",
+              "", "## Reproduce", "", "```bash", card.get("command") or "# command not recorded", "```", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# The bundle
+# ------------------------------------------------------------------------------------------------
+def _as_list(x: Any) -> tuple[list[Any], bool]:
+    """``(items, single)``: wraps one input so every method is batched."""
+    if isinstance(x, (list, tuple)):
+        return list(x), False
+    if torch.is_tensor(x) and x.ndim == 4:
+        return list(x), False
+    return [x], True
+
+
+@dataclass
+class Pretrained:
+    """A model with all its modality tokenizers: the object ``zoo.load`` returns.
+
+    ``caption``, ``answer``, ``generate_image`` and ``describe`` are batched: they take one input or a list
+    and return one result or a list.
+    """
+
+    model: Any  # zoo.model.UnifiedSeq2Seq
+    tokenizer: Any  # modalities.text.TextTokenizer
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    source: str | None = None
+    _pre: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # --- construction / I/O -------------------------------------------------------------------
+    @classmethod
+    def from_folder(cls, folder: str | Path, allow_pickle: bool = False, device: str | torch.device | None = None,
+                    source: str | None = None) -> "Pretrained":
+        """Load a saved model folder (see the module docstring for what is refused)."""
+        from modalities.text import TextTokenizer
+        from zoo.model import UnifiedSeq2Seq
+
+        folder = Path(folder)
+        cfg_path = folder / CONFIG_FILE
+        if not cfg_path.is_file():
+            listing = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else "folder missing"
+            raise FileNotFoundError(f"{folder}: no {CONFIG_FILE}, so not an mmzoo model folder ({listing})")
+        try:
+            raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path}: invalid JSON: {e}") from e
+        if not isinstance(raw, dict):
+            raise ValueError(f"{cfg_path}: expected a JSON object")
+        fmt = int(raw.get("format", FORMAT_VERSION))
+        if fmt > FORMAT_VERSION:
+            raise ValueError(f"{cfg_path}: format {fmt} is newer than this mmzoo reads ({FORMAT_VERSION}); upgrade mmzoo")
+        cfg = model_config_from_dict(raw, str(cfg_path))
+        tasks = raw.get("tasks") or {}
+        if isinstance(tasks, list):
+            tasks = {t: {} for t in tasks}
+        state = _load_weights(folder, allow_pickle)
+        model = UnifiedSeq2Seq(cfg)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{folder}: weights do not match the config's architecture: missing {missing[:5]} "
+                             f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})")
+        tokenizer = TextTokenizer.from_file(folder)
+        if tokenizer.vocab_size != model.layout.text_size:
+            raise ValueError(f"{folder}: tokenizer.json has {tokenizer.vocab_size} tokens but config.json's "
+                             f"vocab.text_size is {model.layout.text_size}")
+        model.eval()
+        if device is not None:
+            model.to(device)
+        return cls(model=model, tokenizer=tokenizer, tasks=dict(tasks), source=source or str(folder))
+
+    def config_dict(self) -> dict[str, Any]:
+        """What ``config.json`` holds: every field, the vocabulary ranges and full modality configs."""
+        d = self.model.cfg.to_dict()
+        d["vocab"] = self.layout.to_dict()
+        d["modalities"] = {name: full_modality_config(name, m) for name, m in d["modalities"].items()}
+        return {**d, "mmzoo_version": _version(), "format": FORMAT_VERSION, "tasks": self.tasks}
+
+    def save_pretrained(self, folder: str | Path, card: dict[str, Any] | None = None) -> Path:
+        """Write the model folder atomically (temp folder + rename); ``card`` fills the model card
+        (``training_data``, ``metrics``, ``command``, ``intended_use``, ``limits``, ``base_model``, ``name``)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            config = self.config_dict()
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            state = {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mmzoo_version": _version()})
+            self.tokenizer.save(tmp)
+            card = {"num_parameters": self.model.num_parameters(), **(card or {})}
+            (tmp / CARD_FILE).write_text(model_card(config, card), encoding="utf-8")
+            if folder.exists():
+                old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(folder, old)
+                os.replace(tmp, folder)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return folder
+
+    def push_to_hub(self, repo_id: str, *, card: dict[str, Any] | None = None, private: bool | None = None,
+                    revision: str | None = None, commit_message: str | None = None, token: str | None = None) -> str:
+        """Save to a temp folder and upload it to the Hugging Face Hub; returns the commit URL."""
+        import tempfile
+
+        from zoo.hub import upload_folder
+
+        with tempfile.TemporaryDirectory() as d:
+            folder = self.save_pretrained(Path(d) / "model", card={"load_as": f"hf-hub:{repo_id}", **(card or {})})
+            return upload_folder(folder, repo_id, private=private, revision=revision,
+                                 commit_message=commit_message, token=token)
+
+    # --- helpers ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def layout(self):
+        return self.model.layout
+
+    def to(self, device: str | torch.device) -> "Pretrained":
+        self.model.to(device)
+        return self
+
+    def num_parameters(self) -> int:
+        return self.model.num_parameters()
+
+    def preprocessor(self, modality: str) -> Any:
+        """The CPU preprocessing of a modality (built from the saved modality config)."""
+        if modality not in self._pre:
+            mcfg = self.model.cfg.modalities.get(modality)
+            if mcfg is None:
+                raise NotImplementedError(f"this model has no {modality!r} modality "
+                                          f"(it has {['text', *self.model.cfg.modalities]})")
+            if modality == "image":
+                from modalities.image import ImageConfig, ImagePreprocessor
+
+                self._pre[modality] = ImagePreprocessor(ImageConfig(**mcfg))
+            elif modality == "sensor":
+                from modalities import sensor
+
+                self._pre[modality] = sensor.SensorPreprocessor(sensor.SensorConfig(**mcfg))
+            else:
+                raise NotImplementedError(f"no preprocessing for modality {modality!r}")
+        return self._pre[modality]
+
+    def _text_segment(self, texts: Sequence[str], max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Texts → unified ids ``[B, L]`` and mask (True = real)."""
+        rows = self.tokenizer.encode_batch(list(texts), max_len)
+        n = max(1, max(len(r) for r in rows))
+        ids = torch.zeros(len(rows), n, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long) + self.layout.text_start
+        return ids.to(self.device), (ids != 0).to(self.device)
+
+    def decode_text(self, tokens: torch.Tensor) -> list[str]:
+        """Generated unified ids ``[B, T]`` → strings (cut at the first EOS, text range only)."""
+        lo, hi = self.layout.ranges()["text"]
+        tokens = tokens.cpu()
+        before_eos = (tokens == EOS_ID).long().cumsum(1) == 0
+        keep = before_eos & (tokens >= lo) & (tokens < hi)
+        return self.tokenizer.decode_batch([(row[k] - lo).tolist() for row, k in zip(tokens, keep)])
+
+    def _gen_kwargs(self, task: str, overrides: dict[str, Any]) -> dict[str, Any]:
+        kw = {**DEFAULT_GENERATION, **{k: v for k, v in self.tasks.get(task, {}).items() if k in DEFAULT_GENERATION}}
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return kw
+
+    def _pixels(self, images: Sequence[Any]) -> torch.Tensor:
+        pre = self.preprocessor("image")
+        if images and all(torch.is_tensor(x) and x.ndim == 3 for x in images):
+            return torch.stack(images).to(self.device)  # already preprocessed
+        out = []
+        for x in images:
+            try:
+                out.append(pre(x))
+            except Exception as e:  # name the input that failed
+                raise ValueError(f"cannot read image {x if isinstance(x, (str, Path)) else type(x).__name__}: {e}") from e
+        return torch.stack(out).to(self.device)
+
+    @torch.no_grad()
+    def _generate_text(self, task: str, segments: dict[str, Any], gen: dict[str, Any]) -> list[str]:
+        from zoo.generation import generate
+
+        tokens = generate(self.model, segments, allowed=self.layout.allowed_mask("text"), **gen)
+        return self.decode_text(tokens)
+
+    # --- tasks --------------------------------------------------------------------------------
+    def caption(self, images: Any, *, batch_size: int = 32, max_new_tokens: int | None = None,
+                num_beams: int | None = None, prompt: str = CAPTION_PROMPT) -> str | list[str]:
+        """Caption one image or a list (paths, bytes, PIL images or preprocessed ``[3,H,W]`` tensors)."""
+        items, single = _as_list(images)
+        gen = self._gen_kwargs("caption", {"max_new_tokens": max_new_tokens, "num_beams": num_beams})
+        out: list[str] = []
+        self.model.eval()
+        for i in range(0, len(items), batch_size):
+            chunk = items[i:i + batch_size]
+            text = self._text_segment([prompt] * len(chunk))
+            out += self._generate_text("caption", {"image": self._pixels(chunk), "text": text}, gen)
+        return out[0] if single else out
+
+    def answer(self, images: Any, questions: str | Sequence[str], *, batch_size: int = 32,
+               max_new_tokens: int | None = None, num_beams: int | None = None) -> str | list[str]:
+        """Answer questions about images (one question for all images, or one per image)."""
+        items, single = _as_list(images)
+        qs = [questions] * len(items) if isinstance(questions, str) else list(questions)
+        if len(qs) != len(items):
+            raise ValueError(f"got {len(items)} images but {len(qs)} questions")
+        gen = self._gen_kwargs("vqa", {"max_new_tokens": max_new_tokens, "num_beams": num_beams})
+        out: list[str] = []
+        self.model.eval()
+        for i in range(0, len(items), batch_size):
+            chunk = items[i:i + batch_size]
+            text = self._text_segment([q.strip() for q in qs[i:i + batch_size]], self.model.cfg.max_positions)
+            out += self._generate_text("vqa", {"image": self._pixels(chunk), "text": text}, gen)
+        return out[0] if single else out
+
+    def describe(self, sensors: Any, *, batch_size: int = 32, max_new_tokens: int | None = None,
+                 num_beams: int | None = None, prompt: str = SENSOR_PROMPT) -> str | list[str]:
+        """Describe sensor recordings (arrays ``[T, C]`` or files the sensor preprocessor reads)."""
+        if "sensor" not in self.model.cfg.modalities:
+            raise NotImplementedError("describe() needs a model with a 'sensor' modality; this one has "
+                                      f"{['text', *self.model.cfg.modalities]} (train one with a sensor experiment)")
+        pre = self.preprocessor("sensor")
+        items, single = _as_list(sensors)
+        gen = self._gen_kwargs("sensor", {"max_new_tokens": max_new_tokens, "num_beams": num_beams})
+        out: list[str] = []
+        self.model.eval()
+        for i in range(0, len(items), batch_size):
+            chunk = items[i:i + batch_size]
+            x = torch.stack([torch.as_tensor(pre(s)) for s in chunk]).to(self.device)
+            out += self._generate_text("sensor", {"sensor": x, "text": self._text_segment([prompt] * len(chunk))}, gen)
+        return out[0] if single else out
+
+    def generate_image(self, texts: str | Sequence[str], **kwargs: Any) -> Any:
+        """Text-to-image (``what is the complete image? caption: <text>`` → image codes → pixels)."""
+        if "image_codes" not in self.model.cfg.modalities:
+            raise NotImplementedError("generate_image() needs a model with an 'image_codes' modality (a VQ image "
+                                      f"tokenizer); this one has {['text', *self.model.cfg.modalities]}")
+        embedder = self.model.embedders["image_codes"]
+        if not hasattr(embedder, "decode_codes"):
+            raise NotImplementedError("this mmzoo's image_codes modality has no decode_codes(); cannot render pixels")
+        items, single = _as_list(texts)
+        from zoo.generation import generate
+
+        n_codes = int(getattr(embedder, "num_tokens"))
+        gen = self._gen_kwargs("t2i", {k: kwargs.get(k) for k in ("num_beams",)})
+        gen.update(max_new_tokens=n_codes + 1, min_new_tokens=n_codes)
+        self.model.eval()
+        with torch.no_grad():
+            text = self._text_segment([t2i_prompt(t) for t in items])
+            tokens = generate(self.model, {"text": text}, allowed=self.layout.allowed_mask("image_codes"), **gen)
+            codes = self.layout.unified_to_codes(tokens[:, :n_codes])
+            images = embedder.decode_codes(codes)
+        return images[0] if single else images
+
+    def __repr__(self) -> str:
+        return (f"Pretrained(arch={self.model.cfg.arch!r}, params={self.num_parameters() / 1e6:.2f}M, "
+                f"modalities={['text', *self.model.cfg.modalities]}, tasks={list(self.tasks)}, source={self.source!r})")
