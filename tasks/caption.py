@@ -83,6 +83,8 @@ class CaptionDataModule(L.LightningDataModule):
         max_target_len: int = 32,
         prompt: str = CAPTION_PROMPT,
         val_limit: int | None = None,
+        skip_bad: bool = False,
+        check_files: str = "decode",
     ):
         super().__init__()
         self.root = Path(root)
@@ -97,6 +99,7 @@ class CaptionDataModule(L.LightningDataModule):
         self.captions_per_image = captions_per_image
         self.num_workers, self.max_target_len, self.prompt_text = num_workers, max_target_len, prompt
         self.val_limit = val_limit
+        self.skip_bad, self.check_files = skip_bad, check_files  # see tasks/data/validate.py
         self.records: dict[str, list[CaptionRecord]] = {}
         self.tokenizer: TextTokenizer | None = None
         self.preprocess: ImagePreprocessor | None = None
@@ -105,8 +108,17 @@ class CaptionDataModule(L.LightningDataModule):
 
     # --- preparation --------------------------------------------------------------------------
     def _read(self, split: str) -> list[CaptionRecord]:
+        """The split's records, validated up front (bad records raise, or are skipped with ``skip_bad``)."""
         if split not in self.records:
-            self.records[split] = read_coco_captions(self.root / self.files[split], self.image_root)
+            from tasks.data.validate import Problems, filter_records
+
+            path = self.root / self.files[split]
+            problems = Problems(self.skip_bad, str(path))
+            recs = read_coco_captions(path, self.image_root, problems=problems)
+            recs = filter_records(recs, lambda r: r.path, lambda r: f"{path}: image id={r.image_id}",
+                                  problems, self.check_files)
+            problems.log()
+            self.records[split] = recs
         return self.records[split]
 
     def prepare_data(self) -> None:
@@ -116,6 +128,9 @@ class CaptionDataModule(L.LightningDataModule):
             ensure_shapes(self.root, ShapesConfig(**self.shapes_kwargs))
         elif self.generate:
             raise ValueError(f"unknown data generator {self.generate!r}; use 'shapes' or null")
+        for split, name in self.files.items():
+            if name:
+                self._read(split)  # validate every split now, before the long run
         self.load_tokenizer()
 
     def load_tokenizer(self) -> TextTokenizer:

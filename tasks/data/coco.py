@@ -31,33 +31,52 @@ def read_json(path: str | Path) -> Any:
         raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
 
 
+def _raise(message: str) -> None:
+    raise DataError(message)
+
+
 def read_coco_captions(json_path: str | Path, image_root: str | Path | None = None,
-                       check_files: bool = True) -> list[CaptionRecord]:
+                       check_files: bool = True, problems: Any = None) -> list[CaptionRecord]:
     """Read a COCO captions file; ``file_name`` is resolved against ``image_root`` (default: its folder).
 
     Raises :class:`DataError` naming the file and record for a missing image file, an empty caption,
-    an annotation that points at an unknown image, or a structurally wrong file.
+    an annotation that points at an unknown image, or a structurally wrong file. With a
+    :class:`tasks.data.validate.Problems` collector, bad records go to ``problems.report`` instead
+    (which skips them when ``skip_bad``).
     """
+    fail = problems.report if problems is not None else _raise
     json_path = Path(json_path)
     root = Path(image_root) if image_root is not None else json_path.parent
     data = read_json(json_path)
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise DataError(f"{json_path}: not a COCO captions file (needs 'images' and 'annotations' lists)")
     records: dict[Any, CaptionRecord] = {}
+    skipped: set[Any] = set()
     for i, img in enumerate(data["images"]):
-        if "id" not in img or "file_name" not in img:
-            raise DataError(f"{json_path}: images[{i}] lacks 'id' or 'file_name': {img}")
+        if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
+            fail(f"{json_path}: images[{i}] lacks 'id' or 'file_name': {img}")
+            continue
         path = root / img["file_name"]
         if check_files and not path.is_file():
-            raise DataError(f"{json_path}: images[{i}] (id={img['id']}) points at missing file {path}")
+            fail(f"{json_path}: images[{i}] (id={img['id']}) points at missing file {path}")
+            skipped.add(img["id"])
+            continue
         if img["id"] in records:
-            raise DataError(f"{json_path}: images[{i}] repeats image id {img['id']}")
+            fail(f"{json_path}: images[{i}] repeats image id {img['id']}")
+            continue
         records[img["id"]] = CaptionRecord(img["id"], path)
     for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict):
+            fail(f"{json_path}: annotations[{i}] is not an object")
+            continue
         image_id, caption = ann.get("image_id"), ann.get("caption")
+        if image_id in skipped:
+            continue  # its image was already reported
         if image_id not in records:
-            raise DataError(f"{json_path}: annotations[{i}] (id={ann.get('id')}) points at unknown image_id {image_id!r}")
+            fail(f"{json_path}: annotations[{i}] (id={ann.get('id')}) points at unknown image_id {image_id!r}")
+            continue
         if not isinstance(caption, str) or not caption.strip():
-            raise DataError(f"{json_path}: annotations[{i}] (id={ann.get('id')}, image_id={image_id}) has an empty caption")
+            fail(f"{json_path}: annotations[{i}] (id={ann.get('id')}, image_id={image_id}) has an empty caption")
+            continue
         records[image_id].captions.append(caption.strip())
     return list(records.values())
