@@ -43,7 +43,7 @@ def _to_float(cells: np.ndarray, source: str, names: Sequence[str], header_rows:
                 try:
                     float(v)
                 except ValueError:
-                    raise SensorDataError(f"{source}: non-numeric value {v!r} in column {names[j]!r} "
+                    raise SensorDataError(f"{source}: non-numeric value {str(v)!r} in column {names[j]!r} "
                                           f"at line {i + header_rows + 1}") from None
         raise
 
@@ -60,7 +60,7 @@ def _parse_times(cells: np.ndarray, source: str, column: str, unit: str) -> np.n
         ns = np.array(np.char.strip(cells), dtype="datetime64[ns]").astype(np.int64)
     except ValueError:
         raise SensorDataError(f"{source}: timestamp column {column!r} holds neither numbers nor ISO "
-                              f"date-times (e.g. {cells[0]!r})") from None
+                              f"date-times (e.g. {str(cells[0])!r})") from None
     return (ns - ns[0]) * 1e-9
 
 
