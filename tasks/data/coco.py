@@ -79,4 +79,7 @@ def read_coco_captions(json_path: str | Path, image_root: str | Path | None = No
             fail(f"{json_path}: annotations[{i}] (id={ann.get('id')}, image_id={image_id}) has an empty caption")
             continue
         records[image_id].captions.append(caption.strip())
+    if problems is not None:  # validated reading: an image left without any caption is a bad record too
+        for image_id in [k for k, r in records.items() if not r.captions]:
+            fail(f"{json_path}: image id={image_id} ({records.pop(image_id).path.name}) has no caption")
     return list(records.values())

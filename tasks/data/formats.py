@@ -68,7 +68,7 @@ def read_karpathy(json_path: str | Path, image_root: str | Path, split: str,
     Image path: ``image_root / filepath / filename`` (``filepath`` may be absent); id: ``cocoid``, else
     ``imgid``.
     """
-    problems = problems or Problems()
+    problems = problems if problems is not None else Problems()
     json_path, root = Path(json_path), Path(image_root)
     data = read_json(json_path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
@@ -100,7 +100,7 @@ def read_vqa(questions_path: str | Path, annotations_path: str | Path | None, im
     one, else from ``image_pattern`` formatted with ``image_id`` and ``data_subtype`` (default: the
     official :data:`VQAV2_IMAGE_PATTERN`), relative to ``image_root``.
     """
-    problems = problems or Problems()
+    problems = problems if problems is not None else Problems()
     q_path, root = Path(questions_path), Path(image_root)
     qdata = read_json(q_path)
     if not isinstance(qdata, dict) or not isinstance(qdata.get("questions"), list):
@@ -220,7 +220,7 @@ def read_jsonl(path: str | Path, image_root: str | Path | None = None, kind: str
     """A JSONL manifest: one object per line, the image path relative to ``image_root`` (default: the
     manifest's folder). Captions: ``{"image", "captions": [...]}`` (or ``caption``/``text``); VQA:
     ``{"image", "question", "answers": [...]}``; optional ``id``/``question_id``/``image_id``."""
-    problems = problems or Problems()
+    problems = problems if problems is not None else Problems()
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     recs = [_row_record(row, n, path, root, image_key, kind, problems) for n, row in _jsonl_rows(path, problems)]
