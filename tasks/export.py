@@ -23,6 +23,10 @@ Writes config.json, model.safetensors, tokenizer.json and a README.md model card
 and the reproducing command are read from the run directory when the checkpoint sits in one)."""
 
 
+#: Task hyper-parameters that matter at inference and go into config.json's "tasks" entry.
+TASK_SETTINGS = ("max_new_tokens", "num_beams", "length_penalty", "decoding")
+
+
 def read_checkpoint(path: str | Path, unsafe_pickle: bool = False) -> dict[str, Any]:
     """Load a training checkpoint, refusing arbitrary objects unless ``unsafe_pickle``."""
     path = Path(path)
@@ -73,7 +77,9 @@ def bundle_from_checkpoint(ckpt: dict[str, Any], where: str = "checkpoint",
     model.eval()
     tokenizer = TextTokenizer.from_str(meta["tokenizer"])
     hp = ckpt.get("hyper_parameters") or {}
-    gen = {k: hp[k] for k in ("max_new_tokens", "num_beams", "length_penalty") if k in hp}
+    gen = {k: hp[k] for k in TASK_SETTINGS if k in hp}
+    if meta.get("candidates"):  # closed-set VQA answers
+        gen["candidates"] = list(meta["candidates"])
     tasks = dict(ft.get("tasks") or {})
     tasks[meta.get("task", "seq2seq")] = gen
     return Pretrained(model=model, tokenizer=tokenizer, tasks=tasks, source=where)

@@ -181,6 +181,35 @@ def model_card(config: dict[str, Any], card: dict[str, Any] | None = None) -> st
 # ------------------------------------------------------------------------------------------------
 # The bundle
 # ------------------------------------------------------------------------------------------------
+def read_sensor_file(path: str | Path, channels: Sequence[str]) -> Any:
+    """A ``SensorRecording`` from ``.npy`` (``[C, T]`` in the configured channel order and rate) or ``.npz``
+    (``values`` ``[C, T]`` with optional ``channels``/``timestamps``/``rate``, or one 1-D array per channel
+    name plus optional ``timestamps``). Never unpickles."""
+    import numpy as np
+
+    from modalities.sensor import SensorRecording
+
+    path = Path(path)
+    if path.suffix == ".npy":
+        return SensorRecording(values=np.load(path, allow_pickle=False), source=str(path))
+    if path.suffix != ".npz":
+        raise ValueError(f"{path}: sensor files here are .npy or .npz; read CSV logs into a SensorRecording "
+                         "(tasks.data.sensor_formats.read_csv) and pass that")
+    with np.load(path, allow_pickle=False) as z:
+        keys = set(z.files)
+        ts = next((z[k] for k in ("timestamps", "timestamp") if k in keys), None)
+        for k in ("values", "data"):
+            if k in keys:
+                names = [str(c) for c in z["channels"]] if "channels" in keys else None
+                rate = float(z["rate"]) if "rate" in keys else None
+                return SensorRecording(values=z[k], channels=names, rate=rate, timestamps=ts, source=str(path))
+        missing = [c for c in channels if c not in keys]
+        if missing:
+            raise ValueError(f"{path}: no 'values' array and no array for channel(s) {missing} (has {sorted(keys)})")
+        return SensorRecording(values=np.stack([z[c] for c in channels]), channels=list(channels), timestamps=ts,
+                               source=str(path))
+
+
 def _as_list(x: Any) -> tuple[list[Any], bool]:
     """``(items, single)``: wraps one input so every method is batched."""
     if isinstance(x, (list, tuple)):
@@ -321,9 +350,9 @@ class Pretrained:
 
                 self._pre[modality] = ImagePreprocessor(ImageConfig(**mcfg))
             elif modality == "sensor":
-                from modalities import sensor
+                from modalities.sensor import SensorConfig, SensorTokenizer
 
-                self._pre[modality] = sensor.SensorPreprocessor(sensor.SensorConfig(**mcfg))
+                self._pre[modality] = SensorTokenizer(SensorConfig(**mcfg))
             else:
                 raise NotImplementedError(f"no preprocessing for modality {modality!r}")
         return self._pre[modality]
@@ -349,6 +378,19 @@ class Pretrained:
         kw = {**DEFAULT_GENERATION, **{k: v for k, v in self.tasks.get(task, {}).items() if k in DEFAULT_GENERATION}}
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return kw
+
+    def _answer_trie(self) -> Any:
+        """For VQA models trained with closed-set decoding: a trie over the saved candidate answers."""
+        vqa = self.tasks.get("vqa") or {}
+        if not vqa.get("candidates") or vqa.get("decoding", "open") == "open":
+            return None
+        if "vqa_trie" not in self._pre:
+            from zoo.generation import PrefixTrie
+
+            off = self.layout.text_start
+            ids = [[t + off for t in x] for x in self.tokenizer.encode_batch(list(vqa["candidates"]))]
+            self._pre["vqa_trie"] = PrefixTrie(ids, self.layout.size)
+        return self._pre["vqa_trie"]
 
     def _pixels(self, images: Sequence[Any]) -> torch.Tensor:
         pre = self.preprocessor("image")
@@ -391,6 +433,9 @@ class Pretrained:
         if len(qs) != len(items):
             raise ValueError(f"got {len(items)} images but {len(qs)} questions")
         gen = self._gen_kwargs("vqa", {"max_new_tokens": max_new_tokens, "num_beams": num_beams})
+        trie = self._answer_trie()
+        if trie is not None:
+            gen["processors"] = [trie]
         out: list[str] = []
         self.model.eval()
         for i in range(0, len(items), batch_size):
@@ -401,19 +446,32 @@ class Pretrained:
 
     def describe(self, sensors: Any, *, batch_size: int = 32, max_new_tokens: int | None = None,
                  num_beams: int | None = None, prompt: str = SENSOR_PROMPT) -> str | list[str]:
-        """Describe sensor recordings (arrays ``[T, C]`` or files the sensor preprocessor reads)."""
+        """Describe sensor recordings: ``SensorRecording``s, arrays ``[C, T]`` (configured channel order and
+        rate) or ``.npy`` / ``.npz`` files (see :func:`read_sensor_file`)."""
         if "sensor" not in self.model.cfg.modalities:
             raise NotImplementedError("describe() needs a model with a 'sensor' modality; this one has "
                                       f"{['text', *self.model.cfg.modalities]} (train one with a sensor experiment)")
-        pre = self.preprocessor("sensor")
+        from modalities.sensor import SensorRecording, pad_sensor_batch
+
+        tok = self.preprocessor("sensor")
         items, single = _as_list(sensors)
-        gen = self._gen_kwargs("sensor", {"max_new_tokens": max_new_tokens, "num_beams": num_beams})
+        if single and getattr(sensors, "ndim", 0) == 3:  # a [B, C, T] array or tensor
+            items, single = list(sensors), False
+        gen = self._gen_kwargs("sensor_to_text", {"max_new_tokens": max_new_tokens, "num_beams": num_beams})
         out: list[str] = []
         self.model.eval()
         for i in range(0, len(items), batch_size):
-            chunk = items[i:i + batch_size]
-            x = torch.stack([torch.as_tensor(pre(s)) for s in chunk]).to(self.device)
-            out += self._generate_text("sensor", {"sensor": x, "text": self._text_segment([prompt] * len(chunk))}, gen)
+            recs = []
+            for x in items[i:i + batch_size]:
+                if isinstance(x, (str, Path)):
+                    x = read_sensor_file(x, tok.cfg.channels)
+                elif not isinstance(x, SensorRecording):
+                    x = SensorRecording(values=x.cpu().numpy() if torch.is_tensor(x) else x)
+                recs.append(tok(x))
+            values, valid = pad_sensor_batch(recs)
+            segs = {"sensor": (values.to(self.device), valid.to(self.device)),
+                    "text": self._text_segment([prompt] * len(recs))}
+            out += self._generate_text("sensor_to_text", segs, gen)
         return out[0] if single else out
 
     def generate_image(self, texts: str | Sequence[str], **kwargs: Any) -> Any:
