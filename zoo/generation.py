@@ -235,5 +235,5 @@ class PrefixTrie:
         ok = parent[None, :] == state[:, None]
         allowed = torch.zeros(logits.shape, dtype=torch.int32, device=logits.device).scatter_add_(
             1, token[None, :].expand_as(ok).contiguous(), ok.to(torch.int32)) > 0
-        allowed[state < 0, EOS_ID] = True  # off the trie (finished beams): only EOS
+        allowed[~allowed.any(1), EOS_ID] = True  # past the end or off the trie (finished rows): only EOS
         return logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
