@@ -78,14 +78,32 @@ def freeze_encoder(model: nn.Module) -> None:
             p.requires_grad_(False)
 
 
+def _stay_eval(module: nn.Module, args: Any) -> None:
+    module.training = False
+
+
+def freeze_batchnorm_stats(module: nn.Module) -> int:
+    """Keep the BatchNorm layers of a frozen part in eval mode (their running statistics are weights too:
+    training would change them, and LoRA adapters would then not describe the whole change)."""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.register_forward_pre_hook(_stay_eval)
+            n += 1
+    return n
+
+
 def prepare_model(model: nn.Module, mode: str = "full", lora: dict[str, Any] | None = None) -> nn.Module:
-    """Apply a fine-tuning mode: ``full`` | ``frozen_encoder`` | ``lora``."""
+    """Apply a fine-tuning mode: ``full`` | ``frozen_encoder`` | ``lora`` (frozen parts keep their
+    BatchNorm statistics)."""
     if mode not in FINETUNE_MODES:
         raise ValueError(f"finetune.mode must be one of {FINETUNE_MODES}, got {mode!r}")
     model.train()
     if mode == "frozen_encoder":
         freeze_encoder(model)
+        freeze_batchnorm_stats(model.embedders)
     elif mode == "lora":
+        freeze_batchnorm_stats(model)
         model = apply_lora(model, **(lora or {}))
     return model
 
@@ -133,25 +151,35 @@ def from_pretrained(cfg: DictConfig) -> tuple[nn.Module, Any, list[L.Callback]]:
     return model, bundle.tokenizer, [FinetuneInfo(info)]
 
 
+def finetune(cfg: DictConfig) -> dict[str, float]:
+    """``train(cfg)`` from ``cfg.pretrained``, then export the best checkpoint to ``<run>/model`` (LoRA
+    merged) and, for LoRA, its adapters to ``<run>/adapter``."""
+    from tasks.train import train
+
+    if not cfg.get("pretrained"):
+        raise ValueError("zoo-finetune needs pretrained=<arch.tag | folder | hf-hub:org/name[@revision]>")
+    metrics = train(cfg)
+    out = Path(cfg.paths.output_dir)
+    best = out / "checkpoints" / "best.ckpt"
+    if cfg.finetune.get("export", True) and best.is_file():
+        from tasks.export import export
+
+        lora = finetune_settings(cfg)["mode"] == "lora"
+        folder = export(best, out / "model", adapter_out=out / "adapter" if lora else None)
+        print(f"[mmzoo] fine-tuned model: {folder}" + (f"\n[mmzoo] LoRA adapters: {out / 'adapter'}" if lora else ""))
+    return metrics
+
+
 def main() -> None:
     import hydra
 
     from tasks.resolvers import register_resolvers
-    from tasks.train import train
 
     register_resolvers()
 
     @hydra.main(version_base="1.3", config_path="pkg://configs", config_name="finetune")
     def _main(cfg: DictConfig) -> float | None:
-        metrics = train(cfg)
-        out = Path(cfg.paths.output_dir)
-        best = out / "checkpoints" / "best.ckpt"
-        if cfg.finetune.get("export", True) and best.is_file():
-            from tasks.export import export
-
-            lora = finetune_settings(cfg)["mode"] == "lora"
-            folder = export(best, out / "model", adapter_out=out / "adapter" if lora else None)
-            print(f"[mmzoo] fine-tuned model: {folder}" + (f"\n[mmzoo] LoRA adapters: {out / 'adapter'}" if lora else ""))
+        metrics = finetune(cfg)
         opt = cfg.get("optimized_metric")
         return metrics.get(opt) if opt else None
 

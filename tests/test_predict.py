@@ -1,0 +1,110 @@
+"""zoo-predict and the bundle's task methods on tiny models, from the shell entry point and from Python."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import zoo
+from modalities.text import TextTokenizer
+from zoo.predict import main
+from zoo.pretrained import Pretrained
+
+TEXTS = ["a small red circle", "the wearer walks then sits", "what colour is the square?"] * 20
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A test-tiny model with image and sensor modalities."""
+    tok = TextTokenizer.train(TEXTS, vocab_size=300)
+    torch.manual_seed(0)
+    sensor = {"channels": ["acc_x", "acc_y", "acc_z"], "sample_rate": 50.0, "patch_len": 10, "patch_stride": 10,
+              "max_len": 200, "mean": [0.0, 0.0, 9.8], "std": [1.0, 1.0, 1.0]}
+    model = zoo.create_model("test-tiny", vocab={"text_size": tok.vocab_size, "image_code_size": 16, "loc_bins": 4},
+                             modalities={"sensor": sensor})
+    tasks = {"caption": {"max_new_tokens": 6}, "vqa": {"max_new_tokens": 4}, "sensor_to_text": {"max_new_tokens": 5}}
+    return Pretrained(model, tok, tasks=tasks).save_pretrained(tmp_path_factory.mktemp("pred") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def _lines(capsys) -> list[dict]:
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+
+
+def test_caption_folder_file_and_glob(model_dir, images, capsys, tmp_path):
+    expected = zoo.load(model_dir).caption([str(images / f"{i}.png") for i in range(3)])
+    main([f"pretrained={model_dir}", "task=caption", f"input={images}", "batch_size=2"])
+    rows = _lines(capsys)
+    assert [r["input"] for r in rows] == [str(images / f"{i}.png") for i in range(3)]
+    assert [r["caption"] for r in rows] == expected and all(len(c.split()) <= 6 for c in expected)
+    main([f"pretrained={model_dir}", "task=caption", f"input={images / '1.png'}"])
+    assert _lines(capsys) == [rows[1]]
+    out = tmp_path / "res" / "captions.json"
+    main([f"pretrained={model_dir}", "task=caption", f"input={images}/[02].png", f"out={out}"])
+    assert json.loads(out.read_text()) == [rows[0], rows[2]]
+
+
+def test_vqa_question_and_jsonl(model_dir, images, capsys, tmp_path):
+    main([f"pretrained={model_dir}", "task=vqa", f"input={images}", "question=what colour is the square?"])
+    rows = _lines(capsys)
+    assert len(rows) == 3 and all(r["question"] == "what colour is the square?" and "answer" in r for r in rows)
+    jsonl = images / "qs.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"image": f"{i}.png", "question": q})
+                               for i, q in [(0, "what colour is the square?"), (2, "how many circles?")]))
+    main([f"pretrained={model_dir}", "task=vqa", f"input={jsonl}"])
+    rows2 = _lines(capsys)
+    assert [r["question"] for r in rows2] == ["what colour is the square?", "how many circles?"]
+    assert rows2[0]["answer"] == rows[0]["answer"]
+    with pytest.raises(SystemExit, match="needs question"):
+        main([f"pretrained={model_dir}", "task=vqa", f"input={images}"])
+
+
+def test_sensor_describe_files_and_arrays(model_dir, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    recs = [rng.normal(size=(3, n)).astype(np.float32) for n in (120, 80)]
+    np.save(tmp_path / "a.npy", recs[0])
+    np.savez(tmp_path / "b.npz", values=recs[1], channels=np.array(["acc_x", "acc_y", "acc_z"]), rate=50.0)
+    main([f"pretrained={model_dir}", "task=sensor", f"input={tmp_path}"])
+    rows = _lines(capsys)
+    bundle = zoo.load(model_dir)
+    assert [r["description"] for r in rows] == bundle.describe(recs)  # files == arrays (one padded batch)
+    assert bundle.describe(recs[1]) == rows[1]["description"]  # alone == in the padded batch
+
+
+def test_unsupported_task_and_bad_input_errors(model_dir, images):
+    with pytest.raises(SystemExit, match="image_codes"):
+        main([f"pretrained={model_dir}", "task=t2i", "text=a red circle"])
+    with pytest.raises(SystemExit, match="matches no file"):
+        main([f"pretrained={model_dir}", "task=caption", f"input={images}/*.jpg"])
+    with pytest.raises(SystemExit, match="task must be one of"):
+        main([f"pretrained={model_dir}", "task=segment", f"input={images}"])
+    with pytest.raises(SystemExit, match="missing pretrained"):
+        main(["task=caption"])
+    bad = images.parent / "broken.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(SystemExit, match="broken.png"):
+        main([f"pretrained={model_dir}", "task=caption", f"input={bad}"])
+
+
+def test_predict_imports_neither_lightning_nor_hydra(model_dir, images):
+    code = ("import sys; from zoo.predict import main; "
+            f"main(['pretrained={model_dir}', 'task=caption', 'input={images / '0.png'}']); "
+            "bad = [m for m in ('lightning', 'hydra', 'tasks', 'peft') if m in sys.modules]; "
+            "assert not bad, bad")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.splitlines()[-1])["input"].endswith("0.png")
