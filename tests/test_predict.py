@@ -55,6 +55,8 @@ def test_caption_folder_file_and_glob(model_dir, images, capsys, tmp_path):
     out = tmp_path / "res" / "captions.json"
     main([f"pretrained={model_dir}", "task=caption", f"input={images}/[02].png", f"out={out}"])
     assert json.loads(out.read_text()) == [rows[0], rows[2]]
+    main([f"pretrained={model_dir}", "task=caption", f"input={images}", "precision=bf16"])
+    assert len(_lines(capsys)) == 3
 
 
 def test_vqa_question_and_jsonl(model_dir, images, capsys, tmp_path):

@@ -22,7 +22,7 @@ SENSOR_EXTS = {".npy", ".npz", ".csv"}
 USAGE = __doc__.strip() + """
 
 arguments: pretrained= task= input= [question=] [text=] [out=] [batch_size=32] [max_new_tokens=] [num_beams=]
-           [device=cpu] [revision=] [allow_pickle=false]"""
+           [device=cpu] [revision=] [allow_pickle=false] [precision=fp32|bf16]"""
 
 
 def collect_files(spec: str, exts: set[str]) -> list[Path]:
@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_kv(sys.argv[1:] if argv is None else list(argv),
                     {"pretrained": ..., "task": ..., "input": None, "question": None, "text": None, "out": None,
                      "batch_size": 32, "max_new_tokens": None, "num_beams": None, "device": None, "revision": None,
-                     "allow_pickle": False}, USAGE)
+                     "allow_pickle": False, "precision": "fp32"}, USAGE)
     if args["task"] not in TASKS:
         raise SystemExit(f"error: task must be one of {TASKS}, got {args['task']!r}")
     from zoo.hub import load
@@ -138,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         bundle = load(args["pretrained"], revision=args["revision"], allow_pickle=args["allow_pickle"],
                       device=args["device"])
+        bundle.precision = args["precision"]
         gen = {k: int(args[k]) for k in ("max_new_tokens", "num_beams") if args[k] is not None}
         results = predict(bundle, args["task"], args["input"], question=args["question"], text=args["text"],
                           batch_size=args["batch_size"], out=args["out"], **gen)

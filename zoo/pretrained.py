@@ -231,6 +231,9 @@ class Pretrained:
     tokenizer: Any  # modalities.text.TextTokenizer
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str | None = None
+    #: ``"fp32"`` or ``"bf16"`` (autocast: about 2x faster on CPUs with AVX512-BF16 and on GPUs; results can
+    #: differ from fp32 in the last digits, so a caption may change)
+    precision: str = "fp32"
     _pre: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # --- construction / I/O -------------------------------------------------------------------
@@ -408,8 +411,15 @@ class Pretrained:
     def _generate_text(self, task: str, segments: dict[str, Any], gen: dict[str, Any]) -> list[str]:
         from zoo.generation import generate
 
-        tokens = generate(self.model, segments, allowed=self.layout.allowed_mask("text"), **gen)
+        with self.autocast():
+            tokens = generate(self.model, segments, allowed=self.layout.allowed_mask("text"), **gen)
         return self.decode_text(tokens)
+
+    def autocast(self) -> Any:
+        """The autocast context for :attr:`precision`."""
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     # --- tasks --------------------------------------------------------------------------------
     def caption(self, images: Any, *, batch_size: int = 32, max_new_tokens: int | None = None,
@@ -491,7 +501,8 @@ class Pretrained:
         self.model.eval()
         with torch.no_grad():
             text = self._text_segment([t2i_prompt(t) for t in items])
-            tokens = generate(self.model, {"text": text}, allowed=self.layout.allowed_mask("image_codes"), **gen)
+            with self.autocast():
+                tokens = generate(self.model, {"text": text}, allowed=self.layout.allowed_mask("image_codes"), **gen)
             codes = self.layout.unified_to_codes(tokens[:, :n_codes])
             images = embedder.decode_codes(codes)
         return images[0] if single else images
