@@ -70,7 +70,7 @@ class RunArtifacts(L.Callback):
 
 
 class Throughput(L.Callback):
-    """Logs ``train/samples_per_sec`` over each epoch (training steps only, validation excluded)."""
+    """Logs ``train/samples_per_sec`` (decoder targets per second, all ranks) over training steps only."""
 
     def __init__(self) -> None:
         self.samples = 0
@@ -83,7 +83,8 @@ class Throughput(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._t0 is not None:
             self.seconds += time.perf_counter() - self._t0
-            self.samples += len(batch["ids"]) * trainer.world_size
+            n = len(batch["labels"]) if "labels" in batch else len(batch["ids"])
+            self.samples += n * trainer.world_size
             self._t0 = None
 
     @property
