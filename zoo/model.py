@@ -72,8 +72,13 @@ class UnifiedSeq2Seq(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # --- encoder ------------------------------------------------------------------------------
-    def embed_segments(self, inputs: Segments) -> tuple[torch.Tensor, torch.Tensor]:
-        """Concatenate embedded segments → ``x [B,S,d]``, ``mask [B,S]`` (True = real token)."""
+    def embed_segments(self, inputs: Segments, repeats: dict[str, torch.Tensor] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Concatenate embedded segments → ``x [B,S,d]``, ``mask [B,S]`` (True = real token).
+
+        ``repeats[name]`` (``[b]`` counts summing to ``B``) embeds that segment once per row and repeats
+        each row, e.g. one image embedded once for all of its questions.
+        """
         xs, masks = [], []
         for name, value in inputs.items():
             if name == "text":
@@ -86,15 +91,19 @@ class UnifiedSeq2Seq(nn.Module):
                 x, mask = self.embedders[name](*value) if isinstance(value, tuple) else self.embedders[name](value)
             else:
                 raise KeyError(f"model has no embedder for input {name!r}; it has {['text', *self.embedders]}")
+            if repeats is not None and name in repeats:
+                x, mask = x.repeat_interleave(repeats[name], dim=0), mask.repeat_interleave(repeats[name], dim=0)
             xs.append(x + self.type_embed.weight[MODALITY_TYPES.index(name)])
             masks.append(mask)
         if not xs:
             raise ValueError("encode() needs at least one input segment")
         return torch.cat(xs, dim=1), torch.cat(masks, dim=1)
 
-    def encode(self, inputs: Segments) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the encoder; returns ``memory [B,S,d]`` and its mask ``[B,S]``."""
-        x, mask = self.embed_segments(inputs)
+    def encode(self, inputs: Segments, repeats: dict[str, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the encoder; returns ``memory [B,S,d]`` and its mask ``[B,S]`` (``repeats``: see
+        :meth:`embed_segments`)."""
+        x, mask = self.embed_segments(inputs, repeats)
         x = self.drop(x)
         allowed = mask[:, None, None, :]  # [B,1,1,S]
         for layer in self.encoder:
