@@ -166,6 +166,8 @@ class Seq2SeqTask(L.LightningModule):
             [{"params": decay, "weight_decay": self.hparams.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
             lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+            # fused: ~2x faster than the default per-parameter loop on CPU; not with fp16 loss scaling
+            fused=self.trainer.precision != "16-mixed",
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(self.hparams.warmup_steps, total // 2)
@@ -179,6 +181,16 @@ class Seq2SeqTask(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip directly (Lightning's AMP plugin refuses fused optimizers; bf16 needs no unscaling)."""
+        if not gradient_clip_val:
+            return
+        if gradient_clip_algorithm in (None, "norm"):
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
 
     # --- checkpoints carry what is needed to rebuild the model without Hydra ------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -105,7 +105,7 @@ class UnifiedSeq2Seq(nn.Module):
         :meth:`embed_segments`)."""
         x, mask = self.embed_segments(inputs, repeats)
         x = self.drop(x)
-        allowed = mask[:, None, None, :]  # [B,1,1,S]
+        allowed = None if bool(mask.all()) else mask[:, None, None, :]  # [B,1,1,S]; no padding → no masking
         for layer in self.encoder:
             if self.cfg.grad_checkpointing and self.training:
                 x = checkpoint(layer, x, allowed, use_reentrant=False)
@@ -121,7 +121,7 @@ class UnifiedSeq2Seq(nn.Module):
         cache = KVCache(len(self.decoder), memory.shape[0], self.cfg.n_heads, self.head_dim, max_len,
                         memory.device, memory.dtype)
         cache.cross = [layer.cross_attn.project_memory(memory) for layer in self.decoder]
-        cache.memory_allowed = memory_mask[:, None, None, :]
+        cache.memory_allowed = None if bool(memory_mask.all()) else memory_mask[:, None, None, :]
         return cache
 
     def decode_hidden(self, tgt_in: torch.Tensor, memory: torch.Tensor | None = None,
@@ -135,7 +135,7 @@ class UnifiedSeq2Seq(nn.Module):
         x = self.drop(self.embed_tokens(tgt_in) + self.dec_pos(pos))
         self_allowed = None if (cache is not None and t == 1) else causal_allowed(t, start, x.device)
         if cache is None:
-            mem_allowed = memory_mask[:, None, None, :]
+            mem_allowed = None if bool(memory_mask.all()) else memory_mask[:, None, None, :]
             mem_kv = [layer.cross_attn.project_memory(memory) for layer in self.decoder]
         else:
             mem_allowed, mem_kv = cache.memory_allowed, cache.cross
