@@ -76,7 +76,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     dm = instantiate(cfg.data)
     dm.prepare_data()
     extra_callbacks = []
-    if cfg.get("pretrained"):  # zoo-finetune: the pretrained model and tokenizers replace new ones
+    from hydra.utils import get_class
+
+    standalone = getattr(get_class(cfg.task._target_), "standalone", False)
+    if standalone:  # the task trains its own network (e.g. the VQ image tokenizer): no unified model
+        task = model = instantiate(cfg.task)
+    elif cfg.get("pretrained"):  # zoo-finetune: the pretrained model and tokenizers replace new ones
         from tasks.finetune import from_pretrained
 
         model, tokenizer, extra_callbacks = from_pretrained(cfg)
@@ -86,7 +91,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         data_overrides = dm.model_overrides() if hasattr(dm, "model_overrides") else {}
         model = build_model(cfg.model, tokenizer.vocab_size, data_overrides)
         dm.bind(model.cfg, model.layout)
-    task = instantiate(cfg.task, model=model, tokenizer=tokenizer)
+    if not standalone:
+        task = instantiate(cfg.task, model=model, tokenizer=tokenizer)
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks += extra_callbacks
@@ -96,8 +102,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
     if trainer.is_global_zero:
         n_params = model.num_parameters()
-        print(f"[mmzoo] run directory: {out}\n[mmzoo] model {model.cfg.arch}: {n_params / 1e6:.2f}M parameters, "
-              f"vocab {model.layout.size}, precision {trainer.precision}")
+        what = f"task {task.name}" if standalone else f"model {model.cfg.arch}"
+        vocab = "" if standalone else f"vocab {model.layout.size}, "
+        print(f"[mmzoo] run directory: {out}\n[mmzoo] {what}: {n_params / 1e6:.2f}M parameters, "
+              f"{vocab}precision {trainer.precision}")
 
     metrics: dict[str, float] = {}
     ckpt_path = resolve_ckpt_path(cfg)

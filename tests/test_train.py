@@ -25,14 +25,28 @@ def _experiment_data(experiment: str, shapes_root: Path, tmp_path: Path) -> list
     """Small-data overrides for one experiment (Shapes by default)."""
     if experiment == "sensor_motion":
         return [f"data.root={tmp_path}/motion", "data.motion.n_train=32", "data.motion.n_val=8", "data.motion.n_test=8"]
+    if experiment == "vq_shapes":  # a narrow VQModel; no text, no unified model
+        return _data(shapes_root) + ["task.vq.channels=[8,8,8,8]", "task.vq.num_codes=16"]
+    if experiment == "t2i_shapes":  # trains a 2-step VQ tokenizer (cached under the data root) and a 1-epoch probe
+        return _data(shapes_root) + ["+model.overrides.max_positions=80", "data.max_prompt_len=48",
+                                     "data.vq.max_steps=2", "data.vq.task.vq.channels=[8,8,8,8]",
+                                     "data.vq.task.vq.num_codes=16", "data.vq.data.batch_size=4",
+                                     "task.probe_train.epochs=1"]
     return _data(shapes_root)
+
+
+def _tiny(experiment: str) -> list[str]:
+    """TINY, less the entries an experiment's configs lack."""
+    if experiment == "vq_shapes":
+        return [o for o in TINY if not o.startswith(("data.tokenizer_vocab_size", "task.max_new_tokens"))]
+    return TINY
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_fast_dev_run(experiment, tiny_shapes, tmp_path):
     from tasks.train import train
 
-    cfg = compose([f"experiment={experiment}", *TINY, *_experiment_data(experiment, tiny_shapes, tmp_path),
+    cfg = compose([f"experiment={experiment}", *_tiny(experiment), *_experiment_data(experiment, tiny_shapes, tmp_path),
                    "trainer.fast_dev_run=true",
                    "logger={}"], tmp_path)
     metrics = train(cfg)

@@ -1,0 +1,194 @@
+"""Image-code modality: a ``diffusers.VQModel`` turns an image into a grid of discrete code ids and back.
+
+The tokenizer works on pixels in ``[0, 1]`` (``[B,3,H,W]``); codes are raw codebook ids in
+``[0, num_codes)`` (``[B,h,w]``), mapped into the unified vocabulary's image-code range with
+:meth:`ImageCodeTokenizer.to_unified`. A tokenizer is saved as a plain diffusers folder
+(``config.json`` + ``diffusion_pytorch_model.safetensors``); loading reads only those two files.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+@dataclass
+class VQConfig:
+    """Architecture of a small ``VQModel``: ``len(channels) - 1`` downsamplings of ``image_size``."""
+
+    image_size: int = 64
+    channels: tuple[int, ...] = (16, 32, 64, 64)  # 4 blocks: 64 px → 8×8 codes
+    layers_per_block: int = 1
+    latent_channels: int = 16
+    num_codes: int = 512
+    norm_num_groups: int = 8
+    beta: float = 0.25  # commitment weight (diffusers' VectorQuantizer uses 0.25)
+
+    def __post_init__(self) -> None:
+        self.channels = tuple(int(c) for c in self.channels)
+        if not self.channels:
+            raise ValueError("VQConfig.channels must name at least one block")
+        if any(c % self.norm_num_groups for c in self.channels):
+            raise ValueError(f"every channel count {self.channels} must be divisible by norm_num_groups={self.norm_num_groups}")
+        if self.image_size % self.factor:
+            raise ValueError(f"image_size={self.image_size} is not divisible by the downsampling factor {self.factor}")
+        if self.num_codes < 2:
+            raise ValueError(f"num_codes must be >= 2, got {self.num_codes}")
+
+    @property
+    def factor(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Code grid ``(h, w)`` of one image."""
+        n = self.image_size // self.factor
+        return n, n
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        return d
+
+    def digest(self) -> str:
+        return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def build_vqmodel(cfg: VQConfig) -> nn.Module:
+    """A fresh ``diffusers.VQModel`` for ``cfg``."""
+    from diffusers import VQModel
+
+    n = len(cfg.channels)
+    return VQModel(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=cfg.channels,
+        layers_per_block=cfg.layers_per_block, latent_channels=cfg.latent_channels, sample_size=cfg.image_size,
+        num_vq_embeddings=cfg.num_codes, norm_num_groups=cfg.norm_num_groups, vq_embed_dim=cfg.latent_channels,
+    )
+
+
+class ImageCodeTokenizer(nn.Module):
+    """Image ↔ VQ code grid with a ``diffusers.VQModel``; pixels in ``[0,1]``, codes ``[B,h,w]``."""
+
+    def __init__(self, vq: nn.Module):
+        super().__init__()
+        self.vq = vq
+        c = vq.config
+        blocks = len(c.block_out_channels)
+        self.factor = 2 ** (blocks - 1)
+        self.image_size = int(c.sample_size)
+        self.num_codes = int(c.num_vq_embeddings)
+        self.code_dim = int(c.vq_embed_dim or c.latent_channels)
+
+    @classmethod
+    def from_config(cls, cfg: VQConfig | dict[str, Any]) -> "ImageCodeTokenizer":
+        cfg = cfg if isinstance(cfg, VQConfig) else VQConfig(**cfg)
+        return cls(build_vqmodel(cfg))
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        n = self.image_size // self.factor
+        return n, n
+
+    @property
+    def num_tokens(self) -> int:
+        h, w = self.grid
+        return h * w
+
+    # --- pixels ↔ latents ↔ codes -------------------------------------------------------------
+    def _check_pixels(self, pixels: torch.Tensor) -> None:
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"expected pixels [B,3,H,W], got shape {tuple(pixels.shape)}")
+        if pixels.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f"expected {self.image_size}x{self.image_size} images, got {tuple(pixels.shape[-2:])}")
+
+    def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Continuous encoder output ``[B,c,h,w]`` for pixels in ``[0,1]``."""
+        self._check_pixels(pixels)
+        return self.vq.encode(pixels * 2 - 1).latents
+
+    def quantize(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(z_q [B,c,h,w] with straight-through gradient, codebook+commitment loss, codes [B,h,w])``."""
+        with torch.autocast(latents.device.type, enabled=False):  # nearest-code search in fp32
+            z_q, loss, (_, _, idx) = self.vq.quantize(latents.float())
+        b, _, h, w = latents.shape
+        return z_q, loss, idx.view(b, h, w)
+
+    def decode_latents(self, z_q: torch.Tensor) -> torch.Tensor:
+        """Pixels ``[B,3,H,W]`` (unclamped, ~[0,1]) from quantized latents."""
+        return (self.vq.decode(z_q, force_not_quantize=True).sample + 1) / 2
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Code ids ``[B,h,w]`` (long, in ``[0, num_codes)``) of pixels ``[B,3,H,W]`` in ``[0,1]``."""
+        return self.quantize(self.encode_latents(pixels))[2]
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Pixels ``[B,3,H,W]`` in ``[0,1]`` of code ids ``[B,h,w]`` (or ``[B,h*w]``)."""
+        h, w = self.grid
+        if codes.ndim == 2 and codes.shape[1] == h * w:
+            codes = codes.view(-1, h, w)
+        if codes.ndim != 3 or tuple(codes.shape[1:]) != (h, w):
+            raise ValueError(f"expected codes [B,{h},{w}] or [B,{h * w}], got shape {tuple(codes.shape)}")
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi >= self.num_codes:
+            raise ValueError(f"code ids must lie in [0, {self.num_codes}), got [{lo}, {hi}]")
+        z_q = self.vq.quantize.get_codebook_entry(codes.reshape(-1), (codes.shape[0], h, w, self.code_dim))
+        return self.decode_latents(z_q).clamp(0, 1)
+
+    # --- unified vocabulary -------------------------------------------------------------------
+    def check_layout(self, layout: Any) -> None:
+        """Raise unless the layout's image-code range holds this codebook."""
+        if layout.image_code_size < self.num_codes:
+            raise ValueError(f"the vocabulary reserves {layout.image_code_size} image codes but the VQ codebook "
+                             f"has {self.num_codes}; use a model with vocab.image_code_size >= {self.num_codes}")
+
+    def to_unified(self, codes: torch.Tensor, layout: Any) -> torch.Tensor:
+        """Codes → unified vocabulary ids (same shape)."""
+        self.check_layout(layout)
+        return layout.codes_to_unified(codes)
+
+    def from_unified(self, ids: torch.Tensor, layout: Any) -> torch.Tensor:
+        """Unified ids → codes; raises if any id lies outside this codebook's slice of the range."""
+        codes = layout.unified_to_codes(ids)
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.num_codes):
+            raise ValueError(f"ids outside the image-code range [{layout.image_code_start}, "
+                             f"{layout.image_code_start + self.num_codes})")
+        return codes
+
+    def allowed_mask(self, layout: Any) -> torch.Tensor:
+        """Boolean ``[V]`` mask of exactly this codebook's ids in the unified vocabulary (no EOS)."""
+        self.check_layout(layout)
+        mask = torch.zeros(layout.size, dtype=torch.bool)
+        mask[layout.image_code_start: layout.image_code_start + self.num_codes] = True
+        return mask
+
+    # --- save / load as a diffusers folder ----------------------------------------------------
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write ``config.json`` + safetensors weights (a ``diffusers`` ``VQModel`` folder)."""
+        folder = Path(folder)
+        self.vq.save_pretrained(folder, safe_serialization=True)
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "ImageCodeTokenizer":
+        """Load a saved folder; only ``config.json`` and safetensors are read (no pickle, no code)."""
+        from diffusers import VQModel
+
+        folder = Path(folder)
+        if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"{folder} is not a VQ tokenizer folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        cfg = json.loads((folder / CONFIG_FILE).read_text())
+        if cfg.get("_class_name") != "VQModel":
+            raise ValueError(f"{folder}/{CONFIG_FILE} describes {cfg.get('_class_name')!r}, not a VQModel")
+        vq = VQModel.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
+        return cls(vq.eval())

@@ -1,0 +1,72 @@
+"""Shapes images as one tensor per split, their captions and their attribute labels (colour, shape, count).
+
+Used by the VQ tokenizer task, the text-to-image datamodule and the attribute probe. A split's images
+are decoded once into ``uint8 [N,3,H,W]`` (8000 images of 64 px ≈ 98 MB).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tasks.data.shapes import COLOURS, SHAPES
+
+MAX_COUNT = 3  # ShapesConfig.max_objects of the embedded data; counts are classes 1..MAX_COUNT
+
+
+def read_split(root: str | Path, split: str) -> tuple[list[int], list[Path], list[list[str]]]:
+    """``(image ids, image paths, captions per image)`` of a COCO-captions split file."""
+    root = Path(root)
+    path = root / f"captions_{split}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path}; generate Shapes first (tasks.data.shapes.ensure_shapes)")
+    d = json.loads(path.read_text())
+    caps: dict[int, list[str]] = {}
+    for a in d["annotations"]:
+        caps.setdefault(int(a["image_id"]), []).append(str(a["caption"]))
+    ids = [int(im["id"]) for im in d["images"]]
+    paths = [root / im["file_name"] for im in d["images"]]
+    return ids, paths, [caps.get(i, []) for i in ids]
+
+
+def load_images(paths: list[Path]) -> torch.Tensor:
+    """Decode RGB images of one size into ``uint8 [N,3,H,W]``."""
+    if not paths:
+        raise ValueError("no images to load")
+    arrs = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    shapes = {a.shape for a in arrs}
+    if len(shapes) != 1:
+        raise ValueError(f"images of different sizes {sorted(shapes)}; resize them to one size first")
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+
+
+def scene_labels(root: str | Path, split: str, ids: list[int]) -> dict[str, torch.Tensor]:
+    """Attribute labels of each image from ``scenes_{split}.json``, in the order of ``ids``.
+
+    ``colour [N,6]`` and ``shape [N,5]`` are multi-hot presence (orders of ``COLOURS`` / ``SHAPES``);
+    ``count [N]`` is the number of objects minus one.
+    """
+    path = Path(root) / f"scenes_{split}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path}: attribute labels need the Shapes scene files")
+    scenes = {int(s["image_id"]): s for s in json.loads(path.read_text())}
+    missing = [i for i in ids if i not in scenes]
+    if missing:
+        raise KeyError(f"{path} has no scene for image ids {missing[:5]}")
+    colours, shapes = list(COLOURS), list(SHAPES)
+    colour = torch.zeros(len(ids), len(colours))
+    shape = torch.zeros(len(ids), len(shapes))
+    count = torch.zeros(len(ids), dtype=torch.long)
+    for row, i in enumerate(ids):
+        objs: list[dict[str, Any]] = scenes[i]["objects"]
+        if not 1 <= len(objs) <= MAX_COUNT:
+            raise ValueError(f"image {i} has {len(objs)} objects; the probe reads counts 1..{MAX_COUNT}")
+        for o in objs:
+            colour[row, colours.index(o["colour"])] = 1
+            shape[row, shapes.index(o["shape"])] = 1
+        count[row] = len(objs) - 1
+    return {"colour": colour, "shape": shape, "count": count}

@@ -1,0 +1,335 @@
+"""Text-to-image: ``what is the complete image? caption: <text>`` → the H×W VQ code sequence.
+
+The unified model writes image codes as vocabulary ids (the shared token embedding embeds them, so no
+new embedder). Training drops captions at ``uncond_prob`` (the unconditional source is the empty
+caption) for classifier-free guidance. Generation is constrained to the codebook's id range and to
+exactly H×W tokens, samples with top-k and temperature, runs batched with the KV cache, and the VQ
+decoder turns the codes into pixels. The attribute probe (:mod:`tasks.probe`) scores the images
+against their prompts; the probe Fréchet distance is NOT Inception FID.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from modalities.image_codes import ImageCodeTokenizer
+from modalities.text import TextTokenizer
+from tasks.base import Seq2SeqTask
+from tasks.caption import CaptionDataModule
+from tasks.data.shapes_images import load_images, scene_labels
+from zoo.guidance import guided_sample
+from zoo.instructions import t2i_prompt
+from zoo.vocab import VocabLayout
+
+log = logging.getLogger(__name__)
+
+
+class T2ITrainSet(Dataset):
+    """One item per image: a random one of its captions (or, at ``uncond_prob``, the empty caption) → codes."""
+
+    def __init__(self, prompts: list[list[list[int]]], codes: torch.Tensor, ids: list[int],
+                 uncond: list[int], uncond_prob: float):
+        self.prompts, self.codes, self.ids, self.uncond, self.p = prompts, codes, ids, uncond, uncond_prob
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        caps = self.prompts[i]
+        if self.p > 0 and float(torch.rand(())) < self.p:
+            prompt = self.uncond
+        else:
+            prompt = caps[int(torch.randint(len(caps), ()))]
+        return {"prompt": prompt, "target": self.codes[i].tolist(), "id": self.ids[i]}
+
+
+class T2IEvalSet(Dataset):
+    """One item per held-out image: its first caption as the prompt."""
+
+    def __init__(self, prompts: list[list[int]], captions: list[str], ids: list[int]):
+        self.prompts, self.captions, self.ids = prompts, captions, ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"prompt": self.prompts[i], "caption": self.captions[i], "id": self.ids[i]}
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()[:12]
+
+
+class T2IDataModule(CaptionDataModule):
+    """Shapes captions → VQ code grids. Images are encoded to codes once per VQ checkpoint and cached.
+
+    ``vq_path`` names a VQ tokenizer folder; when null, :func:`tasks.vq.ensure_vq_tokenizer` trains one
+    per the ``vq`` spec (cached under ``vq_cache_dir`` by the spec's hash).
+    """
+
+    def __init__(self, root: str, vq_path: str | None = None, vq: dict[str, Any] | None = None,
+                 vq_cache_dir: str | None = None, uncond_prob: float = 0.1, max_prompt_len: int = 64,
+                 encode_batch_size: int = 256, **kwargs: Any):
+        kwargs = {k: (dict(v) if hasattr(v, "items") else v) for k, v in kwargs.items()}
+        super().__init__(root, **kwargs)
+        if not 0 <= uncond_prob < 1:
+            raise ValueError(f"uncond_prob must be in [0, 1), got {uncond_prob}")
+        if vq_path is None and vq is None:
+            raise ValueError("give data.vq_path (a VQ tokenizer folder) or data.vq (how to train one)")
+        self.vq_path, self.vq_spec = vq_path, vq
+        self.vq_cache_dir = Path(vq_cache_dir) if vq_cache_dir else self.root / "vq_tokenizers"
+        self.uncond_prob, self.max_prompt_len, self.encode_batch_size = uncond_prob, max_prompt_len, encode_batch_size
+        self.image_tokenizer: ImageCodeTokenizer | None = None
+        self.codes: dict[str, torch.Tensor] = {}
+
+    # --- preparation --------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        super().prepare_data()
+        self.load_image_tokenizer()
+        for split, name in self.files.items():
+            if name:
+                self.split_codes(split)
+
+    def load_image_tokenizer(self) -> ImageCodeTokenizer:
+        if self.image_tokenizer is None:
+            if self.vq_path:
+                folder = Path(self.vq_path)
+            else:
+                from omegaconf import OmegaConf
+
+                from tasks.vq import ensure_vq_tokenizer
+
+                spec = self.vq_spec
+                spec = OmegaConf.to_container(spec, resolve=True) if OmegaConf.is_config(spec) else spec
+                folder = ensure_vq_tokenizer(spec, self.vq_cache_dir)
+            self.vq_path = str(folder)
+            self.image_tokenizer = ImageCodeTokenizer.from_pretrained(folder)
+        return self.image_tokenizer
+
+    def load_tokenizer(self) -> TextTokenizer:
+        """A BPE trained on the training captions and the instruction (its own cached file)."""
+        if self.tokenizer is None and not self.tokenizer_path:
+            path = self.root / f"tokenizer-t2i-bpe{self.vocab_size}.json"
+            if not path.is_file():
+                texts = [t2i_prompt(""), *(c for r in self._read("train") for c in r.captions)]
+                tmp_dir = path.parent / f".tok-{path.stem}"
+                TextTokenizer.train(texts, vocab_size=self.vocab_size).save(tmp_dir).replace(path)
+                tmp_dir.rmdir()
+            self.tokenizer = TextTokenizer.from_file(path)
+        return super().load_tokenizer()
+
+    def split_codes(self, split: str) -> torch.Tensor:
+        """Raw codes ``[N, h*w]`` of the split's images (row order of the split), cached on disk."""
+        if split not in self.codes:
+            from safetensors.torch import load_file, save_file
+
+            tok = self.load_image_tokenizer()
+            key = file_digest(Path(self.vq_path) / "diffusion_pytorch_model.safetensors")
+            path = self.root / "codes" / f"{split}-vq{key}.safetensors"
+            recs = self._read(split)
+            ids = torch.tensor([int(r.image_id) for r in recs])
+            cached = load_file(str(path)) if path.is_file() else None
+            if cached is None or not torch.equal(cached["ids"], ids):
+                images = load_images([r.path for r in recs])
+                tok.eval()
+                codes = torch.cat([tok.encode(c.float() / 255).flatten(1) for c in images.split(self.encode_batch_size)])
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + ".tmp")
+                save_file({"ids": ids, "codes": codes.to(torch.int16)}, str(tmp))
+                tmp.replace(path)
+                cached = {"ids": ids, "codes": codes}
+            self.codes[split] = cached["codes"].long()
+        return self.codes[split]
+
+    def model_overrides(self) -> dict[str, Any]:
+        """The vocabulary reserves exactly the VQ codebook's ids."""
+        return {"vocab": {"image_code_size": self.load_image_tokenizer().num_codes}}
+
+    def bind(self, model_cfg: Any, layout: VocabLayout, tokenizer: TextTokenizer | None = None) -> None:
+        tok = self.load_image_tokenizer()
+        tok.check_layout(layout)
+        need = tok.num_tokens + 1
+        if model_cfg.max_positions < max(need, self.max_prompt_len):
+            raise ValueError(f"the model's max_positions={model_cfg.max_positions} is too short for {tok.num_tokens} "
+                             f"image codes + BOS and prompts of {self.max_prompt_len} tokens")
+        self.layout = layout
+        if tokenizer is not None:
+            self.tokenizer = tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.layout is None:
+            raise RuntimeError("T2IDataModule.bind(model_cfg, layout) must be called before setup()")
+        self.load_tokenizer()
+        self.uncond_ids = self._prompts([""])[0]
+
+    def _prompts(self, captions: list[str]) -> list[list[int]]:
+        assert self.tokenizer is not None and self.layout is not None
+        off = self.layout.text_start
+        texts = [t2i_prompt(c) for c in captions]
+        return [[t + off for t in ids] for ids in self.tokenizer.encode_batch(texts, self.max_prompt_len)]
+
+    # --- data for the task's metrics ----------------------------------------------------------
+    def eval_records(self, stage: str) -> list[Any]:
+        return self._eval_records(stage)
+
+    def real_images(self, stage: str) -> torch.Tensor:
+        """``uint8 [N,3,H,W]`` real images of the evaluated records (order of :meth:`eval_records`)."""
+        return load_images([r.path for r in self.eval_records(stage)])
+
+    def attribute_labels(self, stage: str) -> dict[str, torch.Tensor]:
+        """Probe labels of the evaluated images (their captions name every object)."""
+        return scene_labels(self.root, stage, [int(r.image_id) for r in self.eval_records(stage)])
+
+    # --- loaders ------------------------------------------------------------------------------
+    def train_dataloader(self):
+        recs = self._read("train")
+        flat = iter(self._prompts([c for r in recs for c in r.captions]))
+        prompts = [[next(flat) for _ in r.captions] for r in recs]
+        codes = self.layout.codes_to_unified(self.split_codes("train"))
+        ds = T2ITrainSet(prompts, codes, [r.image_id for r in recs], self.uncond_ids, self.uncond_prob)
+        return self._loader(ds, self.batch_size, shuffle=True)
+
+    def _eval_loader(self, stage: str):
+        if not self.files.get(stage):
+            raise ValueError(f"this dataset has no {stage} split")
+        recs = self.eval_records(stage)
+        caps = [r.captions[0] for r in recs]
+        return self._loader(T2IEvalSet(self._prompts(caps), caps, [r.image_id for r in recs]),
+                            self.eval_batch_size, shuffle=False)
+
+    def val_dataloader(self):
+        return self._eval_loader("val")
+
+    def test_dataloader(self):
+        return self._eval_loader("test")
+
+
+class TextToImageTask(Seq2SeqTask):
+    """Caption → VQ codes with classifier-free guidance; judged by the Shapes attribute probe."""
+
+    name = "text_to_image"
+    monitor_metric = "all_acc"
+
+    def __init__(self, *args: Any, guidance_scale: float = 3.0, do_sample: bool = True, temperature: float = 1.0,
+                 top_k: int = 32, top_p: float = 1.0, use_cache: bool = True, seed: int = 0,
+                 probe_path: str | None = None, probe_train: dict[str, Any] | None = None,
+                 image_dir: str | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.probe_path = probe_path
+        object.__setattr__(self, "image_tokenizer", None)  # ImageCodeTokenizer, set in setup()
+        self._probe: Any = None
+        self._gen: torch.Generator | None = None
+
+    # --- wiring -------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "load_image_tokenizer"):
+            # a plain attribute, not a submodule: the VQ is frozen and lives in its own folder
+            object.__setattr__(self, "image_tokenizer", dm.load_image_tokenizer().eval())
+            self.vq_path = dm.vq_path
+            if stage == "fit":
+                self.probe()  # train (or load) the judge before the generator
+
+    def probe(self) -> tuple[Any, dict[str, float]]:
+        """The attribute probe and its held-out real accuracy (trained on the data root when not given)."""
+        if self._probe is None:
+            from tasks.probe import ensure_probe, load_probe
+
+            path = self.probe_path or ensure_probe(self.trainer.datamodule.root, **(self.hparams.probe_train or {}))
+            self._probe = load_probe(path)
+        return self._probe
+
+    def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {"text": (batch["prompt_ids"], batch["prompt_mask"])}
+
+    def allowed_tokens(self) -> torch.Tensor:
+        if not hasattr(self, "_allowed"):
+            self._allowed = self.image_tokenizer.allowed_mask(self.layout)
+        return self._allowed
+
+    def uncond_inputs(self) -> dict[str, Any]:
+        """The unconditional source: the instruction with an empty caption (one row)."""
+        off = self.layout.text_start
+        ids = torch.tensor([[t + off for t in self.tokenizer.encode(t2i_prompt(""))]], device=self.device)
+        return {"text": (ids, torch.ones_like(ids, dtype=torch.bool))}
+
+    # --- generation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_tokens(self, batch: dict[str, Any], **overrides: Any) -> torch.Tensor:
+        hp = {k: self.hparams[k] for k in ("guidance_scale", "do_sample", "temperature", "top_k", "top_p", "use_cache")}
+        hp.update(overrides)
+        scale = hp.pop("guidance_scale")
+        if self._gen is None or self._gen.device != self.device:
+            self._gen = torch.Generator(self.device).manual_seed(self.hparams.seed)
+        return guided_sample(self.model, self.model_inputs(batch), self.image_tokenizer.num_tokens,
+                             uncond=self.uncond_inputs() if scale != 1.0 else None, guidance_scale=scale,
+                             allowed=self.allowed_tokens(), generator=self._gen, **hp)
+
+    def on_validation_epoch_start(self) -> None:
+        self._gen = None  # the same seed every evaluation: comparable samples
+
+    def on_test_epoch_start(self) -> None:
+        self._gen = None
+
+    def decode_outputs(self, tokens: torch.Tensor) -> list[list[int]]:
+        return self.image_tokenizer.from_unified(tokens, self.layout).tolist()
+
+    def codes_to_images(self, codes: list[list[int]] | torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Pixels ``[N,3,H,W]`` in ``[0,1]`` of code rows (VQ decoder)."""
+        codes = torch.as_tensor(codes, dtype=torch.long, device=self.device)
+        vq = self.image_tokenizer.to(self.device)
+        return torch.cat([vq.decode(c).float().cpu() for c in codes.split(batch_size)])
+
+    # --- metrics and outputs ------------------------------------------------------------------
+    def compute_metrics(self, stage: str, predictions: dict[Any, list[int]]) -> dict[str, float]:
+        from tasks.probe import REQUIRED_ACCURACY, frechet_distance, probe_features, score_attributes
+
+        dm = self.trainer.datamodule
+        ids = [r.image_id for r in dm.eval_records(stage)]
+        missing = [i for i in ids if i not in predictions]
+        if missing:
+            raise RuntimeError(f"{len(missing)} {stage} prompts got no image (e.g. {missing[:3]})")
+        fake = self.codes_to_images([predictions[i] for i in ids])
+        probe, real_acc = self.probe()
+        probe = probe.to("cpu")
+        if real_acc["all_acc"] < REQUIRED_ACCURACY:
+            log.warning("the attribute probe reads only %.1f%% of held-out real images fully right (< 95%%): "
+                        "its scores are not a trustworthy judge", 100 * real_acc["all_acc"])
+        metrics = score_attributes(probe.predict(fake), dm.attribute_labels(stage))
+        real = dm.real_images(stage)
+        if len(ids) >= 2:
+            metrics["probe_fd"] = frechet_distance(probe_features(probe, fake), probe_features(probe, real))
+        metrics["probe_real_all_acc"] = real_acc["all_acc"]
+        if self.hparams.image_dir and self.trainer.is_global_zero:
+            self._save_images(Path(self.hparams.image_dir) / stage, ids, fake)
+        return metrics
+
+    @staticmethod
+    def _save_images(folder: Path, ids: list[Any], images: torch.Tensor) -> None:
+        from PIL import Image
+
+        folder.mkdir(parents=True, exist_ok=True)
+        arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        for i, a in zip(ids, arr):
+            Image.fromarray(a).save(folder / f"{i}.png")
+
+    def format_predictions(self, predictions: dict[Any, list[int]]) -> list[dict[str, Any]]:
+        return [{"image_id": k, "codes": v} for k, v in predictions.items()]
+
+    def write_samples(self, path: Path, stage: str) -> None:
+        """Generated images with their prompts."""
+        from tasks.visualize import save_grid
+
+        s = self.samples.get(stage)
+        if not s:
+            return
+        save_grid(list(self.codes_to_images(s["predictions"])), list(s["caption"]), path)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["mmzoo"]["vq_tokenizer"] = getattr(self, "vq_path", None)
