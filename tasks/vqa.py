@@ -29,7 +29,7 @@ from tasks.data.collate import Seq2SeqCollator, pad_ids
 from tasks.data.formats import VQARecord, read_imagefolder, read_jsonl, read_vqa
 from tasks.data.validate import Problems, filter_records
 from zoo.generation import PrefixTrie
-from zoo.vocab import EOS_ID, PAD_ID, VocabLayout
+from zoo.vocab import BOS_ID, EOS_ID, PAD_ID, VocabLayout
 
 DECODING = ("open", "trie", "allcand")
 
@@ -49,6 +49,45 @@ class VQASet(Dataset):
         if self.targets is not None:
             item["target"] = self.targets[i]
         return item
+
+
+class VQAImageGroups(Dataset):
+    """Training items grouped by image: one image with (up to ``questions_per_image`` of) its questions.
+
+    The image is preprocessed and embedded once for all its questions (``encode(..., repeats=...)``),
+    which makes an epoch over every question several times cheaper than one item per question.
+    """
+
+    def __init__(self, paths: list[Path], groups: list[list[int]], qids: list[Any], prompts: list[list[int]],
+                 targets: list[list[int]], preprocess: ImagePreprocessor, questions_per_image: int | None = None):
+        self.paths, self.groups, self.qids, self.prompts, self.targets = paths, groups, qids, prompts, targets
+        self.preprocess, self.k = preprocess, questions_per_image
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        idx = self.groups[i]
+        if self.k and len(idx) > self.k:
+            idx = [idx[j] for j in torch.randperm(len(idx))[: self.k].tolist()]
+        return {"image": self.preprocess(self.paths[i]), "prompts": [self.prompts[j] for j in idx],
+                "targets": [self.targets[j] for j in idx], "qids": [self.qids[j] for j in idx]}
+
+
+class VQAGroupCollator:
+    """Batches :class:`VQAImageGroups` items: ``image [b]``, ``image_counts [b]``, and per question
+    ``prompt_ids/prompt_mask/tgt_in/labels [N]`` and ``ids`` (question ids)."""
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        prompts = [p for s in samples for p in s["prompts"]]
+        targets = [t for s in samples for t in s["targets"]]
+        batch: dict[str, Any] = {"image": torch.stack([s["image"] for s in samples]),
+                                 "image_counts": torch.tensor([len(s["prompts"]) for s in samples])}
+        batch["prompt_ids"], batch["prompt_mask"] = pad_ids(prompts)
+        batch["tgt_in"], _ = pad_ids([[BOS_ID, *t] for t in targets])
+        batch["labels"], _ = pad_ids([[*t, EOS_ID] for t in targets])
+        batch["ids"] = [q for s in samples for q in s["qids"]]
+        return batch
 
 
 class VQADataModule(L.LightningDataModule):
@@ -72,7 +111,8 @@ class VQADataModule(L.LightningDataModule):
         check_files: str = "decode",
         tokenizer_path: str | None = None,
         tokenizer_vocab_size: int = 512,
-        batch_size: int = 64,
+        batch_size: int = 16,
+        questions_per_image: int | None = None,
         eval_batch_size: int = 256,
         num_workers: int = 1,
         max_question_len: int = 32,
@@ -91,6 +131,7 @@ class VQADataModule(L.LightningDataModule):
         self.skip_bad, self.check_files = skip_bad, check_files
         self.tokenizer_path, self.vocab_size = tokenizer_path, tokenizer_vocab_size
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.questions_per_image = questions_per_image
         self.max_question_len, self.max_answer_len = max_question_len, max_answer_len
         self.max_candidates, self.val_limit = max_candidates, val_limit
         self.records: dict[str, list[VQARecord]] = {}
@@ -211,13 +252,22 @@ class VQADataModule(L.LightningDataModule):
         targets = self.encode_text([r.answer for r in recs], self.max_answer_len) if train else None
         return VQASet([r.path for r in recs], [r.question_id for r in recs], prompts, targets, self.preprocess)
 
-    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool, collate: Any = None) -> DataLoader:
         return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=self.collate, persistent_workers=self.num_workers > 0,
+                          collate_fn=collate or self.collate, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available(), drop_last=shuffle)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset(self.read("train"), True), self.batch_size, shuffle=True)
+        """Batches of ``batch_size`` images, each with its questions (see :class:`VQAImageGroups`)."""
+        recs = self.read("train")
+        prompts = self.encode_text([r.question for r in recs], self.max_question_len)
+        targets = self.encode_text([r.answer for r in recs], self.max_answer_len)
+        by_path: dict[Path, list[int]] = {}
+        for i, r in enumerate(recs):
+            by_path.setdefault(r.path, []).append(i)
+        ds = VQAImageGroups(list(by_path), list(by_path.values()), [r.question_id for r in recs], prompts, targets,
+                            self.preprocess, self.questions_per_image)
+        return self._loader(ds, self.batch_size, shuffle=True, collate=VQAGroupCollator())
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._dataset(self.eval_records("val"), False), self.eval_batch_size, shuffle=False)
@@ -275,6 +325,18 @@ class VQATask(Seq2SeqTask):
         self._cand = {}
 
     # --- Seq2SeqTask hooks --------------------------------------------------------------------
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Cross-entropy over the answers; each image is embedded once for all its questions."""
+        counts = batch.get("image_counts")
+        if counts is None:
+            return super().loss(batch)
+        memory, mask = self.model.encode(self.model_inputs(batch), repeats={"image": counts})
+        hidden = self.model.decode_hidden(batch["tgt_in"], memory, mask)
+        labels = batch["labels"]
+        keep = labels != PAD_ID
+        logits = self.model.logits(hidden[keep])  # only real target positions: [N, V]
+        return F.cross_entropy(logits.float(), labels[keep], label_smoothing=self.hparams.label_smoothing)
+
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {"image": batch["image"], "text": (batch["prompt_ids"], batch["prompt_mask"])}
 

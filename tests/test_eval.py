@@ -109,3 +109,14 @@ def test_coco_photos_in_mixed_modes_finetune_and_evaluate(tmp_path):
     assert sorted(r["image_id"] for r in results) == [100 + i for i in range(len(MODES))]
     assert all(set(r) == {"image_id", "caption"} for r in results)
     assert "val/cider" in metrics
+
+
+def test_zoo_eval_saved_model_folder(vqa_ckpt, tiny_shapes, tmp_path):
+    from tasks.evaluate import evaluate
+    from tasks.export import export
+
+    folder = export(vqa_ckpt, tmp_path / "model")
+    metrics = evaluate(compose_eval([f"ckpt={folder}", "data=shapes_vqa", f"data.root={tiny_shapes}", *SHAPES,
+                                     "data.num_workers=0", "task.decoding=trie"], tmp_path / "eval"))
+    assert "val/vqa_acc" in metrics
+    assert all(set(r) == {"question_id", "answer"} for r in json.loads((tmp_path / "eval" / "predictions.json").read_text()))
