@@ -56,3 +56,4 @@ def list_tasks() -> list[str]:
 
 register_task("caption", "tasks.caption:CaptionTask", "tasks.caption:CaptionDataModule", "shapes_captions")
 register_task("vqa", "tasks.vqa:VQATask", "tasks.vqa:VQADataModule", "shapes_vqa")
+register_task("sensor_to_text", "tasks.sensor_to_text:SensorToTextTask", "tasks.sensor_to_text:SensorTextDataModule", "motion")
