@@ -74,7 +74,7 @@ class MotionConfig:
     rate: float = 50.0
     min_seconds: float = 8.0
     max_seconds: float = 12.0
-    n_subjects: int = 40  # the last 25 % are held out for val/test
+    n_subjects: int = 80  # the last 25 % are held out for val/test
 
     def __post_init__(self) -> None:
         if self.format not in ("csv", "npz"):
