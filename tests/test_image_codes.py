@@ -1,0 +1,115 @@
+"""The VQ image tokenizer: round trip, code range, unified ids, save/load, training step, dead-code restart."""
+import json
+
+import pytest
+import torch
+
+from modalities.image_codes import ImageCodeTokenizer, VQConfig
+from zoo.vocab import VocabLayout
+
+TINY_VQ = dict(channels=[8, 8, 8, 8], num_codes=16, latent_channels=4, norm_num_groups=4)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Micro models: thread hand-offs cost more than they save on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    torch.manual_seed(0)
+    return ImageCodeTokenizer.from_config(VQConfig(**TINY_VQ)).eval()
+
+
+def test_round_trip_shapes_and_code_range(tok):
+    x = torch.rand(3, 3, 64, 64)
+    codes = tok.encode(x)
+    assert tok.grid == (8, 8) and tok.num_tokens == 64
+    assert codes.shape == (3, 8, 8) and codes.dtype == torch.long
+    assert 0 <= int(codes.min()) and int(codes.max()) < tok.num_codes
+    img = tok.decode(codes)
+    assert img.shape == (3, 3, 64, 64) and 0 <= float(img.min()) and float(img.max()) <= 1
+    # decoding the codes equals decoding the quantized latents of the same images
+    z_q, _, _ = tok.quantize(tok.encode_latents(x))
+    assert torch.allclose(img, tok.decode_latents(z_q).clamp(0, 1), atol=1e-5)
+    assert torch.equal(tok.decode(codes.flatten(1)), img)  # [B, h*w] rows are accepted too
+
+
+def test_bad_inputs_raise(tok):
+    with pytest.raises(ValueError, match="64x64"):
+        tok.encode(torch.rand(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"\[0, 16\)"):
+        tok.decode(torch.full((1, 8, 8), 16))
+    with pytest.raises(ValueError, match="codes"):
+        tok.decode(torch.zeros(1, 5, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="divisible"):
+        VQConfig(channels=[12, 16], norm_num_groups=8)
+
+
+def test_unified_ids(tok):
+    layout = VocabLayout(text_size=100, image_code_size=32, loc_bins=4)
+    codes = torch.arange(16).view(1, 4, 4)
+    ids = tok.to_unified(codes, layout)
+    lo, hi = layout.ranges()["image_codes"]
+    assert int(ids.min()) == lo and int(ids.max()) < hi
+    assert torch.equal(tok.from_unified(ids, layout), codes)
+    mask = tok.allowed_mask(layout)
+    assert mask.sum() == 16 and mask[lo:lo + 16].all() and not mask[2]  # no EOS
+    with pytest.raises(ValueError, match="outside"):
+        tok.from_unified(torch.tensor([lo + 16]), layout)
+    with pytest.raises(ValueError, match="reserves 8 image codes"):
+        tok.check_layout(VocabLayout(text_size=100, image_code_size=8))
+
+
+def test_save_load_equality(tok, tmp_path):
+    folder = tok.save_pretrained(tmp_path / "vq")
+    assert {p.name for p in folder.iterdir()} == {"config.json", "diffusion_pytorch_model.safetensors"}
+    assert json.loads((folder / "config.json").read_text())["_class_name"] == "VQModel"
+    back = ImageCodeTokenizer.from_pretrained(folder)
+    sd, sd2 = tok.state_dict(), back.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    x = torch.rand(2, 3, 64, 64)
+    assert torch.equal(back.encode(x), tok.encode(x))
+    assert torch.equal(back.decode(tok.encode(x)), tok.decode(tok.encode(x)))
+    with pytest.raises(FileNotFoundError, match="not a VQ tokenizer folder"):
+        ImageCodeTokenizer.from_pretrained(tmp_path)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    (tmp_path / "bad" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a VQModel"):
+        ImageCodeTokenizer.from_pretrained(tmp_path / "bad")
+
+
+def test_vq_task_learns_and_restarts_dead_codes(tiny_shapes):
+    from tasks.data.shapes_images import load_images, read_split
+    from tasks.vq import VQTask, psnr
+
+    torch.manual_seed(0)
+    _, paths, _ = read_split(tiny_shapes, "train")
+    x = load_images(paths[:8]).float() / 255
+    task = VQTask(vq=TINY_VQ, restart_every=0)
+    opt = torch.optim.Adam(task.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        rec, vq_loss, codes, h = task(x)
+        loss = torch.nn.functional.mse_loss(rec, x) + vq_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert psnr(x, x).min() > 90  # identical images: capped, not inf
+    # codes unused for restart_every steps move onto latents of the batch
+    task.hparams.restart_every = 1
+    task.log = lambda *a, **k: None
+    before = task.tokenizer.vq.quantize.embedding.weight.detach().clone()
+    codes = torch.zeros(1, 8, 8, dtype=torch.long)  # only code 0 used
+    task._restart_dead_codes(codes, h.detach())
+    after = task.tokenizer.vq.quantize.embedding.weight
+    assert torch.equal(after[0], before[0]) and not torch.equal(after[1:], before[1:])
+    flat = h.detach().permute(0, 2, 3, 1).reshape(-1, h.shape[1])
+    assert all((flat == after[i]).all(-1).any() for i in range(1, 16))

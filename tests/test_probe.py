@@ -1,0 +1,81 @@
+"""The attribute probe: labels agree with the generator's captions, scoring, Fréchet distance, training."""
+import re
+
+import pytest
+import torch
+
+from tasks.data.shapes import COLOURS, SHAPES
+from tasks.data.shapes_images import load_images, read_split, scene_labels
+from tasks.probe import (AttributeProbe, ensure_probe, frechet_distance, load_probe, probe_loss,
+                         score_attributes)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Micro models: thread hand-offs cost more than they save on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_labels_agree_with_the_generators_captions(tiny_shapes):
+    ids, _, captions = read_split(tiny_shapes, "val")
+    labels = scene_labels(tiny_shapes, "val", ids)
+    for row, caps in enumerate(captions):
+        for cap in caps:  # every caption names each object's colour and shape
+            mentioned = re.findall(rf"({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})", cap)
+            assert {c for c, _ in mentioned} == {c for i, c in enumerate(COLOURS) if labels["colour"][row, i]}
+            assert {s for _, s in mentioned} == {s for i, s in enumerate(SHAPES) if labels["shape"][row, i]}
+            assert len(mentioned) == int(labels["count"][row]) + 1
+
+
+def test_score_attributes_on_labels():
+    g = torch.Generator().manual_seed(0)
+    target = {"colour": (torch.rand(10, 6, generator=g) < 0.3).float(),
+              "shape": (torch.rand(10, 5, generator=g) < 0.3).float(),
+              "count": torch.randint(3, (10,), generator=g)}
+    assert score_attributes(target, target) == {"colour_acc": 1.0, "shape_acc": 1.0, "count_acc": 1.0, "all_acc": 1.0}
+    pred = {k: v.clone() for k, v in target.items()}
+    pred["colour"][0, 0] = 1 - pred["colour"][0, 0]  # one wrong colour in image 0
+    pred["count"][1] = (pred["count"][1] + 1) % 3  # a wrong count in image 1
+    pred["count"][0] = (pred["count"][0] + 1) % 3  # image 0 wrong twice: counted once in all_acc
+    s = score_attributes(pred, target)
+    assert s == pytest.approx({"colour_acc": 0.9, "shape_acc": 1.0, "count_acc": 0.8, "all_acc": 0.8})
+
+
+def test_frechet_distance():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 8, generator=g)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    shift = torch.zeros(8)
+    shift[0] = 3.0
+    assert frechet_distance(a, a + shift) == pytest.approx(9.0, rel=1e-6)
+    assert frechet_distance(a, 2 * a) > frechet_distance(a, 1.1 * a) > 0
+    with pytest.raises(ValueError):
+        frechet_distance(a[:1], a)
+
+
+def test_probe_training_sanity_and_cache(tiny_shapes):
+    torch.manual_seed(0)
+    ids, paths, _ = read_split(tiny_shapes, "train")
+    x = load_images(paths[:32]).float() / 255
+    y = {k: v[:32] for k, v in scene_labels(tiny_shapes, "train", ids).items()}
+    probe = AttributeProbe(width=8)
+    opt = torch.optim.Adam(probe.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = probe_loss(probe(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.6 * losses[0], losses
+    with pytest.raises(ValueError, match="64,64"):
+        probe(torch.rand(1, 3, 32, 32))
+    # ensure_probe trains once, records its held-out accuracy and then loads from the cache
+    folder = ensure_probe(tiny_shapes, epochs=1, width=8, batch_size=32)
+    assert ensure_probe(tiny_shapes, epochs=1, width=8, batch_size=32) == folder
+    loaded, acc = load_probe(folder)
+    assert set(acc) == {"colour_acc", "shape_acc", "count_acc", "all_acc"} and 0 <= acc["all_acc"] <= 1
+    assert loaded.predict(x[:4])["colour"].shape == (4, 6)

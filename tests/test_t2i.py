@@ -1,0 +1,92 @@
+"""Text-to-image generation: image-code constraints, exact length, CFG, KV cache, caption dropping."""
+import pytest
+import torch
+
+import zoo
+from modalities.image_codes import ImageCodeTokenizer, VQConfig
+from zoo.generation import greedy_search
+from zoo.guidance import guided_sample
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Micro models: thread hand-offs cost more than they save on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = zoo.create_model("test-tiny", max_positions=80).eval()
+    with torch.no_grad():  # spread the logits so that greedy choices are not ties
+        model.embed_tokens.weight.normal_(0, 1.0)
+    tok = ImageCodeTokenizer.from_config(VQConfig(channels=[8, 8, 8, 8], num_codes=12, latent_channels=4,
+                                                  norm_num_groups=4)).eval()
+    layout = model.layout
+    b = 3
+    ids = torch.randint(layout.text_start, layout.image_code_start, (b, 7))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[0, 5:] = False
+    cond = {"text": (ids, mask)}
+    u = torch.randint(layout.text_start, layout.image_code_start, (1, 4))
+    uncond = {"text": (u, torch.ones_like(u, dtype=torch.bool))}
+    return model, tok, layout, cond, uncond
+
+
+def test_constrained_generation_emits_exactly_hw_image_codes(setup):
+    model, tok, layout, cond, uncond = setup
+    allowed = tok.allowed_mask(layout)
+    out = guided_sample(model, cond, tok.num_tokens, uncond=uncond, guidance_scale=3.0, allowed=allowed,
+                        top_k=5, temperature=1.5, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (3, 64)
+    start = layout.image_code_start
+    assert bool(((out >= start) & (out < start + tok.num_codes)).all())  # only this codebook's ids, no EOS/PAD
+    codes = tok.from_unified(out, layout)
+    assert tok.decode(codes).shape == (3, 3, 64, 64)
+
+
+def test_cfg_at_guidance_one_equals_unguided(setup):
+    model, tok, layout, cond, uncond = setup
+    allowed, n = tok.allowed_mask(layout), tok.num_tokens
+    memory, mask = model.encode(cond)
+    plain = greedy_search(model, memory, mask, n, allowed=allowed, min_new_tokens=n)
+    guided = guided_sample(model, cond, n, uncond=uncond, guidance_scale=1.0, allowed=allowed, do_sample=False)
+    assert torch.equal(guided, plain)
+    kw = dict(allowed=allowed, top_k=4, temperature=0.8)
+    a = guided_sample(model, cond, n, uncond=uncond, guidance_scale=1.0, generator=torch.Generator().manual_seed(1), **kw)
+    b = guided_sample(model, cond, n, generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(a, b)
+    c = guided_sample(model, cond, n, uncond=uncond, guidance_scale=4.0, allowed=allowed, do_sample=False)
+    assert not torch.equal(c, plain)  # guidance does change the outcome
+
+
+def test_kv_cache_equals_full_recompute(setup):
+    model, tok, layout, cond, uncond = setup
+    kw = dict(uncond=uncond, guidance_scale=2.5, allowed=tok.allowed_mask(layout), do_sample=False)
+    with_cache = guided_sample(model, cond, 20, use_cache=True, **kw)
+    without = guided_sample(model, cond, 20, use_cache=False, **kw)
+    assert torch.equal(with_cache, without)
+
+
+def test_uncond_rows_must_match(setup):
+    model, tok, layout, cond, _ = setup
+    u = torch.full((2, 3), layout.text_start)
+    with pytest.raises(ValueError, match="expected 1 or 3"):
+        guided_sample(model, cond, 4, uncond={"text": (u, u > 0)}, guidance_scale=2.0)
+
+
+def test_captions_dropped_at_the_configured_rate():
+    from tasks.text_to_image import T2ITrainSet
+
+    torch.manual_seed(0)
+    prompts = [[[10, 11], [12, 13]]] * 4
+    ds = T2ITrainSet(prompts, torch.arange(8).view(4, 2), [1, 2, 3, 4], uncond=[99], uncond_prob=0.3)
+    draws = [ds[i % 4]["prompt"] for i in range(2000)]
+    rate = sum(p == [99] for p in draws) / len(draws)
+    assert abs(rate - 0.3) < 0.04
+    assert ds[2]["target"] == [4, 5] and ds[2]["id"] == 3
+    never = T2ITrainSet(prompts, torch.arange(8).view(4, 2), [1, 2, 3, 4], uncond=[99], uncond_prob=0.0)
+    assert all(never[0]["prompt"] != [99] for _ in range(200))
