@@ -11,8 +11,9 @@ from zoo.config import ModelConfig
 
 
 def use_sdpa(impl: str, device: torch.device) -> bool:
-    """SDPA on accelerators; on CPU explicit matmul→softmax→matmul measured faster (see NOTES)."""
-    return impl == "sdpa" or (impl == "auto" and device.type != "cpu")
+    """SDPA on accelerators and for CPU inference (one fused op per call); for CPU training the explicit
+    matmul→softmax→matmul measured 1.1–1.4× faster forward+backward (see NOTES)."""
+    return impl == "sdpa" or (impl == "auto" and (device.type != "cpu" or not torch.is_grad_enabled()))
 
 
 def attend(
