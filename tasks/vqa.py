@@ -59,9 +59,11 @@ class VQAImageGroups(Dataset):
     """
 
     def __init__(self, paths: list[Path], groups: list[list[int]], qids: list[Any], prompts: list[list[int]],
-                 targets: list[list[int]], preprocess: ImagePreprocessor, questions_per_image: int | None = None):
+                 targets: list[list[int]], preprocess: ImagePreprocessor, questions_per_image: int | None = None,
+                 captions: list[list[list[int]]] | None = None, caption_prompt: list[int] | None = None):
         self.paths, self.groups, self.qids, self.prompts, self.targets = paths, groups, qids, prompts, targets
         self.preprocess, self.k = preprocess, questions_per_image
+        self.captions, self.caption_prompt = captions, caption_prompt
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -70,8 +72,14 @@ class VQAImageGroups(Dataset):
         idx = self.groups[i]
         if self.k and len(idx) > self.k:
             idx = [idx[j] for j in torch.randperm(len(idx))[: self.k].tolist()]
-        return {"image": self.preprocess(self.paths[i]), "prompts": [self.prompts[j] for j in idx],
+        item = {"image": self.preprocess(self.paths[i]), "prompts": [self.prompts[j] for j in idx],
                 "targets": [self.targets[j] for j in idx], "qids": [self.qids[j] for j in idx]}
+        if self.captions is not None and self.captions[i]:  # auxiliary captioning target (multi-task)
+            caps = self.captions[i]
+            item["prompts"].append(self.caption_prompt)
+            item["targets"].append(caps[int(torch.randint(len(caps), ()))])
+            item["qids"].append(None)
+        return item
 
 
 class VQAGroupCollator:
@@ -119,6 +127,7 @@ class VQADataModule(L.LightningDataModule):
         max_answer_len: int = 8,
         max_candidates: int = 3129,
         val_limit: int | None = None,
+        aux_captions: str | None = None,
     ):
         super().__init__()
         if format not in ("vqa2", "jsonl", "imagefolder"):
@@ -134,6 +143,7 @@ class VQADataModule(L.LightningDataModule):
         self.questions_per_image = questions_per_image
         self.max_question_len, self.max_answer_len = max_question_len, max_answer_len
         self.max_candidates, self.val_limit = max_candidates, val_limit
+        self.aux_captions = aux_captions
         self.records: dict[str, list[VQARecord]] = {}
         self.tokenizer: TextTokenizer | None = None
         self.preprocess: ImagePreprocessor | None = None
@@ -188,15 +198,23 @@ class VQADataModule(L.LightningDataModule):
         self.load_tokenizer()
 
     def load_tokenizer(self) -> TextTokenizer:
-        """A given tokenizer file, or a BPE trained on the training questions and answers (cached)."""
+        """A given tokenizer file, or a BPE trained on the training questions and answers (and the
+        auxiliary captions), cached next to the data."""
         if self.tokenizer is None:
             if self.tokenizer_path:
                 self.tokenizer = TextTokenizer.from_file(self.tokenizer_path)
             else:
-                path = self.root / f"tokenizer-vqa-bpe{self.vocab_size}.json"
+                kind = "vqa-cap" if self.aux_captions else "vqa"
+                path = self.root / f"tokenizer-{kind}-bpe{self.vocab_size}.json"
                 if not path.is_file():
                     recs = self.read("train")
                     texts = [r.question for r in recs] + [a for r in recs for a in r.answers]
+                    if self.aux_captions:
+                        from tasks.data.coco import read_coco_captions
+                        from zoo.instructions import CAPTION_PROMPT
+
+                        caps = read_coco_captions(self.root / self.aux_captions, self.image_root, check_files=False)
+                        texts += [CAPTION_PROMPT, *(c for r in caps for c in r.captions)]
                     tok = TextTokenizer.train(texts, vocab_size=self.vocab_size)
                     tmp_dir = path.parent / f".tok-{path.stem}-{id(self)}"
                     tok.save(tmp_dir).replace(path)
@@ -265,9 +283,25 @@ class VQADataModule(L.LightningDataModule):
         by_path: dict[Path, list[int]] = {}
         for i, r in enumerate(recs):
             by_path.setdefault(r.path, []).append(i)
+        captions, caption_prompt = self._aux_captions(list(by_path))
         ds = VQAImageGroups(list(by_path), list(by_path.values()), [r.question_id for r in recs], prompts, targets,
-                            self.preprocess, self.questions_per_image)
+                            self.preprocess, self.questions_per_image, captions, caption_prompt)
         return self._loader(ds, self.batch_size, shuffle=True, collate=VQAGroupCollator())
+
+    def _aux_captions(self, paths: list[Path]) -> tuple[list[list[list[int]]] | None, list[int] | None]:
+        """Tokenised captions of each training image from ``aux_captions`` (a COCO captions file), if set."""
+        if not self.aux_captions:
+            return None, None
+        from tasks.data.coco import read_coco_captions
+        from zoo.instructions import CAPTION_PROMPT
+
+        problems = Problems(self.skip_bad, self.aux_captions)
+        recs = read_coco_captions(self.root / self.aux_captions, self.image_root, problems=problems)
+        problems.log()
+        by_path = {r.path: r.captions for r in recs}
+        texts = [by_path.get(p, []) for p in paths]
+        flat = iter(self.encode_text([c for caps in texts for c in caps], self.max_question_len))
+        return [[next(flat) for _ in caps] for caps in texts], self.encode_text([CAPTION_PROMPT], 16)[0]
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._dataset(self.eval_records("val"), False), self.eval_batch_size, shuffle=False)
