@@ -1,7 +1,8 @@
 """Training the VQ image tokenizer (``experiment=vq_shapes``) and caching trained tokenizers.
 
-Loss: pixel MSE + the VQ codebook/commitment terms. Codes unused for ``restart_every`` steps are
-restarted on random encoder outputs of the current batch (keeps the codebook alive). Evaluation
+Loss: pixel MSE + the VQ codebook/commitment terms. The codebook starts on encoder outputs of the
+first batch, and codes unused for ``restart_every`` steps are restarted on random encoder outputs of
+the current batch (keeps the codebook alive). Evaluation
 reports PSNR (per image, averaged), codebook perplexity and dead codes (codes no val image uses).
 """
 from __future__ import annotations
@@ -108,6 +109,7 @@ class VQTask(L.LightningModule):
         self.vq_config = VQConfig(**(vq or {}))
         self.tokenizer = ImageCodeTokenizer.from_config(self.vq_config)
         self.register_buffer("steps_unused", torch.zeros(self.vq_config.num_codes, dtype=torch.long))
+        self.register_buffer("codebook_initialised", torch.zeros((), dtype=torch.bool))
         self._eval: dict[str, Any] = {}
         self.predictions: dict[str, dict[Any, float]] = {}
         self.samples: dict[str, torch.Tensor] = {}
@@ -124,6 +126,8 @@ class VQTask(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x = batch["image"]
+        if not bool(self.codebook_initialised):
+            self._init_codebook(x)
         rec, vq_loss, codes, h = self(x)
         rec_loss = F.mse_loss(rec, x)
         loss = rec_loss + vq_loss
@@ -132,6 +136,16 @@ class VQTask(L.LightningModule):
                       batch_size=n)
         self._restart_dead_codes(codes, h)
         return loss
+
+    @torch.no_grad()
+    def _init_codebook(self, pixels: torch.Tensor) -> None:
+        """Data-dependent init: every code starts on a random encoder output of the first batch
+        (diffusers initialises codes near 0, far from the latents, which stalls early training)."""
+        h = self.tokenizer.encode_latents(pixels).float()
+        flat = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])  # [B*h*w, c]
+        pick = torch.randint(len(flat), (self.vq_config.num_codes,), device=flat.device)
+        self.tokenizer.vq.quantize.embedding.weight.data.copy_(flat[pick])
+        self.codebook_initialised.fill_(True)
 
     @torch.no_grad()
     def _restart_dead_codes(self, codes: torch.Tensor, latents: torch.Tensor) -> None:
@@ -145,7 +159,8 @@ class VQTask(L.LightningModule):
         if len(dead):
             flat = latents.detach().permute(0, 2, 3, 1).reshape(-1, latents.shape[1])  # [B*h*w, c]
             pick = torch.randint(len(flat), (len(dead),), device=flat.device)
-            self.tokenizer.vq.quantize.embedding.weight.data[dead] = flat[pick]
+            weight = self.tokenizer.vq.quantize.embedding.weight
+            weight.data[dead] = flat[pick].to(weight.dtype)
             self.steps_unused[dead] = 0
             self.log("train/restarted_codes", float(len(dead)), batch_size=1)
 

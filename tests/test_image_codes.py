@@ -113,3 +113,9 @@ def test_vq_task_learns_and_restarts_dead_codes(tiny_shapes):
     assert torch.equal(after[0], before[0]) and not torch.equal(after[1:], before[1:])
     flat = h.detach().permute(0, 2, 3, 1).reshape(-1, h.shape[1])
     assert all((flat == after[i]).all(-1).any() for i in range(1, 16))
+    # data-dependent init: every code starts on an encoder output of the first batch
+    task._init_codebook(x)
+    assert bool(task.codebook_initialised)
+    flat = task.tokenizer.encode_latents(x).detach().permute(0, 2, 3, 1).reshape(-1, h.shape[1])
+    weight = task.tokenizer.vq.quantize.embedding.weight
+    assert all(torch.isclose(flat, weight[i]).all(-1).any() for i in range(16))
