@@ -123,3 +123,26 @@ def test_vqa_metrics_and_results_format(setup):
     out = task.format_predictions(preds)
     assert all(set(o) == {"question_id", "answer"} for o in out)
     task._trainer = None
+
+
+def test_training_batches_group_questions_by_image_with_aux_caption(vqa_root, setup):
+    from tasks.vqa import VQADataModule
+
+    model_dm, _, _, tasks = setup
+    dm = VQADataModule(str(vqa_root), generate=None, num_workers=0, batch_size=4, questions_per_image=2,
+                       aux_captions="captions_train.json", tokenizer_path=None, tokenizer_vocab_size=300,
+                       splits={"train": {"questions": "vqa_questions_train.json",
+                                         "annotations": "vqa_annotations_train.json"}})
+    dm.prepare_data()
+    tok = dm.load_tokenizer()
+    model = tasks["open"].model
+    dm.bind(model.cfg, model.layout, tokenizer=model_dm.tokenizer)
+    batch = next(iter(dm.train_dataloader()))
+    counts = batch["image_counts"]
+    assert batch["image"].shape[0] == 4 and (counts <= 3).all() and int(counts.sum()) == len(batch["labels"])
+    ends = counts.cumsum(0) - 1  # each image's last target is its caption
+    caps = tasks["open"].decode_outputs(batch["labels"][ends])
+    assert all(any(s in c for s in ("circle", "square", "triangle", "diamond", "cross")) for c in caps), caps
+    loss = tasks["open"].loss(batch)
+    assert torch.isfinite(loss) and loss.requires_grad
+    assert tok.vocab_size > 0
