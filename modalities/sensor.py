@@ -6,8 +6,8 @@ timestamps), normalise per channel with statistics fitted on training data, and 
 values (they are zeroed after normalisation and flagged in a validity mask, never propagated).
 
 Model side (:class:`SensorEmbedder`): unfold over time into patches (``patch_len`` samples every
-``patch_stride``), concatenate each patch's values and validity flags over channels, project to
-``d_model`` and add a learned time position. A patch without a single valid value (padding, or a
+``patch_stride``), concatenate each patch's values, validity flags and per-channel statistics (mean,
+std, mean absolute difference), project to ``d_model`` and add a learned time position. A patch without a single valid value (padding, or a
 run of NaNs) is masked out of attention.
 
 The :class:`SensorConfig` (channel names, rate, patching, fitted mean/std) lives in the model's
@@ -274,18 +274,30 @@ def pad_sensor_batch(items: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tupl
 # ------------------------------------------------------------------------------------------------
 # Embedding (inside the model)
 # ------------------------------------------------------------------------------------------------
+def _patch_stats(v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Per patch and channel over valid values: mean, std, mean |first difference| → ``[..., 3]``."""
+    n = m.sum(-1, keepdim=True).clamp(min=1.0)
+    mean = (v * m).sum(-1, keepdim=True) / n
+    std = ((((v - mean) * m) ** 2).sum(-1, keepdim=True) / n + 1e-6).sqrt()
+    pair = m[..., 1:] * m[..., :-1]
+    diff = ((v[..., 1:] - v[..., :-1]).abs() * pair).sum(-1, keepdim=True) / pair.sum(-1, keepdim=True).clamp(min=1.0)
+    return torch.cat([mean, std, diff], dim=-1)
+
+
 class SensorEmbedder(nn.Module):
     """Normalised ``values [B, C, T]`` (+ ``valid [B, C, T]``) → patch embeddings ``[B, N, d_model]``.
 
-    Each patch's ``C * patch_len`` values and as many validity flags go through one linear layer; a
-    learned position per patch index gives time. Returns the embeddings and ``mask [B, N]`` (True for
+    Each patch's ``C * patch_len`` values, as many validity flags and three statistics per channel (mean,
+    standard deviation and mean absolute first difference over the valid values: posture, intensity and a
+    frequency proxy, which a linear map of raw, phase-shifted waveforms cannot compute) go through one
+    linear layer; a learned position per patch index gives time. Returns the embeddings and ``mask [B, N]`` (True for
     a patch with at least one valid value).
     """
 
     def __init__(self, cfg: SensorConfig, d_model: int):
         super().__init__()
         self.cfg = cfg
-        self.proj = nn.Linear(2 * cfg.num_channels * cfg.patch_len, d_model)
+        self.proj = nn.Linear(cfg.num_channels * (2 * cfg.patch_len + 3), d_model)
         self.pos = nn.Parameter(torch.zeros(cfg.max_patches, d_model))
         self.norm = nn.LayerNorm(d_model)
         nn.init.normal_(self.pos, std=0.02)
@@ -307,7 +319,7 @@ class SensorEmbedder(nn.Module):
             valid = nn.functional.pad(valid, (0, pad))
         v = values.unfold(2, cfg.patch_len, cfg.patch_stride)  # [B, C, N, P]
         m = valid.unfold(2, cfg.patch_len, cfg.patch_stride)  # [B, C, N, P]
-        feats = torch.cat([v, m.to(v.dtype)], dim=-1)  # [B, C, N, 2P]
-        feats = feats.permute(0, 2, 1, 3).flatten(2)  # [B, N, C*2P]
+        feats = torch.cat([v, m.to(v.dtype), _patch_stats(v, m.to(v.dtype))], dim=-1)  # [B, C, N, 2P+3]
+        feats = feats.permute(0, 2, 1, 3).flatten(2)  # [B, N, C*(2P+3)]
         x = self.norm(self.proj(feats) + self.pos[:n])
         return x, m.any(-1).any(1)  # [B, N]
