@@ -102,3 +102,35 @@ def test_predictions_format_and_samples(bound_dm, tmp_path):
     b = next(iter(dm.val_dataloader()))
     p = plot_recordings(*b["sensor"], ["a"] * 3, tmp_path / "samples.png")
     assert p.stat().st_size > 1000
+
+
+def test_zoo_eval_on_user_csv_at_another_rate(tmp_path):
+    """Train a few steps, then zoo-eval a folder of 100 Hz CSVs with shuffled columns (JSONL manifest)."""
+    from tasks.evaluate import evaluate
+    from tests.conftest import compose
+    from tests.test_eval import compose_eval
+    from tasks.train import train
+
+    run = tmp_path / "run"
+    train(compose(["experiment=sensor_motion", "model=test_tiny", "data.num_workers=0", "data.batch_size=4",
+                   "data.tokenizer_vocab_size=300", f"data.root={tmp_path}/motion", "data.motion.n_train=16",
+                   "data.motion.n_val=4", "data.motion.n_test=4", "task.max_new_tokens=6", "logger={}",
+                   "trainer.max_epochs=1", "trainer.max_steps=2", "test=false"], run))
+    folder = tmp_path / "user"
+    folder.mkdir()
+    rows = []
+    for i in range(3):
+        rec = generate_recording(MotionConfig(rate=100.0), 2, 900 + i)
+        order = [3, 1, 5, 0, 4, 2]
+        t = 7.0 + np.arange(rec["values"].shape[1]) / 100.0
+        write_csv(folder / f"u{i}.csv", rec["values"][order], [IMU_CHANNELS[j] for j in order], t)
+        rows.append({"file": f"u{i}.csv", "descriptions": rec["descriptions"], "activities": rec["segments"]})
+    write_manifest(folder / "manifest_val.jsonl", rows)
+    out = tmp_path / "eval"
+    metrics = evaluate(compose_eval([f"ckpt={run}/checkpoints/last.ckpt", "data=motion", "data.generate=null",
+                                     f"data.root={folder}", "data.test_file=null", "data.num_workers=0",
+                                     "split=val"], out))
+    preds = json.loads((out / "predictions.json").read_text())
+    assert sorted(p["id"] for p in preds) == ["u0", "u1", "u2"]
+    assert {"val/activity_acc", "val/bleu4", "val/cider"} <= set(metrics)
+    assert json.loads((out / "metrics.json").read_text()) == pytest.approx(metrics)
