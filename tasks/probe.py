@@ -31,18 +31,22 @@ REQUIRED_ACCURACY = 0.95
 class AttributeProbe(nn.Module):
     """CNN: ``[B,3,64,64]`` in ``[0,1]`` → multi-hot colour and shape logits and count logits."""
 
-    def __init__(self, width: int = 32, feature_dim: int = 256, image_size: int = 64):
+    def __init__(self, width: int = 16, feature_dim: int = 256, image_size: int = 64):
         super().__init__()
         self.config = {"width": width, "feature_dim": feature_dim, "image_size": image_size}
         w = width
 
         def block(i: int, o: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(),
-                                 nn.Conv2d(o, o, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU())
+            # GroupNorm: the same function in training and evaluation (no running statistics to drift)
+            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.GroupNorm(4, o), nn.ReLU(),
+                                 nn.Conv2d(o, o, 3, stride=2, padding=1, bias=False), nn.GroupNorm(4, o), nn.ReLU())
 
         self.body = nn.Sequential(block(3, w), block(w, 2 * w), block(2 * w, 4 * w), block(4 * w, 4 * w))
+        # per-pixel colour detectors, max-pooled over the image: "is this colour anywhere?"
+        self.colour_path = nn.Sequential(nn.Conv2d(3, 2 * w, 1), nn.ReLU(), nn.Conv2d(2 * w, 2 * w, 1), nn.ReLU())
         side = image_size // 16
-        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * side * side, feature_dim), nn.ReLU())
+        # flattened map (where things are: counts) + global max (whether a shape is anywhere) + colours
+        self.fc = nn.Sequential(nn.Linear(4 * w * (side * side + 1) + 2 * w, feature_dim), nn.ReLU())
         self.heads = nn.ModuleDict({"colour": nn.Linear(feature_dim, len(COLOURS)),
                                     "shape": nn.Linear(feature_dim, len(SHAPES)),
                                     "count": nn.Linear(feature_dim, MAX_COUNT)})
@@ -52,7 +56,10 @@ class AttributeProbe(nn.Module):
         size = self.config["image_size"]
         if x.ndim != 4 or x.shape[1:] != (3, size, size):
             raise ValueError(f"the probe reads [B,3,{size},{size}] images, got {tuple(x.shape)}")
-        return self.fc(self.body(x * 2 - 1))
+        x = x * 2 - 1
+        h = self.body(x)  # [B, 4w, side, side]
+        colours = self.colour_path(F.avg_pool2d(x, 2)).amax((2, 3))  # at half resolution: 4x cheaper
+        return self.fc(torch.cat([h.flatten(1), h.amax((2, 3)), colours], 1))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         f = self.features(x)
@@ -117,8 +124,8 @@ def split_data(root: str | Path, split: str) -> tuple[torch.Tensor, dict[str, to
     return load_images(paths), scene_labels(root, split, ids)
 
 
-def train_probe(root: str | Path, epochs: int = 6, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
-                width: int = 32, max_train: int | None = None) -> tuple[AttributeProbe, dict[str, float]]:
+def train_probe(root: str | Path, epochs: int = 8, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
+                width: int = 16, max_train: int | None = None) -> tuple[AttributeProbe, dict[str, float]]:
     """Train on the train split; returns the probe (eval mode) and its accuracy on the held-out val split."""
     with torch.inference_mode(False), torch.enable_grad():  # callable from inside evaluation loops
         return _train_probe(root, epochs, batch_size, lr, seed, width, max_train)
@@ -200,7 +207,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description="Train (or load) the Shapes attribute probe; print its held-out accuracy.")
     ap.add_argument("root", help="a Shapes data folder (captions_*.json, scenes_*.json, images/)")
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=8)
     args = ap.parse_args()
     folder = ensure_probe(args.root, epochs=args.epochs)
     _, acc = load_probe(folder)
