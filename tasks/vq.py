@@ -251,10 +251,10 @@ def ensure_vq_tokenizer(spec: Mapping[str, Any], cache_dir: str | Path) -> Path:
     """The folder of a VQ tokenizer trained per ``spec``, trained now unless already cached.
 
     ``spec = {"task": VQTask kwargs, "data": ShapesImageDataModule kwargs, "max_steps": int,
-    "seed": int}``; the folder is ``cache_dir/vq-<hash of spec>`` and appears atomically.
+    "seed": int, "precision": Lightning precision}``; the folder is ``cache_dir/vq-<hash of spec>`` and appears atomically.
     """
     spec = json.loads(json.dumps(dict(spec), default=str))  # plain, resolved
-    unknown = set(spec) - {"task", "data", "max_steps", "seed"}
+    unknown = set(spec) - {"task", "data", "max_steps", "seed", "precision"}
     if unknown:
         raise ValueError(f"unknown VQ tokenizer spec keys {sorted(unknown)}")
     folder = Path(cache_dir) / f"vq-{vq_spec_digest(spec)}"
@@ -267,6 +267,7 @@ def ensure_vq_tokenizer(spec: Mapping[str, Any], cache_dir: str | Path) -> Path:
     dm = ShapesImageDataModule(**data_kw)
     task = VQTask(**{**task_kw, "save_dir": None})
     trainer = L.Trainer(accelerator="auto", devices=1, max_steps=int(spec.get("max_steps", 1000)), max_epochs=-1,
+                        precision=spec.get("precision") or "32-true",
                         logger=False, enable_checkpointing=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0,
                         enable_progress_bar=False)
