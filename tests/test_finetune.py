@@ -107,7 +107,7 @@ def test_zoo_finetune_lora_exports_merged_model_matching_the_run(pretrained_dir,
     from tasks.finetune import finetune
 
     cfg = compose_finetune([f"pretrained={pretrained_dir}", "experiment=caption_shapes", "finetune.mode=lora",
-                            "finetune.lora.r=4", f"data.root={tiny_shapes}", *TINY, "trainer.max_epochs=2",
+                            "finetune.lora.r=4", f"data.root={tiny_shapes}", *TINY, "trainer.max_epochs=1",
                             "task.lr=1e-2", "task.warmup_steps=2"], tmp_path)
     assert cfg.task_name == "finetune"
     finetune(cfg)
