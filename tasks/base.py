@@ -39,6 +39,22 @@ def strip_after_eos(tokens: torch.Tensor) -> list[list[int]]:
     return rows
 
 
+def warmup_cosine(opt: torch.optim.Optimizer, total_steps: float, warmup_steps: int,
+                  min_lr_ratio: float) -> dict[str, Any]:
+    """Lightning optimizer config: linear warm-up, then cosine decay to ``min_lr_ratio`` (per step)."""
+    total = max(1, int(total_steps))
+    warmup = min(warmup_steps, total // 2)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 class Seq2SeqTask(L.LightningModule):
     """Base LightningModule: loss, optimisation, generation-based evaluation."""
 
@@ -169,18 +185,8 @@ class Seq2SeqTask(L.LightningModule):
             # fused: ~2x faster than the default per-parameter loop on CPU; not with fp16 loss scaling
             fused=self.trainer.precision != "16-mixed",
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(self.hparams.warmup_steps, total // 2)
-        floor = self.hparams.min_lr_ratio
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / max(1, warmup)
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return warmup_cosine(opt, self.trainer.estimated_stepping_batches, self.hparams.warmup_steps,
+                             self.hparams.min_lr_ratio)
 
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
