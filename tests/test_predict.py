@@ -110,3 +110,35 @@ def test_predict_imports_neither_lightning_nor_hydra(model_dir, images):
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.splitlines()[-1])["input"].endswith("0.png")
+
+
+def test_sensor_csv_files(model_dir, tmp_path, capsys):
+    """CSV logs (any column order, timestamps in ms or none) read through modalities.sensor_io."""
+    import tasks.data.sensor_formats as formats
+    from modalities import sensor_io
+
+    assert formats.read_csv is sensor_io.read_csv and formats.read_recording is sensor_io.read_recording
+    rng = np.random.default_rng(1)
+    values = rng.normal(size=(3, 150)).astype(np.float32)
+    t_ms = np.arange(150) * 20.0  # 50 Hz in milliseconds
+    with open(tmp_path / "walk.csv", "w") as f:  # shuffled columns and an extra one
+        f.write("acc_z,extra,time_ms,acc_x,acc_y\n")
+        for i in range(150):
+            f.write(f"{values[2, i]:.6f},7,{t_ms[i]:.1f},{values[0, i]:.6f},{values[1, i]:.6f}\n")
+    bundle = zoo.load(model_dir)
+    expected = bundle.describe(np.round(values.astype(np.float64), 6))
+    assert bundle.describe(str(tmp_path / "walk.csv"), timestamp_column="time_ms", time_unit="ms") == expected
+    main([f"pretrained={model_dir}", "task=sensor", f"input={tmp_path / 'walk.csv'}", "timestamp_column=time_ms",
+          "time_unit=ms"])
+    assert _lines(capsys) == [{"input": str(tmp_path / "walk.csv"), "description": expected}]
+    # no timestamp column: the rate given on the command line
+    (tmp_path / "plain").mkdir()
+    sensor_io.write_csv(tmp_path / "plain" / "a.csv", values, ["acc_x", "acc_y", "acc_z"], t_ms / 1000)
+    with open(tmp_path / "plain" / "b.csv", "w") as f:
+        f.write("acc_x,acc_y,acc_z\n" + "".join(f"{a:.4f},{b:.4f},{c:.4f}\n" for a, b, c in values.T))
+    main([f"pretrained={model_dir}", "task=sensor", f"input={tmp_path / 'plain' / 'b.csv'}",
+          "timestamp_column=null", "rate=50"])
+    no_ts = _lines(capsys)[0]["description"]
+    assert no_ts == bundle.describe(str(tmp_path / "plain" / "a.csv"))  # same 4-decimal values, same sampling
+    with pytest.raises(SystemExit, match="no timestamp column 'timestamp'"):
+        main([f"pretrained={model_dir}", "task=sensor", f"input={tmp_path / 'plain' / 'b.csv'}"])

@@ -18,11 +18,12 @@ from typing import Any, Sequence
 
 TASKS = ("caption", "vqa", "t2i", "sensor")
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-SENSOR_EXTS = {".npy", ".npz", ".csv"}
+SENSOR_EXTS = {".npy", ".npz", ".csv", ".tsv"}
 USAGE = __doc__.strip() + """
 
 arguments: pretrained= task= input= [question=] [text=] [out=] [batch_size=32] [max_new_tokens=] [num_beams=]
-           [device=cpu] [revision=] [allow_pickle=false] [precision=fp32|bf16]"""
+           [device=cpu] [revision=] [allow_pickle=false] [precision=fp32|bf16]
+sensor files:  [timestamp_column=timestamp|null] [time_unit=s|ms|us|ns] [rate=<Hz, files without timestamps>]"""
 
 
 def collect_files(spec: str, exts: set[str]) -> list[Path]:
@@ -67,8 +68,10 @@ def read_prompts(spec: str | None, text: str | None) -> list[str]:
 
 
 def predict(bundle: Any, task: str, inputs: str | None, *, question: str | None = None, text: str | None = None,
-            batch_size: int = 32, out: str | None = None, **gen: Any) -> list[dict[str, Any]]:
-    """Run ``task`` over the inputs; returns one JSON-able record per input."""
+            batch_size: int = 32, out: str | None = None, sensor_read: dict[str, Any] | None = None,
+            **gen: Any) -> list[dict[str, Any]]:
+    """Run ``task`` over the inputs; returns one JSON-able record per input. ``sensor_read`` holds
+    :meth:`Pretrained.describe`'s file-reading options (``rate``, ``timestamp_column``, ``time_unit``)."""
     gen = {k: v for k, v in gen.items() if v is not None}
     if task == "caption":
         files = collect_files(_need(inputs, task), IMAGE_EXTS)
@@ -87,7 +90,7 @@ def predict(bundle: Any, task: str, inputs: str | None, *, question: str | None 
         return [{"input": str(r["image"]), "question": r["question"], "answer": a} for r, a in zip(recs, answers)]
     if task == "sensor":
         files = collect_files(_need(inputs, task), SENSOR_EXTS)
-        descs = bundle.describe([str(f) for f in files], batch_size=batch_size, **gen)
+        descs = bundle.describe([str(f) for f in files], batch_size=batch_size, **(sensor_read or {}), **gen)
         return [{"input": str(f), "description": d} for f, d in zip(files, descs)]
     if task == "t2i":
         prompts = read_prompts(inputs, text)
@@ -130,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_kv(sys.argv[1:] if argv is None else list(argv),
                     {"pretrained": ..., "task": ..., "input": None, "question": None, "text": None, "out": None,
                      "batch_size": 32, "max_new_tokens": None, "num_beams": None, "device": None, "revision": None,
-                     "allow_pickle": False, "precision": "fp32"}, USAGE)
+                     "allow_pickle": False, "precision": "fp32", "timestamp_column": "timestamp", "time_unit": "s",
+                     "rate": None}, USAGE)
     if args["task"] not in TASKS:
         raise SystemExit(f"error: task must be one of {TASKS}, got {args['task']!r}")
     from zoo.hub import load
@@ -140,8 +144,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                       device=args["device"])
         bundle.precision = args["precision"]
         gen = {k: int(args[k]) for k in ("max_new_tokens", "num_beams") if args[k] is not None}
+        sensor_read = {"timestamp_column": args["timestamp_column"], "time_unit": args["time_unit"],
+                       "rate": float(args["rate"]) if args["rate"] is not None else None}
         results = predict(bundle, args["task"], args["input"], question=args["question"], text=args["text"],
-                          batch_size=args["batch_size"], out=args["out"], **gen)
+                          batch_size=args["batch_size"], out=args["out"], sensor_read=sensor_read, **gen)
     except (OSError, ValueError, NotImplementedError) as e:
         raise SystemExit(f"error: {e}") from None
     out = args["out"]

@@ -181,33 +181,14 @@ def model_card(config: dict[str, Any], card: dict[str, Any] | None = None) -> st
 # ------------------------------------------------------------------------------------------------
 # The bundle
 # ------------------------------------------------------------------------------------------------
-def read_sensor_file(path: str | Path, channels: Sequence[str]) -> Any:
-    """A ``SensorRecording`` from ``.npy`` (``[C, T]`` in the configured channel order and rate) or ``.npz``
-    (``values`` ``[C, T]`` with optional ``channels``/``timestamps``/``rate``, or one 1-D array per channel
-    name plus optional ``timestamps``). Never unpickles."""
-    import numpy as np
+def read_sensor_file(path: str | Path, channels: Sequence[str], rate: float | None = None,
+                     timestamp_column: str | None = "timestamp", time_unit: str = "s") -> Any:
+    """A ``SensorRecording`` from a ``.csv``/``.tsv`` log (channel columns by name, plus a
+    ``timestamp_column`` in ``time_unit`` or ISO date-times; ``None`` when it has none), an ``.npz``
+    or an ``.npy`` ``[C, T]`` (see :mod:`modalities.sensor_io`). Never unpickles."""
+    from modalities.sensor_io import read_recording
 
-    from modalities.sensor import SensorRecording
-
-    path = Path(path)
-    if path.suffix == ".npy":
-        return SensorRecording(values=np.load(path, allow_pickle=False), source=str(path))
-    if path.suffix != ".npz":
-        raise ValueError(f"{path}: sensor files here are .npy or .npz; read CSV logs into a SensorRecording "
-                         "(tasks.data.sensor_formats.read_csv) and pass that")
-    with np.load(path, allow_pickle=False) as z:
-        keys = set(z.files)
-        ts = next((z[k] for k in ("timestamps", "timestamp") if k in keys), None)
-        for k in ("values", "data"):
-            if k in keys:
-                names = [str(c) for c in z["channels"]] if "channels" in keys else None
-                rate = float(z["rate"]) if "rate" in keys else None
-                return SensorRecording(values=z[k], channels=names, rate=rate, timestamps=ts, source=str(path))
-        missing = [c for c in channels if c not in keys]
-        if missing:
-            raise ValueError(f"{path}: no 'values' array and no array for channel(s) {missing} (has {sorted(keys)})")
-        return SensorRecording(values=np.stack([z[c] for c in channels]), channels=list(channels), timestamps=ts,
-                               source=str(path))
+    return read_recording(path, channels, rate, timestamp_column=timestamp_column, time_unit=time_unit)
 
 
 def _as_list(x: Any) -> tuple[list[Any], bool]:
@@ -455,9 +436,11 @@ class Pretrained:
         return out[0] if single else out
 
     def describe(self, sensors: Any, *, batch_size: int = 32, max_new_tokens: int | None = None,
-                 num_beams: int | None = None, prompt: str = SENSOR_PROMPT) -> str | list[str]:
+                 num_beams: int | None = None, prompt: str = SENSOR_PROMPT, rate: float | None = None,
+                 timestamp_column: str | None = "timestamp", time_unit: str = "s") -> str | list[str]:
         """Describe sensor recordings: ``SensorRecording``s, arrays ``[C, T]`` (configured channel order and
-        rate) or ``.npy`` / ``.npz`` files (see :func:`read_sensor_file`)."""
+        rate) or ``.csv`` / ``.tsv`` / ``.npz`` / ``.npy`` files (see :func:`read_sensor_file`; ``rate``,
+        ``timestamp_column`` and ``time_unit`` say how files are sampled)."""
         if "sensor" not in self.model.cfg.modalities:
             raise NotImplementedError("describe() needs a model with a 'sensor' modality; this one has "
                                       f"{['text', *self.model.cfg.modalities]} (train one with a sensor experiment)")
@@ -474,7 +457,7 @@ class Pretrained:
             recs = []
             for x in items[i:i + batch_size]:
                 if isinstance(x, (str, Path)):
-                    x = read_sensor_file(x, tok.cfg.channels)
+                    x = read_sensor_file(x, tok.cfg.channels, rate, timestamp_column, time_unit)
                 elif not isinstance(x, SensorRecording):
                     x = SensorRecording(values=x.cpu().numpy() if torch.is_tensor(x) else x)
                 recs.append(tok(x))
