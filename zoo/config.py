@@ -7,6 +7,8 @@ from typing import Any
 from zoo.vocab import VocabLayout
 
 MODALITY_TYPES = ("text", "image", "image_codes", "sensor")
+FFN_KINDS = ("dense", "multiway", "moe")
+ATTENTION_KINDS = ("standard", "lfa")
 
 
 @dataclass
@@ -25,6 +27,14 @@ class ModelConfig:
     norm_eps: float = 1e-5
     attn_impl: str = "auto"  # auto | sdpa | math  (auto: sdpa on CUDA, explicit math on CPU)
     grad_checkpointing: bool = False
+    # backbone variants (zoo/variants.py): feed-forward dense | multiway (BEiT-3) | moe (Switch/GLaM)
+    ffn: str = "dense"
+    num_experts: int = 4  # moe
+    moe_top_k: int = 1  # moe: 1 (Switch) or 2 (GShard/GLaM)
+    moe_capacity_factor: float = 1.25  # moe: expert capacity = factor * top_k * tokens / experts (training)
+    moe_aux_weight: float = 0.01  # moe: weight of the load-balancing loss (summed over MoE layers)
+    attention: str = "standard"  # standard | lfa (Yuan 2.0 localized filtering before self-attention)
+    lfa_kernel: int = 2  # lfa: taps of each depthwise convolution
     vocab: dict[str, Any] = field(default_factory=lambda: {"text_size": 0})
     modalities: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -33,6 +43,16 @@ class ModelConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.attn_impl not in ("auto", "sdpa", "math"):
             raise ValueError(f"attn_impl must be auto|sdpa|math, got {self.attn_impl!r}")
+        if self.ffn not in FFN_KINDS:
+            raise ValueError(f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        if self.ffn == "moe" and not 1 <= self.moe_top_k <= min(2, self.num_experts):
+            raise ValueError(f"moe_top_k must be 1 or 2 (and <= num_experts={self.num_experts}), got {self.moe_top_k}")
+        if self.ffn == "moe" and self.moe_capacity_factor <= 0:
+            raise ValueError(f"moe_capacity_factor must be > 0, got {self.moe_capacity_factor}")
+        if self.attention == "lfa" and self.lfa_kernel < 1:
+            raise ValueError(f"lfa_kernel must be >= 1, got {self.lfa_kernel}")
         if isinstance(self.vocab, VocabLayout):
             self.vocab = self.vocab.to_dict()
         unknown = set(self.modalities) - set(MODALITY_TYPES)

@@ -52,6 +52,8 @@ class KVCache:
         self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+        # attention=lfa: per layer, the last kernel-1 inputs of each causal filter convolution
+        self.filter_state: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
         self.memory_allowed: torch.Tensor | None = None  # [B,1,1,S]
         self.length = 0
         self.max_len = max_len
@@ -65,6 +67,8 @@ class KVCache:
             if self.cross[i] is not None:
                 ck, cv = self.cross[i]
                 self.cross[i] = (ck.index_select(0, index), cv.index_select(0, index))
+            if self.filter_state[i] is not None:
+                self.filter_state[i] = tuple(s.index_select(0, index) for s in self.filter_state[i])
         if self.memory_allowed is not None:
             self.memory_allowed = self.memory_allowed.index_select(0, index)
         self.length = n
@@ -130,20 +134,41 @@ class FeedForward(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+def build_ffn(cfg: ModelConfig) -> nn.Module:
+    """Dense FFN, or a variant from :mod:`zoo.variants` (``cfg.ffn``)."""
+    if cfg.ffn == "dense":
+        return FeedForward(cfg)
+    from zoo.variants import build_ffn as build_variant
+
+    return build_variant(cfg)
+
+
+def build_self_attention(cfg: ModelConfig, causal: bool) -> nn.Module:
+    """Standard self-attention, or a variant from :mod:`zoo.variants` (``cfg.attention``)."""
+    if cfg.attention == "standard":
+        return SelfAttention(cfg)
+    from zoo.variants import build_self_attention as build_variant
+
+    return build_variant(cfg, causal)
+
+
 class EncoderLayer(nn.Module):
     """Pre-norm: ``x + attn(ln(x))``, then ``x + ffn(ln(x))``."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = SelfAttention(cfg)
+        self.attn = build_self_attention(cfg, causal=False)
         self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.ffn = FeedForward(cfg)
+        self.ffn = build_ffn(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor | None,
+                route: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln1(x), allowed))
-        return x + self.drop(self.ffn(self.ln2(x)))
+        h = self.ln2(x)
+        # route: per-position input of a routed FFN (multiway: expert index; moe: real-token mask)
+        return x + self.drop(self.ffn(h) if route is None else self.ffn(h, route))
 
 
 class DecoderLayer(nn.Module):
@@ -152,16 +177,17 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.self_attn = SelfAttention(cfg)
+        self.self_attn = build_self_attention(cfg, causal=True)
         self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.cross_attn = CrossAttention(cfg)
         self.ln3 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.ffn = FeedForward(cfg)
+        self.ffn = build_ffn(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, self_allowed: torch.Tensor | None,
                 memory_kv: tuple[torch.Tensor, torch.Tensor], memory_allowed: torch.Tensor | None,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0, route: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.drop(self.self_attn(self.ln1(x), self_allowed, cache, layer))
         x = x + self.drop(self.cross_attn(self.ln2(x), memory_kv, memory_allowed))
-        return x + self.drop(self.ffn(self.ln3(x)))
+        h = self.ln3(x)
+        return x + self.drop(self.ffn(h) if route is None else self.ffn(h, route))

@@ -71,13 +71,38 @@ class UnifiedSeq2Seq(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def num_active_parameters(self) -> int:
+        """Parameters used per token (differs from :meth:`num_parameters` for multiway and MoE FFNs)."""
+        if self.cfg.ffn == "dense":
+            return self.num_parameters()
+        from zoo.variants import active_parameters
+
+        return active_parameters(self)
+
+    def moe_aux_loss(self) -> torch.Tensor | None:
+        """The MoE load-balancing loss of the last forward, summed over layers (``None`` unless ffn=moe)."""
+        if self.cfg.ffn != "moe":
+            return None
+        from zoo.variants import moe_aux_loss
+
+        return moe_aux_loss(self)
+
+    def moe_stats(self) -> dict[str, float]:
+        """Expert utilisation and dropped-token fraction of the last forward (empty unless ffn=moe)."""
+        if self.cfg.ffn != "moe":
+            return {}
+        from zoo.variants import moe_stats
+
+        return moe_stats(self)
+
     # --- encoder ------------------------------------------------------------------------------
-    def embed_segments(self, inputs: Segments, repeats: dict[str, torch.Tensor] | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed_segments(self, inputs: Segments, repeats: dict[str, torch.Tensor] | None = None,
+                       spans: list[tuple[str, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Concatenate embedded segments → ``x [B,S,d]``, ``mask [B,S]`` (True = real token).
 
         ``repeats[name]`` (``[b]`` counts summing to ``B``) embeds that segment once per row and repeats
-        each row, e.g. one image embedded once for all of its questions.
+        each row, e.g. one image embedded once for all of its questions. ``spans``, if given, receives
+        ``(modality, length)`` of every segment in order.
         """
         xs, masks = [], []
         for name, value in inputs.items():
@@ -95,6 +120,8 @@ class UnifiedSeq2Seq(nn.Module):
                 x, mask = x.repeat_interleave(repeats[name], dim=0), mask.repeat_interleave(repeats[name], dim=0)
             xs.append(x + self.type_embed.weight[MODALITY_TYPES.index(name)])
             masks.append(mask)
+            if spans is not None:
+                spans.append((name, x.shape[1]))
         if not xs:
             raise ValueError("encode() needs at least one input segment")
         return torch.cat(xs, dim=1), torch.cat(masks, dim=1)
@@ -103,15 +130,44 @@ class UnifiedSeq2Seq(nn.Module):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the encoder; returns ``memory [B,S,d]`` and its mask ``[B,S]`` (``repeats``: see
         :meth:`embed_segments`)."""
-        x, mask = self.embed_segments(inputs, repeats)
+        spans: list[tuple[str, int]] | None = [] if self.cfg.ffn == "multiway" else None
+        x, mask = self.embed_segments(inputs, repeats, spans)
         x = self.drop(x)
         allowed = None if bool(mask.all()) else mask[:, None, None, :]  # [B,1,1,S]; no padding → no masking
+        route = None if self.cfg.ffn == "dense" else self._encoder_route(mask, spans)
         for layer in self.encoder:
             if self.cfg.grad_checkpointing and self.training:
-                x = checkpoint(layer, x, allowed, use_reentrant=False)
+                x = checkpoint(layer, x, allowed, route, use_reentrant=False)
             else:
-                x = layer(x, allowed)
+                x = layer(x, allowed, route)
         return self.enc_norm(x), mask
+
+    # --- routed feed-forward inputs (ffn=multiway|moe) ----------------------------------------
+    def _encoder_route(self, mask: torch.Tensor, spans: list[tuple[str, int]] | None) -> torch.Tensor | None:
+        """Multiway: each position's expert = its segment's modality; MoE: the real-token mask."""
+        if self.cfg.ffn == "moe":
+            return None if bool(mask.all()) else mask
+        from zoo.variants import route_info
+
+        index = route_info(self.cfg)
+        ids = torch.cat([torch.full((n,), index[name], dtype=torch.long, device=mask.device) for name, n in spans])
+        return ids.expand(mask.shape[0], -1)  # [B,S]
+
+    def decoder_route(self, tgt_in: torch.Tensor) -> torch.Tensor | None:
+        """Multiway: the expert of each position's target modality, from its input token's vocabulary range
+        (image codes → ``image_codes`` when the model has that expert, all else → ``text``); MoE: real tokens."""
+        if self.cfg.ffn == "dense":
+            return None
+        if self.cfg.ffn == "moe":
+            return tgt_in != PAD_ID
+        from zoo.variants import route_info
+
+        index = route_info(self.cfg)
+        route = torch.full_like(tgt_in, index["text"])
+        if "image_codes" in index:
+            lo, hi = self.layout.ranges()["image_codes"]
+            route = route.masked_fill((tgt_in >= lo) & (tgt_in < hi), index["image_codes"])
+        return route
 
     # --- decoder ------------------------------------------------------------------------------
     def start_cache(self, memory: torch.Tensor, memory_mask: torch.Tensor, max_len: int) -> KVCache:
@@ -139,11 +195,12 @@ class UnifiedSeq2Seq(nn.Module):
             mem_kv = [layer.cross_attn.project_memory(memory) for layer in self.decoder]
         else:
             mem_allowed, mem_kv = cache.memory_allowed, cache.cross
+        route = None if self.cfg.ffn == "dense" else self.decoder_route(tgt_in)
         for i, layer in enumerate(self.decoder):
             if self.cfg.grad_checkpointing and self.training and cache is None:
-                x = checkpoint(layer, x, self_allowed, mem_kv[i], mem_allowed, use_reentrant=False)
+                x = checkpoint(layer, x, self_allowed, mem_kv[i], mem_allowed, None, 0, route, use_reentrant=False)
             else:
-                x = layer(x, self_allowed, mem_kv[i], mem_allowed, cache, i)
+                x = layer(x, self_allowed, mem_kv[i], mem_allowed, cache, i, route)
         if cache is not None:
             cache.length += t
         return self.dec_norm(x)
