@@ -122,7 +122,20 @@ class Seq2SeqTask(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
+        if self.model.cfg.ffn == "moe":  # ffn=moe: add the load-balancing loss of this forward
+            loss = self.add_moe_aux_loss(loss, len(batch["labels"]))
         return loss
+
+    def add_moe_aux_loss(self, loss: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """``loss + moe_aux_weight * aux`` (Switch load balancing); logs the aux loss, expert utilisation
+        and the dropped-token fraction as ``train/moe_*``."""
+        aux = self.model.moe_aux_loss()
+        if aux is None:
+            return loss
+        self.log("train/moe_aux_loss", aux.detach(), batch_size=batch_size)
+        for k, v in self.model.moe_stats().items():
+            self.log(f"train/{k}", v, batch_size=batch_size)
+        return loss + self.model.cfg.moe_aux_weight * aux
 
     # --- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
