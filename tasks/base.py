@@ -87,6 +87,15 @@ class Seq2SeqTask(L.LightningModule):
         self.samples: dict[str, dict[str, Any]] = {}  # stage -> first batch inputs + predictions
         self.final_metrics: dict[str, float] = {}
 
+    @property
+    def datamodule(self) -> Any:
+        """The datamodule this task reads references from: the one set by a multi-task parent, else the
+        trainer's (``None`` when not attached)."""
+        dm = self.__dict__.get("_datamodule")
+        if dm is not None:
+            return dm
+        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+
     # --- what subclasses define -------------------------------------------------------------
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
@@ -159,7 +168,9 @@ class Seq2SeqTask(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
-    def _eval_epoch_end(self, stage: str) -> None:
+    def finish_eval(self, stage: str) -> dict[str, float] | None:
+        """Gather every rank's predictions, keep them in ``self.predictions[stage]`` and score them
+        (``None`` during the sanity check)."""
         merged: dict[Any, Any] = {}
         for part in gather_objects(self._outputs):
             merged.update(part)  # keyed by record id: sampler padding duplicates collapse
@@ -168,12 +179,27 @@ class Seq2SeqTask(L.LightningModule):
             self.samples[stage] = self._samples
         self._samples = None
         if self.trainer.sanity_checking:
-            return
+            return None
         self.predictions[stage] = merged
-        metrics = self.compute_metrics(stage, merged)
-        for k, v in metrics.items():
+        return self.compute_metrics(stage, merged)
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        for k, v in (self.finish_eval(stage) or {}).items():
             self.log(f"{stage}/{k}", float(v), prog_bar=k == self.monitor_metric, rank_zero_only=False, sync_dist=False)
             self.final_metrics[f"{stage}/{k}"] = float(v)
+
+    def write_artifacts(self, folder: Path, stage: str, predictions_file: str = "predictions.json",
+                        samples_file: str = "samples.png") -> None:
+        """Write ``stage``'s predictions (official results format) and its sample grid into ``folder``."""
+        import json
+
+        from tasks.callbacks import atomic_write_text
+
+        if stage not in self.predictions:
+            return
+        preds = self.format_predictions(self.predictions[stage])
+        atomic_write_text(Path(folder) / predictions_file, json.dumps(preds, indent=1))
+        self.write_samples(Path(folder) / samples_file, stage)
 
     monitor_metric = "loss"
 

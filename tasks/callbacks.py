@@ -56,17 +56,24 @@ class RunArtifacts(L.Callback):
         self.predictions_file, self.samples_file = predictions_file, samples_file
 
     def _write(self, trainer: L.Trainer, task: Any, stage: str) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or stage not in task.predictions:
+        if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        preds = task.format_predictions(task.predictions[stage])
-        atomic_write_text(self.output_dir / self.predictions_file, json.dumps(preds, indent=1))
-        task.write_samples(self.output_dir / self.samples_file, stage)
+        task.write_artifacts(self.output_dir, stage, self.predictions_file, self.samples_file)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._write(trainer, pl_module, "val")
 
     def on_test_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._write(trainer, pl_module, "test")
+
+
+def count_targets(batch: dict[str, Any]) -> int:
+    """Decoder targets in a batch; a multi-task batch (``{task: batch}``) counts every task's."""
+    if "labels" in batch:
+        return len(batch["labels"])
+    if "ids" in batch:
+        return len(batch["ids"])
+    return sum(count_targets(b) for b in batch.values() if isinstance(b, dict))
 
 
 class Throughput(L.Callback):
@@ -83,8 +90,7 @@ class Throughput(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._t0 is not None:
             self.seconds += time.perf_counter() - self._t0
-            n = len(batch["labels"]) if "labels" in batch else len(batch["ids"])
-            self.samples += n * trainer.world_size
+            self.samples += count_targets(batch) * trainer.world_size
             self._t0 = None
 
     @property

@@ -121,32 +121,39 @@ class CaptionDataModule(L.LightningDataModule):
             self.records[split] = recs
         return self.records[split]
 
-    def prepare_data(self) -> None:
+    def ensure_data(self) -> None:
+        """Generate the embedded dataset on first use (``generate``)."""
         if self.generate == "shapes":
             from tasks.data.shapes import ShapesConfig, ensure_shapes
 
             ensure_shapes(self.root, ShapesConfig(**self.shapes_kwargs))
         elif self.generate:
             raise ValueError(f"unknown data generator {self.generate!r}; use 'shapes' or null")
+
+    def prepare_data(self) -> None:
+        self.ensure_data()
         for split, name in self.files.items():
             if name:
                 self._read(split)  # validate every split now, before the long run
         self.load_tokenizer()
 
+    tokenizer_kind = ""  # cached BPE file: tokenizer-{kind}bpe{vocab}.json
+
+    def training_texts(self) -> list[str]:
+        """Every text the model reads or writes in training (what the BPE is trained on)."""
+        self.ensure_data()
+        return [self.prompt_text, *(c for r in self._read("train") for c in r.captions)]
+
     def load_tokenizer(self) -> TextTokenizer:
-        """The text tokenizer: a given file, or a BPE trained on the training captions (cached)."""
+        """The text tokenizer: a given file, or a BPE trained on :meth:`training_texts` (cached)."""
         if self.tokenizer is None:
+            from tasks.data.tokenizer import load_or_train_bpe
+
             if self.tokenizer_path:
-                self.tokenizer = TextTokenizer.from_file(self.tokenizer_path)
+                self.tokenizer = load_or_train_bpe(self.tokenizer_path, None, self.vocab_size)
             else:
-                path = self.root / f"tokenizer-bpe{self.vocab_size}.json"
-                if not path.is_file():
-                    texts = [c for r in self._read("train") for c in r.captions]
-                    tok = TextTokenizer.train([self.prompt_text, *texts], vocab_size=self.vocab_size)
-                    tmp_dir = path.parent / f".tok-{path.stem}"
-                    tok.save(tmp_dir).replace(path)
-                    tmp_dir.rmdir()
-                self.tokenizer = TextTokenizer.from_file(path)
+                path = self.root / f"tokenizer-{self.tokenizer_kind}bpe{self.vocab_size}.json"
+                self.tokenizer = load_or_train_bpe(path, self.training_texts, self.vocab_size)
         return self.tokenizer
 
     def model_overrides(self) -> dict[str, Any]:
@@ -230,7 +237,7 @@ class CaptionTask(Seq2SeqTask):
     def compute_metrics(self, stage: str, predictions: dict[Any, str]) -> dict[str, float]:
         from tasks.metrics import caption_scores
 
-        refs = self.trainer.datamodule.references(stage)
+        refs = self.datamodule.references(stage)
         missing = set(refs) - set(predictions)
         if missing:
             raise RuntimeError(f"{len(missing)} {stage} images got no prediction (e.g. {sorted(missing)[:3]})")
@@ -246,6 +253,6 @@ class CaptionTask(Seq2SeqTask):
         s = self.samples.get(stage)
         if not s:
             return
-        pre = self.trainer.datamodule.preprocess
+        pre = self.datamodule.preprocess
         images = [pre.denormalize(x) for x in s["image"]]
         save_grid(images, s["predictions"], path)

@@ -56,4 +56,6 @@ def list_tasks() -> list[str]:
 
 register_task("caption", "tasks.caption:CaptionTask", "tasks.caption:CaptionDataModule", "shapes_captions")
 register_task("vqa", "tasks.vqa:VQATask", "tasks.vqa:VQADataModule", "shapes_vqa")
+register_task("text_to_image", "tasks.text_to_image:TextToImageTask", "tasks.text_to_image:T2IDataModule", "shapes_t2i")
+register_task("multitask", "tasks.multitask:MultitaskTask", "tasks.multitask:MultitaskDataModule", "multitask")
 register_task("sensor_to_text", "tasks.sensor_to_text:SensorToTextTask", "tasks.sensor_to_text:SensorTextDataModule", "motion")

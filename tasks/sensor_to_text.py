@@ -178,31 +178,34 @@ class SensorTextDataModule(L.LightningDataModule):
             self._recs[split] = [read_recording(r.path, channels, r.rate, **self.read_kwargs) for r in self._read(split)]
         return self._recs[split]
 
-    def prepare_data(self) -> None:
+    def ensure_data(self) -> None:
+        """Generate the embedded dataset on first use (``generate``)."""
         if self.generate == "motion":
             from tasks.data.motion import MotionConfig, ensure_motion
 
             ensure_motion(self.root, MotionConfig(**self.motion_kwargs))
         elif self.generate:
             raise ValueError(f"unknown data generator {self.generate!r}; use 'motion' or null")
+
+    def prepare_data(self) -> None:
+        self.ensure_data()
         self.load_tokenizer()
         if self.sensor_cfg is None:
             self.sensor_cfg = SensorTokenizer(self.base_cfg).fit(self.recordings("train"))
 
+    def training_texts(self) -> list[str]:
+        """The instruction and the training descriptions (what the BPE is trained on)."""
+        self.ensure_data()
+        return [self.prompt_text, *(d for r in self._read("train") for d in r.descriptions)]
+
     def load_tokenizer(self) -> TextTokenizer:
-        """The text tokenizer: a given file, or a BPE trained on the training descriptions (cached)."""
+        """The text tokenizer: a given file, or a BPE trained on :meth:`training_texts` (cached)."""
         if self.tokenizer is None:
-            if self.tokenizer_path:
-                self.tokenizer = TextTokenizer.from_file(self.tokenizer_path)
-            else:
-                path = self.root / f"tokenizer-bpe{self.vocab_size}.json"
-                if not path.is_file():
-                    texts = [d for r in self._read("train") for d in r.descriptions]
-                    tok = TextTokenizer.train([self.prompt_text, *texts], vocab_size=self.vocab_size)
-                    tmp_dir = path.parent / f".tok-{path.stem}"
-                    tok.save(tmp_dir).replace(path)
-                    tmp_dir.rmdir()
-                self.tokenizer = TextTokenizer.from_file(path)
+            from tasks.data.tokenizer import load_or_train_bpe
+
+            path = self.tokenizer_path or self.root / f"tokenizer-bpe{self.vocab_size}.json"
+            self.tokenizer = load_or_train_bpe(path, None if self.tokenizer_path else self.training_texts,
+                                               self.vocab_size)
         return self.tokenizer
 
     def model_overrides(self) -> dict[str, Any]:
@@ -297,7 +300,7 @@ class SensorToTextTask(Seq2SeqTask):
     def compute_metrics(self, stage: str, predictions: dict[Any, str]) -> dict[str, float]:
         from tasks.metrics import caption_scores
 
-        dm = self.trainer.datamodule
+        dm = self.datamodule
         refs = dm.references(stage)
         missing = set(refs) - set(predictions)
         if missing:

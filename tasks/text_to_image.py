@@ -111,17 +111,12 @@ class T2IDataModule(CaptionDataModule):
             self.image_tokenizer = ImageCodeTokenizer.from_pretrained(folder)
         return self.image_tokenizer
 
-    def load_tokenizer(self) -> TextTokenizer:
-        """A BPE trained on the training captions and the instruction (its own cached file)."""
-        if self.tokenizer is None and not self.tokenizer_path:
-            path = self.root / f"tokenizer-t2i-bpe{self.vocab_size}.json"
-            if not path.is_file():
-                texts = [t2i_prompt(""), *(c for r in self._read("train") for c in r.captions)]
-                tmp_dir = path.parent / f".tok-{path.stem}"
-                TextTokenizer.train(texts, vocab_size=self.vocab_size).save(tmp_dir).replace(path)
-                tmp_dir.rmdir()
-            self.tokenizer = TextTokenizer.from_file(path)
-        return super().load_tokenizer()
+    tokenizer_kind = "t2i-"
+
+    def training_texts(self) -> list[str]:
+        """The instruction and the training captions (the texts the model reads)."""
+        self.ensure_data()
+        return [t2i_prompt(""), *(c for r in self._read("train") for c in r.captions)]
 
     def split_codes(self, split: str) -> torch.Tensor:
         """Raw codes ``[N, h*w]`` of the split's images (row order of the split), cached on disk."""
@@ -227,7 +222,7 @@ class TextToImageTask(Seq2SeqTask):
 
     # --- wiring -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dm = self.datamodule
         if dm is not None and hasattr(dm, "load_image_tokenizer"):
             # a plain attribute, not a submodule: the VQ is frozen and lives in its own folder
             object.__setattr__(self, "image_tokenizer", dm.load_image_tokenizer().eval())
@@ -240,7 +235,7 @@ class TextToImageTask(Seq2SeqTask):
         if self._probe is None:
             from tasks.probe import ensure_probe, load_probe
 
-            path = self.probe_path or ensure_probe(self.trainer.datamodule.root, **(self.hparams.probe_train or {}))
+            path = self.probe_path or ensure_probe(self.datamodule.root, **(self.hparams.probe_train or {}))
             self._probe = load_probe(path)
         return self._probe
 
@@ -289,7 +284,7 @@ class TextToImageTask(Seq2SeqTask):
     def compute_metrics(self, stage: str, predictions: dict[Any, list[int]]) -> dict[str, float]:
         from tasks.probe import REQUIRED_ACCURACY, frechet_distance, probe_features, score_attributes
 
-        dm = self.trainer.datamodule
+        dm = self.datamodule
         ids = [r.image_id for r in dm.eval_records(stage)]
         missing = [i for i in ids if i not in predictions]
         if missing:

@@ -126,6 +126,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics.update(task.final_metrics)
     if trainer.is_global_zero:
         write_metrics(out / "metrics.json", metrics)
+        if hasattr(task, "report"):
+            print(f"[mmzoo] summary:\n{task.report()}")
         print("[mmzoo] final metrics:")
         for k, v in sorted(metrics.items()):
             print(f"  {k:28s} {v:.4f}")

@@ -185,7 +185,8 @@ class VQADataModule(L.LightningDataModule):
         self.records[split] = recs
         return recs
 
-    def prepare_data(self) -> None:
+    def ensure_data(self) -> None:
+        """Generate the embedded dataset on first use (``generate``)."""
         if self.generate == "shapes":
             from tasks.data.shapes import ShapesConfig
             from tasks.data.shapes_vqa import ensure_shapes_vqa
@@ -193,33 +194,35 @@ class VQADataModule(L.LightningDataModule):
             ensure_shapes_vqa(self.root, ShapesConfig(**self.shapes_kwargs))
         elif self.generate:
             raise ValueError(f"unknown data generator {self.generate!r}; use 'shapes' or null")
+
+    def prepare_data(self) -> None:
+        self.ensure_data()
         for split in self.splits:
             self.read(split)  # fail here, before the long run
         self.load_tokenizer()
 
-    def load_tokenizer(self) -> TextTokenizer:
-        """A given tokenizer file, or a BPE trained on the training questions and answers (and the
-        auxiliary captions), cached next to the data."""
-        if self.tokenizer is None:
-            if self.tokenizer_path:
-                self.tokenizer = TextTokenizer.from_file(self.tokenizer_path)
-            else:
-                kind = "vqa-cap" if self.aux_captions else "vqa"
-                path = self.root / f"tokenizer-{kind}-bpe{self.vocab_size}.json"
-                if not path.is_file():
-                    recs = self.read("train")
-                    texts = [r.question for r in recs] + [a for r in recs for a in r.answers]
-                    if self.aux_captions:
-                        from tasks.data.coco import read_coco_captions
-                        from zoo.instructions import CAPTION_PROMPT
+    def training_texts(self) -> list[str]:
+        """Training questions and answers (and the auxiliary captions): what the BPE is trained on."""
+        self.ensure_data()
+        recs = self.read("train")
+        texts = [r.question for r in recs] + [a for r in recs for a in r.answers]
+        if self.aux_captions:
+            from tasks.data.coco import read_coco_captions
+            from zoo.instructions import CAPTION_PROMPT
 
-                        caps = read_coco_captions(self.root / self.aux_captions, self.image_root, check_files=False)
-                        texts += [CAPTION_PROMPT, *(c for r in caps for c in r.captions)]
-                    tok = TextTokenizer.train(texts, vocab_size=self.vocab_size)
-                    tmp_dir = path.parent / f".tok-{path.stem}-{id(self)}"
-                    tok.save(tmp_dir).replace(path)
-                    tmp_dir.rmdir()
-                self.tokenizer = TextTokenizer.from_file(path)
+            caps = read_coco_captions(self.root / self.aux_captions, self.image_root, check_files=False)
+            texts += [CAPTION_PROMPT, *(c for r in caps for c in r.captions)]
+        return texts
+
+    def load_tokenizer(self) -> TextTokenizer:
+        """A given tokenizer file, or a BPE trained on :meth:`training_texts`, cached next to the data."""
+        if self.tokenizer is None:
+            from tasks.data.tokenizer import load_or_train_bpe
+
+            kind = "vqa-cap" if self.aux_captions else "vqa"
+            path = self.tokenizer_path or self.root / f"tokenizer-{kind}-bpe{self.vocab_size}.json"
+            self.tokenizer = load_or_train_bpe(path, None if self.tokenizer_path else self.training_texts,
+                                               self.vocab_size)
         return self.tokenizer
 
     def model_overrides(self) -> dict[str, Any]:
@@ -333,7 +336,7 @@ class VQATask(Seq2SeqTask):
 
     # --- candidates ---------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dm = self.datamodule
         if self.candidates is None and dm is not None and hasattr(dm, "answer_candidates") and dm.has_split("train"):
             self.candidates = dm.answer_candidates()
 
@@ -426,7 +429,7 @@ class VQATask(Seq2SeqTask):
     def compute_metrics(self, stage: str, predictions: dict[Any, str]) -> dict[str, float]:
         from tasks.metrics import vqa_scores
 
-        refs = self.trainer.datamodule.references(stage)
+        refs = self.datamodule.references(stage)
         missing = set(refs) - set(predictions)
         limit = getattr(self.trainer, f"limit_{stage}_batches", 1.0)
         if missing and (self.trainer.fast_dev_run or limit != 1.0):  # a deliberately partial pass
@@ -450,7 +453,7 @@ class VQATask(Seq2SeqTask):
         s = self.samples.get(stage)
         if not s:
             return
-        pre = self.trainer.datamodule.preprocess
+        pre = self.datamodule.preprocess
         lo = self.layout.text_start
         questions = self.tokenizer.decode_batch(
             [[t - lo for t in row if t != PAD_ID] for row in s["prompt_ids"].tolist()])

@@ -32,11 +32,34 @@ def _experiment_data(experiment: str, shapes_root: Path, tmp_path: Path) -> list
                                      "data.vq.max_steps=2", "data.vq.task.vq.channels=[8,8,8,8]",
                                      "data.vq.task.vq.num_codes=16", "data.vq.data.batch_size=4",
                                      "task.probe_train.epochs=1"]
+    if experiment == "multitask":
+        return multitask_overrides(shapes_root, tmp_path)
     return _data(shapes_root)
+
+
+def multitask_overrides(shapes_root: Path, tmp_path: Path) -> list[str]:
+    """Tiny-model, tiny-data overrides for experiment=multitask (per task under data.tasks/task.tasks)."""
+    out = ["model=test_tiny", "+model.overrides.max_positions=80", "data.tokenizer_vocab_size=300",
+           f"data.root={tmp_path}/multitask", "task.tasks.text_to_image.probe_train.epochs=1"]
+    for t in ("caption", "vqa", "text_to_image", "sensor_to_text"):
+        out += [f"data.tasks.{t}.num_workers=0", f"data.tasks.{t}.batch_size=4", f"data.tasks.{t}.eval_batch_size=16"]
+    for t in ("caption", "vqa", "sensor_to_text"):
+        out.append(f"task.tasks.{t}.max_new_tokens=8")
+    for t in ("caption", "vqa", "text_to_image"):
+        out += [f"data.tasks.{t}.root={shapes_root}", f"data.tasks.{t}.shapes.n_train=64",
+                f"data.tasks.{t}.shapes.n_val=16", f"data.tasks.{t}.shapes.n_test=16"]
+    vq = "data.tasks.text_to_image.vq"
+    out += ["data.tasks.text_to_image.max_prompt_len=48", f"{vq}.max_steps=2", f"{vq}.task.vq.channels=[8,8,8,8]",
+            f"{vq}.task.vq.num_codes=16", f"{vq}.data.batch_size=4"]
+    out += [f"data.tasks.sensor_to_text.root={tmp_path}/motion", "data.tasks.sensor_to_text.motion.n_train=32",
+            "data.tasks.sensor_to_text.motion.n_val=8", "data.tasks.sensor_to_text.motion.n_test=8"]
+    return out
 
 
 def _tiny(experiment: str) -> list[str]:
     """TINY, less the entries an experiment's configs lack."""
+    if experiment == "multitask":
+        return []
     if experiment == "vq_shapes":
         return [o for o in TINY if not o.startswith(("data.tokenizer_vocab_size", "task.max_new_tokens"))]
     return TINY
