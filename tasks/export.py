@@ -1,7 +1,8 @@
 """``zoo-export ckpt=<path> out=<dir>``: a Lightning training checkpoint → a loadable model folder.
 
 The checkpoint must come from an mmzoo run: it carries ``checkpoint["mmzoo"]`` (model config, tokenizer,
-task) and the task's weights under the ``model.`` prefix; fine-tuning runs add
+task; text-to-image runs also the path of their VQ tokenizer folder, copied into the export as
+``image_codes/``) and the task's weights under the ``model.`` prefix; fine-tuning runs add
 ``checkpoint["mmzoo_finetune"]`` (starting point, mode, LoRA settings; LoRA is merged on export).
 
 A ``.ckpt`` is a pickle: export only your own / trusted checkpoints. It is read with
@@ -17,14 +18,19 @@ from typing import Any
 import torch
 
 USAGE = """usage: zoo-export ckpt=<run>/checkpoints/best.ckpt out=<folder> [adapter_out=<folder>] [name=<title>]
-                  [push_to_hub=<org/name>] [unsafe_pickle=false]
+                  [push_to_hub=<org/name>] [unsafe_pickle=false] [vq=<VQ tokenizer folder>]
+
+Text-to-image checkpoints name the VQ tokenizer folder they were trained with; it is copied into
+<out>/image_codes/. vq= overrides that path (e.g. when the checkpoint moved to another machine).
 
 Writes config.json, model.safetensors, tokenizer.json and a README.md model card (training data, metrics
 and the reproducing command are read from the run directory when the checkpoint sits in one)."""
 
 
 #: Task hyper-parameters that matter at inference and go into config.json's "tasks" entry.
-TASK_SETTINGS = ("max_new_tokens", "num_beams", "length_penalty", "decoding")
+TASK_SETTINGS = ("max_new_tokens", "num_beams", "length_penalty", "decoding",
+                 # text-to-image sampling (zoo.pretrained.T2I_GENERATION)
+                 "guidance_scale", "do_sample", "temperature", "top_k", "top_p", "use_cache", "seed")
 
 
 def read_checkpoint(path: str | Path, unsafe_pickle: bool = False) -> dict[str, Any]:
@@ -52,9 +58,37 @@ def _model_state(ckpt: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def vq_folder_for(ckpt: dict[str, Any], where: str, vq: str | Path | None = None) -> Path | None:
+    """The VQ tokenizer folder a text-to-image (or multi-task) checkpoint was trained with (``vq`` overrides
+    its path); ``None`` for checkpoints without text-to-image."""
+    meta = ckpt["mmzoo"]
+    path = vq or meta.get("vq_tokenizer") or (meta.get("tasks") or {}).get("text_to_image", {}).get("vq_tokenizer")
+    if path is None:
+        if meta.get("task") == "text_to_image":
+            raise ValueError(f"{where}: a text_to_image checkpoint without a VQ tokenizer path; pass vq=<folder>")
+        return None
+    folder = Path(path)
+    if not folder.is_dir() and not folder.is_absolute():  # relative to the run directory
+        run = Path(where).resolve().parent
+        folder = next((r / path for r in (run, run.parent, run.parent.parent) if (r / path).is_dir()), folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{where}: its VQ tokenizer folder {str(path)!r} does not exist here; pass "
+                                "vq=<folder> (the data.vq_path / vq_tokenizers/<hash> folder it was trained with)")
+    return folder
+
+
+def image_tokenizer_for(ckpt: dict[str, Any], where: str, vq: str | Path | None = None) -> Any:
+    """The VQ image-code tokenizer of :func:`vq_folder_for`, loaded; ``None`` for checkpoints without one."""
+    from modalities.image_codes import ImageCodeTokenizer
+
+    folder = vq_folder_for(ckpt, where, vq)
+    return None if folder is None else ImageCodeTokenizer.from_pretrained(folder).eval()
+
+
 def bundle_from_checkpoint(ckpt: dict[str, Any], where: str = "checkpoint",
-                           adapter_out: str | Path | None = None) -> Any:
-    """Rebuild the :class:`zoo.pretrained.Pretrained` bundle of a training checkpoint (LoRA merged)."""
+                           adapter_out: str | Path | None = None, vq: str | Path | None = None) -> Any:
+    """Rebuild the :class:`zoo.pretrained.Pretrained` bundle of a training checkpoint (LoRA merged; the VQ
+    image tokenizer attached for text-to-image, from ``vq`` or the path the checkpoint recorded)."""
     from modalities.text import TextTokenizer
     from zoo.model import UnifiedSeq2Seq
     from zoo.pretrained import Pretrained, model_config_from_dict
@@ -81,8 +115,17 @@ def bundle_from_checkpoint(ckpt: dict[str, Any], where: str = "checkpoint",
     if meta.get("candidates"):  # closed-set VQA answers
         gen["candidates"] = list(meta["candidates"])
     tasks = dict(ft.get("tasks") or {})
-    tasks[meta.get("task", "seq2seq")] = gen
-    return Pretrained(model=model, tokenizer=tokenizer, tasks=tasks, source=where)
+    if meta.get("task") == "multitask":  # one entry per trained task, each with its own settings
+        for name, settings in (hp.get("tasks") or {}).items():
+            tasks[name] = {k: settings[k] for k in TASK_SETTINGS if k in settings}
+            if (meta.get("tasks") or {}).get(name, {}).get("candidates"):
+                tasks[name]["candidates"] = list(meta["tasks"][name]["candidates"])
+    else:
+        tasks[meta.get("task", "seq2seq")] = gen
+    image_tokenizer = image_tokenizer_for(ckpt, where, vq)
+    if image_tokenizer is not None:
+        image_tokenizer.check_layout(model.layout)
+    return Pretrained(model=model, tokenizer=tokenizer, tasks=tasks, source=where, image_tokenizer=image_tokenizer)
 
 
 def run_card(ckpt_path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -127,11 +170,11 @@ def run_card(ckpt_path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
 
 
 def export(ckpt_path: str | Path, out: str | Path, *, adapter_out: str | Path | None = None,
-           card: dict[str, Any] | None = None, unsafe_pickle: bool = False) -> Path:
+           card: dict[str, Any] | None = None, unsafe_pickle: bool = False, vq: str | Path | None = None) -> Path:
     """Write the model folder for a training checkpoint; returns the folder."""
     ckpt_path = Path(ckpt_path)
     ckpt = read_checkpoint(ckpt_path, unsafe_pickle)
-    bundle = bundle_from_checkpoint(ckpt, str(ckpt_path), adapter_out)
+    bundle = bundle_from_checkpoint(ckpt, str(ckpt_path), adapter_out, vq)
     return bundle.save_pretrained(out, card={"load_as": str(out), **run_card(ckpt_path, ckpt), **(card or {})})
 
 
@@ -140,15 +183,15 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parse_kv(sys.argv[1:] if argv is None else argv,
                     {"ckpt": ..., "out": ..., "adapter_out": None, "name": None, "push_to_hub": None,
-                     "unsafe_pickle": False}, USAGE)
+                     "unsafe_pickle": False, "vq": None}, USAGE)
     card = {"name": args["name"]} if args["name"] else {}
     if args["push_to_hub"]:
         card["load_as"] = f"hf-hub:{args['push_to_hub']}"
     folder = export(args["ckpt"], args["out"], adapter_out=args["adapter_out"], card=card,
-                    unsafe_pickle=args["unsafe_pickle"])
+                    unsafe_pickle=args["unsafe_pickle"], vq=args["vq"])
     print(f"[mmzoo] exported {args['ckpt']} -> {folder}")
-    for p in sorted(folder.iterdir()):
-        print(f"  {p.name:20s} {p.stat().st_size:>12,d} bytes")
+    for p in sorted(f for f in folder.rglob("*") if f.is_file()):
+        print(f"  {p.relative_to(folder).as_posix():48s} {p.stat().st_size:>12,d} bytes")
     if args["push_to_hub"]:
         from zoo.hub import upload_folder
 

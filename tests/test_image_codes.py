@@ -4,10 +4,9 @@ import json
 import pytest
 import torch
 
+from conftest import TINY_VQ
 from modalities.image_codes import ImageCodeTokenizer, VQConfig
 from zoo.vocab import VocabLayout
-
-TINY_VQ = dict(channels=[8, 8, 8, 8], num_codes=16, latent_channels=4, norm_num_groups=4)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -20,9 +19,8 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def tok():
-    torch.manual_seed(0)
-    return ImageCodeTokenizer.from_config(VQConfig(**TINY_VQ)).eval()
+def tok(tiny_vq):
+    return tiny_vq  # the shared micro VQ (tests/conftest.py)
 
 
 def test_round_trip_shapes_and_code_range(tok):

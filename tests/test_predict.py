@@ -142,3 +142,89 @@ def test_sensor_csv_files(model_dir, tmp_path, capsys):
     assert no_ts == bundle.describe(str(tmp_path / "plain" / "a.csv"))  # same 4-decimal values, same sampling
     with pytest.raises(SystemExit, match="no timestamp column 'timestamp'"):
         main([f"pretrained={model_dir}", "task=sensor", f"input={tmp_path / 'plain' / 'b.csv'}"])
+
+
+# --- text-to-image ---------------------------------------------------------------------------------
+def _task_codes(task, texts: list[str], batch_size: int) -> list[list[int]]:
+    """Codes of the in-memory training task's evaluation path: its prompts, batches and seeded generator."""
+    from tasks.data.collate import pad_ids
+    from zoo.instructions import t2i_prompt
+
+    off = task.layout.text_start
+    prompts = [[t + off for t in ids] for ids in task.tokenizer.encode_batch([t2i_prompt(c) for c in texts], 64)]
+    task._gen = None  # what on_validation_epoch_start does: the seed restarts
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids, mask = pad_ids(prompts[i:i + batch_size])
+        out += task.decode_outputs(task.generate_tokens({"prompt_ids": ids, "prompt_mask": mask}))
+    return out
+
+
+def test_t2i_export_layout_and_round_trip_codes(t2i_export):
+    from conftest import T2I_CAPTIONS
+
+    folder, task = t2i_export
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["image_codes"] == {"folder": "image_codes", "format": "diffusers.VQModel", "num_codes": 16,
+                                  "grid": [8, 8], "image_size": 64}
+    assert sorted(p.name for p in (folder / "image_codes").iterdir()) == ["config.json",
+                                                                         "diffusion_pytorch_model.safetensors"]
+    saved = cfg["tasks"]["text_to_image"]
+    assert (saved["guidance_scale"], saved["top_k"], saved["seed"]) == (2.5, 6, 7)
+    loaded = zoo.load(folder)
+    sd, sd2 = task.image_tokenizer.state_dict(), loaded.image_tokenizer.state_dict()
+    assert all(torch.equal(sd[k], sd2[k]) for k in sd)
+    # the saved sampling settings and seed reproduce the task's evaluation, batch for batch
+    for bs in (3, 2):
+        codes = loaded.generate_image_codes(T2I_CAPTIONS, batch_size=bs)
+        assert codes.shape == (3, 64) and 0 <= int(codes.min()) and int(codes.max()) < 16  # exactly h*w codes
+        assert codes.tolist() == _task_codes(task, T2I_CAPTIONS, bs)
+    # overrides: another seed / unguided sampling change the codes; unguided == the task at guidance 1
+    ref = loaded.generate_image_codes(T2I_CAPTIONS)
+    assert not torch.equal(loaded.generate_image_codes(T2I_CAPTIONS, seed=8), ref)
+    task.hparams.guidance_scale = 1.0
+    try:
+        assert loaded.generate_image_codes(T2I_CAPTIONS, guidance_scale=1.0).tolist() == \
+            _task_codes(task, T2I_CAPTIONS, 3)
+    finally:
+        task.hparams.guidance_scale = 2.5
+    # without the KV cache: the same codes
+    assert torch.equal(loaded.generate_image_codes(T2I_CAPTIONS, use_cache=False), ref)
+
+
+def test_generate_image_returns_pil_images(t2i_export):
+    folder, task = t2i_export
+    bundle = zoo.load(folder)
+    images = bundle.generate_image(["a small red circle", "a yellow triangle"], seed=3)
+    assert isinstance(images, list) and len(images) == 2
+    assert all(isinstance(im, Image.Image) and im.size == (64, 64) and im.mode == "RGB" for im in images)
+    one = bundle.generate_image("a small red circle", seed=3)  # one prompt in, one image out
+    assert isinstance(one, Image.Image)
+    assert np.array_equal(np.asarray(one), np.asarray(bundle.generate_image(["a small red circle"], seed=3)[0]))
+    pixels = bundle.generate_image(["a small red circle"], seed=3, output_type="pt")
+    codes = bundle.generate_image_codes(["a small red circle"], seed=3)
+    assert torch.equal(pixels, task.image_tokenizer.decode(codes))  # the VQ decoder of the codes
+    with pytest.raises(ValueError, match="output_type"):
+        bundle.generate_image("x", output_type="np")
+
+
+def test_zoo_predict_t2i_writes_pngs(t2i_export, tmp_path, capsys):
+    folder, _ = t2i_export
+    out = tmp_path / "gen"
+    main([f"pretrained={folder}", "task=t2i", "input=a small red circle", f"output={out}"])
+    rows = _lines(capsys)
+    assert rows == [{"text": "a small red circle", "image": str(out / "0000.png")}]
+    expected = zoo.load(folder).generate_image("a small red circle")
+    assert np.array_equal(np.asarray(Image.open(out / "0000.png").convert("RGB")), np.asarray(expected))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a small red circle\n\na yellow triangle\na large blue square\n")
+    main([f"pretrained={folder}", "task=t2i", f"input={prompts}", f"out={tmp_path / 'many'}", "batch_size=2",
+          "guidance_scale=1.5", "seed=11"])
+    rows = _lines(capsys)
+    assert [r["text"] for r in rows] == ["a small red circle", "a yellow triangle", "a large blue square"]
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["0000.png", "0001.png", "0002.png"]
+    again = zoo.load(folder).generate_image(["a small red circle", "a yellow triangle", "a large blue square"],
+                                            batch_size=2, guidance_scale=1.5, seed=11)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "many" / "0002.png").convert("RGB")), np.asarray(again[2]))
+    with pytest.raises(SystemExit, match="matches no file"):
+        main([f"pretrained={folder}", "task=t2i", f"input={tmp_path / 'missing.txt'}"])

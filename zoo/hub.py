@@ -154,26 +154,29 @@ def upload_folder(folder: str | Path, repo_id: str, *, private: bool | None = No
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", revision=revision,
                              commit_message=commit_message or "Upload mmzoo model",
-                             allow_patterns=["config.json", "model.safetensors", "tokenizer.json", "README.md"])
+                             allow_patterns=["config.json", "model.safetensors", "tokenizer.json", "README.md",
+                                             "image_codes/config.json", "image_codes/*.safetensors"])
     return str(getattr(info, "commit_url", info))
 
 
 def add_to_cache(folder: str | Path, repo_id: str, *, revision: str = "main",
                  cache_dir: str | Path | None = None) -> str:
     """Copy a saved model folder into a Hub cache as ``repo_id`` at branch ``revision`` (for air-gapped
-    machines: what a download would have left). Returns the snapshot's commit hash (content-derived)."""
+    machines: what a download would have left), subfolders (``image_codes/``) included. Returns the snapshot's
+    commit hash (content-derived)."""
     folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.is_file())
+    files = sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
     h = hashlib.sha1()
     for p in files:
-        h.update(p.name.encode())
-        h.update(hashlib.sha1(p.read_bytes()).digest())
+        h.update(p.as_posix().encode())
+        h.update(hashlib.sha1((folder / p).read_bytes()).digest())
     commit = h.hexdigest()
     repo = Path(cache_dir or hub_cache_dir()) / f"models--{repo_id.replace('/', '--')}"
     snap = repo / "snapshots" / commit
     snap.mkdir(parents=True, exist_ok=True)
     for p in files:
-        shutil.copy2(p, snap / p.name)
+        (snap / p).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(folder / p, snap / p)
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / revision).write_text(commit)
     return commit

@@ -3,10 +3,12 @@
     zoo-predict pretrained=<arch.tag|folder|hf-hub:org/name> task=caption input=cat.jpg
     zoo-predict pretrained=... task=vqa input='imgs/*.png' question="what colour is the circle?"
     zoo-predict pretrained=... task=vqa input=questions.jsonl        # {"image": ..., "question": ...} per line
-    zoo-predict pretrained=... task=t2i input=prompts.txt out=generated/
+    zoo-predict pretrained=... task=t2i input=prompts.txt out=generated/   # one prompt per line
+    zoo-predict pretrained=... task=t2i input="a red circle" output=generated/ guidance_scale=3 seed=0
     zoo-predict pretrained=... task=sensor input=recordings/ out=descriptions.json
 
-Results print as JSON lines, or go to ``out`` (a ``.json`` file; a folder for ``t2i`` images).
+Results print as JSON lines, or go to ``out`` (``output`` is the same; a ``.json`` file; a folder of PNG files
+for ``t2i``, whose JSON lines print).
 """
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SENSOR_EXTS = {".npy", ".npz", ".csv", ".tsv"}
 USAGE = __doc__.strip() + """
 
-arguments: pretrained= task= input= [question=] [text=] [out=] [batch_size=32] [max_new_tokens=] [num_beams=]
-           [device=cpu] [revision=] [allow_pickle=false] [precision=fp32|bf16]
+arguments: pretrained= task= input= [question=] [text=] [out=|output=] [batch_size=32] [max_new_tokens=] [num_beams=]
+           [device=cpu] [revision=] [allow_pickle=false] [precision=fp32|bf16] [quantize=none|int8]
+t2i:           [guidance_scale=<saved, 3.0>] [seed=<saved, 0>]
 sensor files:  [timestamp_column=timestamp|null] [time_unit=s|ms|us|ns] [rate=<Hz, files without timestamps>]"""
 
 
@@ -59,19 +62,25 @@ def read_vqa_records(path: Path) -> list[dict[str, Any]]:
 
 
 def read_prompts(spec: str | None, text: str | None) -> list[str]:
+    """``text``, or the prompts of ``spec``: a ``.txt`` file / folder / glob (one prompt per line), else
+    ``spec`` itself as the one prompt."""
     if text:
         return [text]
     if not spec:
-        raise ValueError("t2i needs text=... or input=<file with one prompt per line>")
+        raise ValueError("t2i needs text=... or input=<prompt | .txt file with one prompt per line>")
+    p = Path(spec)
+    if not p.exists() and not glob.glob(spec) and not spec.endswith(".txt"):
+        return [spec]  # a literal prompt
     lines = [l.strip() for f in collect_files(spec, {".txt"}) for l in f.read_text(encoding="utf-8").splitlines()]
     return [l for l in lines if l]
 
 
 def predict(bundle: Any, task: str, inputs: str | None, *, question: str | None = None, text: str | None = None,
             batch_size: int = 32, out: str | None = None, sensor_read: dict[str, Any] | None = None,
-            **gen: Any) -> list[dict[str, Any]]:
+            t2i: dict[str, Any] | None = None, **gen: Any) -> list[dict[str, Any]]:
     """Run ``task`` over the inputs; returns one JSON-able record per input. ``sensor_read`` holds
-    :meth:`Pretrained.describe`'s file-reading options (``rate``, ``timestamp_column``, ``time_unit``)."""
+    :meth:`Pretrained.describe`'s file-reading options (``rate``, ``timestamp_column``, ``time_unit``),
+    ``t2i`` :meth:`Pretrained.generate_image`'s sampling options (``guidance_scale``, ``seed``, ...)."""
     gen = {k: v for k, v in gen.items() if v is not None}
     if task == "caption":
         files = collect_files(_need(inputs, task), IMAGE_EXTS)
@@ -94,7 +103,8 @@ def predict(bundle: Any, task: str, inputs: str | None, *, question: str | None 
         return [{"input": str(f), "description": d} for f, d in zip(files, descs)]
     if task == "t2i":
         prompts = read_prompts(inputs, text)
-        images = bundle.generate_image(prompts, **{k: v for k, v in gen.items() if k == "num_beams"})
+        images = bundle.generate_image(prompts, batch_size=batch_size,
+                                       **{k: v for k, v in (t2i or {}).items() if v is not None})
         folder = Path(out or "t2i_outputs")
         if folder.suffix == ".json":
             folder = folder.with_suffix("")
@@ -133,8 +143,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_kv(sys.argv[1:] if argv is None else list(argv),
                     {"pretrained": ..., "task": ..., "input": None, "question": None, "text": None, "out": None,
                      "batch_size": 32, "max_new_tokens": None, "num_beams": None, "device": None, "revision": None,
-                     "allow_pickle": False, "precision": "fp32", "timestamp_column": "timestamp", "time_unit": "s",
-                     "rate": None}, USAGE)
+                     "allow_pickle": False, "precision": "fp32", "quantize": "none", "timestamp_column": "timestamp", "time_unit": "s",
+                     "rate": None, "guidance_scale": None, "seed": None, "output": None}, USAGE)
     if args["task"] not in TASKS:
         raise SystemExit(f"error: task must be one of {TASKS}, got {args['task']!r}")
     from zoo.hub import load
@@ -143,14 +153,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         bundle = load(args["pretrained"], revision=args["revision"], allow_pickle=args["allow_pickle"],
                       device=args["device"])
         bundle.precision = args["precision"]
+        if args["quantize"] != "none":  # dynamic int8 linear layers (CPU), see zoo/compress.py
+            from zoo.compress import apply_quantize
+
+            bundle = apply_quantize(bundle, args["quantize"])
         gen = {k: int(args[k]) for k in ("max_new_tokens", "num_beams") if args[k] is not None}
+        t2i = {"guidance_scale": float(args["guidance_scale"]) if args["guidance_scale"] is not None else None,
+               "seed": int(args["seed"]) if args["seed"] is not None else None}
         sensor_read = {"timestamp_column": args["timestamp_column"], "time_unit": args["time_unit"],
                        "rate": float(args["rate"]) if args["rate"] is not None else None}
         results = predict(bundle, args["task"], args["input"], question=args["question"], text=args["text"],
-                          batch_size=args["batch_size"], out=args["out"], sensor_read=sensor_read, **gen)
+                          batch_size=args["batch_size"], out=args["out"] or args["output"], sensor_read=sensor_read,
+                          t2i=t2i, **gen)
     except (OSError, ValueError, NotImplementedError) as e:
         raise SystemExit(f"error: {e}") from None
-    out = args["out"]
+    out = args["out"] or args["output"]
     if out and args["task"] != "t2i":
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,8 @@ A saved model is a folder::
                        fitted statistics) + "mmzoo_version", "format" and "tasks" (task -> generation settings)
     model.safetensors  the weights (the only weight format loaded without an explicit opt-in)
     tokenizer.json     the text tokenizer
+    image_codes/       text-to-image models only: the VQ image-code tokenizer, a diffusers ``VQModel`` folder
+                       (config.json + diffusion_pytorch_model.safetensors), named by config.json's "image_codes"
     README.md          the model card
 
 Loading never executes code from the folder: no pickle unless ``allow_pickle=True``, no ``_target_``, and
@@ -32,11 +34,15 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"
 FORMAT_VERSION = 1
-META_KEYS = ("mmzoo_version", "format", "tasks")
+IMAGE_CODES_DIR = "image_codes"
+META_KEYS = ("mmzoo_version", "format", "tasks", "image_codes")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # timm/open_clip keyword arguments that would make a loaded config fetch or unpickle other files
 _UNSAFE_BACKBONE_KWARGS = {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir"}
 DEFAULT_GENERATION = {"max_new_tokens": 32, "num_beams": 1, "length_penalty": 1.0}
+#: text-to-image sampling defaults (those of tasks/text_to_image.py); a model's "text_to_image" task entry overrides
+T2I_GENERATION = {"guidance_scale": 3.0, "do_sample": True, "temperature": 1.0, "top_k": 32, "top_p": 1.0,
+                  "use_cache": True, "seed": 0}
 
 
 class UnsafeModelError(ValueError):
@@ -125,6 +131,41 @@ def _load_weights(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     return state
 
 
+def load_image_codes(folder: Path, entry: Any, allow_pickle: bool = False,
+                     where: str = CONFIG_FILE) -> Any:
+    """The VQ image-code tokenizer in ``folder / entry["folder"]`` (``modalities.image_codes``).
+
+    The subfolder must be a plain name inside the model folder and a diffusers ``VQModel`` folder with
+    safetensors weights; its config may not name code (``_target_``); a pickle weights file is refused
+    unless ``allow_pickle``.
+    """
+    from modalities.image_codes import CONFIG_FILE as VQ_CONFIG, WEIGHTS_FILE as VQ_WEIGHTS, ImageCodeTokenizer
+
+    sub = entry.get("folder") if isinstance(entry, dict) else None
+    if not isinstance(sub, str) or sub in ("", ".", "..") or Path(sub).name != sub:
+        raise UnsafeModelError(f"{where}: image_codes.folder must name a subfolder of the model folder, got {sub!r}")
+    vq_dir = folder / sub
+    if not (vq_dir / VQ_CONFIG).is_file():
+        raise FileNotFoundError(f"{vq_dir}: config.json names the image-code tokenizer folder {sub!r}, but it has no "
+                                f"{VQ_CONFIG}; re-export the model (zoo-export) or copy the VQ tokenizer folder there")
+    vq_cfg = json.loads((vq_dir / VQ_CONFIG).read_text(encoding="utf-8"))
+    refuse_targets(vq_cfg, str(vq_dir / VQ_CONFIG))
+    if (vq_dir / VQ_WEIGHTS).is_file():
+        return ImageCodeTokenizer.from_pretrained(vq_dir)
+    pickles = sorted(p.name for p in vq_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not pickles:
+        raise FileNotFoundError(f"{vq_dir}: no {VQ_WEIGHTS} (files: {sorted(p.name for p in vq_dir.iterdir())})")
+    if not allow_pickle:
+        raise UnsafeModelError(f"{vq_dir / pickles[0]}: refusing to load a pickle weights file (pickle can run "
+                               f"arbitrary code); mmzoo loads only {VQ_WEIGHTS}. If you trust it, pass "
+                               "allow_pickle=True, or convert it to safetensors")
+    if vq_cfg.get("_class_name") != "VQModel":
+        raise ValueError(f"{vq_dir / VQ_CONFIG} describes {vq_cfg.get('_class_name')!r}, not a VQModel")
+    from diffusers import VQModel
+
+    return ImageCodeTokenizer(VQModel.from_pretrained(vq_dir, use_safetensors=False, low_cpu_mem_usage=False).eval())
+
+
 def full_modality_config(name: str, mcfg: dict[str, Any]) -> dict[str, Any]:
     """A modality's config with every field filled in (defaults and fitted statistics written out)."""
     from dataclasses import asdict
@@ -162,6 +203,8 @@ def model_card(config: dict[str, Any], card: dict[str, Any] | None = None) -> st
     lines += ["## Load", "", "```python", "import zoo", f"bundle = zoo.load({card.get('load_as', './this-folder')!r})"]
     if "caption" in tasks:
         lines.append("print(bundle.caption(['image.png']))")
+    if "text_to_image" in tasks:
+        lines.append("bundle.generate_image(['a red circle'], seed=0)[0].save('red_circle.png')")
     lines += ["```", "", "## Training data", "", card.get("training_data") or "Not recorded.", ""]
     lines += ["## Metrics", ""]
     if metrics:
@@ -215,6 +258,8 @@ class Pretrained:
     #: ``"fp32"`` or ``"bf16"`` (autocast: about 2x faster on CPUs with AVX512-BF16 and on GPUs; results can
     #: differ from fp32 in the last digits, so a caption may change)
     precision: str = "fp32"
+    #: text-to-image models: the VQ image-code tokenizer (``modalities.image_codes.ImageCodeTokenizer``)
+    image_tokenizer: Any = None
     _pre: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # --- construction / I/O -------------------------------------------------------------------
@@ -253,17 +298,26 @@ class Pretrained:
         if tokenizer.vocab_size != model.layout.text_size:
             raise ValueError(f"{folder}: tokenizer.json has {tokenizer.vocab_size} tokens but config.json's "
                              f"vocab.text_size is {model.layout.text_size}")
+        image_tokenizer = None
+        if raw.get("image_codes") is not None:
+            image_tokenizer = load_image_codes(folder, raw["image_codes"], allow_pickle, str(cfg_path)).eval()
+            image_tokenizer.check_layout(model.layout)
         model.eval()
-        if device is not None:
-            model.to(device)
-        return cls(model=model, tokenizer=tokenizer, tasks=dict(tasks), source=source or str(folder))
+        bundle = cls(model=model, tokenizer=tokenizer, tasks=dict(tasks), source=source or str(folder),
+                     image_tokenizer=image_tokenizer)
+        return bundle.to(device) if device is not None else bundle
 
     def config_dict(self) -> dict[str, Any]:
         """What ``config.json`` holds: every field, the vocabulary ranges and full modality configs."""
         d = self.model.cfg.to_dict()
         d["vocab"] = self.layout.to_dict()
         d["modalities"] = {name: full_modality_config(name, m) for name, m in d["modalities"].items()}
-        return {**d, "mmzoo_version": _version(), "format": FORMAT_VERSION, "tasks": self.tasks}
+        meta: dict[str, Any] = {"mmzoo_version": _version(), "format": FORMAT_VERSION, "tasks": self.tasks}
+        if self.image_tokenizer is not None:
+            tok = self.image_tokenizer
+            meta["image_codes"] = {"folder": IMAGE_CODES_DIR, "format": "diffusers.VQModel",
+                                   "num_codes": tok.num_codes, "grid": list(tok.grid), "image_size": tok.image_size}
+        return {**d, **meta}
 
     def save_pretrained(self, folder: str | Path, card: dict[str, Any] | None = None) -> Path:
         """Write the model folder atomically (temp folder + rename); ``card`` fills the model card
@@ -280,6 +334,8 @@ class Pretrained:
             state = {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mmzoo_version": _version()})
             self.tokenizer.save(tmp)
+            if self.image_tokenizer is not None:
+                self.image_tokenizer.save_pretrained(tmp / IMAGE_CODES_DIR)
             card = {"num_parameters": self.model.num_parameters(), **(card or {})}
             (tmp / CARD_FILE).write_text(model_card(config, card), encoding="utf-8")
             if folder.exists():
@@ -317,6 +373,8 @@ class Pretrained:
 
     def to(self, device: str | torch.device) -> "Pretrained":
         self.model.to(device)
+        if self.image_tokenizer is not None:
+            self.image_tokenizer.to(device)
         return self
 
     def num_parameters(self) -> int:
@@ -467,27 +525,72 @@ class Pretrained:
             out += self._generate_text("sensor_to_text", segs, gen)
         return out[0] if single else out
 
-    def generate_image(self, texts: str | Sequence[str], **kwargs: Any) -> Any:
-        """Text-to-image (``what is the complete image? caption: <text>`` → image codes → pixels)."""
-        if "image_codes" not in self.model.cfg.modalities:
-            raise NotImplementedError("generate_image() needs a model with an 'image_codes' modality (a VQ image "
-                                      f"tokenizer); this one has {['text', *self.model.cfg.modalities]}")
-        embedder = self.model.embedders["image_codes"]
-        if not hasattr(embedder, "decode_codes"):
-            raise NotImplementedError("this mmzoo's image_codes modality has no decode_codes(); cannot render pixels")
-        items, single = _as_list(texts)
-        from zoo.generation import generate
+    def _t2i_settings(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """Sampling settings: mmzoo's defaults < the model's ``text_to_image`` task entry < ``overrides``."""
+        saved = self.tasks.get("text_to_image") or {}
+        kw = {**T2I_GENERATION, **{k: v for k, v in saved.items() if k in T2I_GENERATION}}
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return kw
 
-        n_codes = int(getattr(embedder, "num_tokens"))
-        gen = self._gen_kwargs("t2i", {k: kwargs.get(k) for k in ("num_beams",)})
-        gen.update(max_new_tokens=n_codes + 1, min_new_tokens=n_codes)
+    @torch.no_grad()
+    def generate_image_codes(self, texts: str | Sequence[str], *, batch_size: int = 32,
+                             guidance_scale: float | None = None, seed: int | None = None,
+                             do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
+                             top_p: float | None = None, use_cache: bool | None = None) -> torch.Tensor:
+        """Raw VQ code ids ``[B, h*w]`` for captions: the instruction ``what is the complete image? caption: <text>``,
+        classifier-free guidance against the empty caption, decoding constrained to the codebook's ids and to
+        exactly ``h*w`` tokens, batched with the KV cache. One generator seeded with ``seed`` runs over the
+        batches in order, so the codes equal those of the training task's evaluation with the same seed and
+        batches (a sample depends on the seed and on the batch it was drawn in)."""
+        from zoo.guidance import guided_sample
+
+        vq = self.image_tokenizer
+        if vq is None:
+            raise NotImplementedError("generate_image() needs a text-to-image model with an image_codes VQ tokenizer "
+                                      "(an 'image_codes' folder in config.json); this one has none (its modalities: "
+                                      f"{['text', *self.model.cfg.modalities]}); export a text_to_image run")
+        items, _ = _as_list(texts)
+        hp = self._t2i_settings(dict(guidance_scale=guidance_scale, seed=seed, do_sample=do_sample,
+                                     temperature=temperature, top_k=top_k, top_p=top_p, use_cache=use_cache))
+        scale = float(hp.pop("guidance_scale"))
+        gen = torch.Generator(self.device).manual_seed(int(hp.pop("seed")))
+        allowed = vq.allowed_mask(self.layout)
+        max_len = self.model.cfg.max_positions
+        uncond = None
+        if scale != 1.0:  # the unconditional source: the instruction with an empty caption (one row)
+            uncond = {"text": self._text_segment([t2i_prompt("")], max_len)}
+        out = []
         self.model.eval()
-        with torch.no_grad():
-            text = self._text_segment([t2i_prompt(t) for t in items])
+        for i in range(0, len(items), batch_size):
+            cond = {"text": self._text_segment([t2i_prompt(str(t)) for t in items[i:i + batch_size]], max_len)}
             with self.autocast():
-                tokens = generate(self.model, {"text": text}, allowed=self.layout.allowed_mask("image_codes"), **gen)
-            codes = self.layout.unified_to_codes(tokens[:, :n_codes])
-            images = embedder.decode_codes(codes)
+                tokens = guided_sample(self.model, cond, vq.num_tokens, uncond=uncond, guidance_scale=scale,
+                                       allowed=allowed, generator=gen, **hp)  # [b, h*w] unified ids
+            out.append(vq.from_unified(tokens, self.layout))
+        return torch.cat(out).cpu()
+
+    @torch.no_grad()
+    def generate_image(self, texts: str | Sequence[str], *, output_type: str = "pil", batch_size: int = 32,
+                       **sampling: Any) -> Any:
+        """Text-to-image: captions → image codes (:meth:`generate_image_codes`, same keyword arguments:
+        ``guidance_scale``, ``seed``, ``temperature``, ``top_k``, ...) → pixels through the VQ decoder.
+
+        Returns one image or a list of PIL images (``output_type="pil"``), or a float tensor ``[B,3,H,W]``
+        in ``[0, 1]`` (``output_type="pt"``).
+        """
+        if output_type not in ("pil", "pt"):
+            raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
+        items, single = _as_list(texts)
+        codes = self.generate_image_codes(items, batch_size=batch_size, **sampling)
+        vq = self.image_tokenizer
+        dev = next(vq.parameters()).device
+        pixels = torch.cat([vq.decode(c.to(dev)).float().cpu() for c in codes.split(batch_size)])
+        if output_type == "pt":
+            return pixels[0] if single else pixels
+        from PIL import Image
+
+        arr = pixels.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        images = [Image.fromarray(a) for a in arr]
         return images[0] if single else images
 
     def __repr__(self) -> str:
