@@ -268,3 +268,85 @@ def test_bad_folders_name_the_file(saved, tmp_path):
     (folder / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"config\.json: invalid JSON"):
         zoo.load(folder)
+
+
+# --- text-to-image folders: the VQ image-code tokenizer in image_codes/ --------------------------------
+def _t2i_copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(src, dst))
+
+
+def test_t2i_loads_from_hf_cache_with_its_vq(t2i_export, hf_cache):
+    from conftest import T2I_CAPTIONS
+
+    folder, _ = t2i_export
+    commit = add_to_cache(folder, "acme/tiny-t2i")
+    add_to_cache(folder, "acme/tiny-t2i", revision="v1")
+    snap = hf_cache / "models--acme--tiny-t2i" / "snapshots" / commit
+    assert (snap / "image_codes" / "diffusion_pytorch_model.safetensors").is_file()
+    ref = zoo.load(folder).generate_image_codes(T2I_CAPTIONS)
+    for source in ("hf-hub:acme/tiny-t2i", "hf-hub:acme/tiny-t2i@v1", f"hf-hub:acme/tiny-t2i@{commit}"):
+        loaded = zoo.load(source)
+        assert loaded.image_tokenizer is not None and torch.equal(loaded.generate_image_codes(T2I_CAPTIONS), ref)
+
+
+def test_t2i_push_to_hub_uploads_image_codes(t2i_export, monkeypatch):
+    from huggingface_hub import HfApi
+
+    calls = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: None)
+
+    def upload(self, **kw):
+        calls["patterns"] = kw["allow_patterns"]
+        calls["files"] = sorted(p.relative_to(kw["folder_path"]).as_posix()
+                                for p in Path(kw["folder_path"]).rglob("*") if p.is_file())
+        return "https://hub/commit/2"
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload)
+    zoo.load(t2i_export[0]).push_to_hub("acme/t2i")
+    import fnmatch
+
+    assert "image_codes/diffusion_pytorch_model.safetensors" in calls["files"]
+    assert all(any(fnmatch.fnmatch(f, p) for p in calls["patterns"]) for f in calls["files"])  # all uploaded
+
+
+def test_t2i_vq_pickle_refused_unless_opted_in(t2i_export, tmp_path):
+    from conftest import T2I_CAPTIONS
+
+    folder = _t2i_copy(t2i_export[0], tmp_path / "legacy")
+    vq = folder / "image_codes"
+    marker = tmp_path / "pwned"
+    (vq / "diffusion_pytorch_model.safetensors").unlink()
+    (vq / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps({"w": _Payload(marker)}))
+    with pytest.raises(UnsafeModelError, match=r"image_codes/diffusion_pytorch_model\.bin.*refusing to load a pickle"):
+        zoo.load(folder)
+    assert not marker.exists()
+    # a trusted legacy .bin loads with the explicit opt-in (diffusers reads it with weights_only=True)
+    torch.save(t2i_export[1].image_tokenizer.vq.state_dict(), vq / "diffusion_pytorch_model.bin")
+    loaded = zoo.load(folder, allow_pickle=True)
+    assert torch.equal(loaded.generate_image_codes(T2I_CAPTIONS), zoo.load(t2i_export[0]).generate_image_codes(T2I_CAPTIONS))
+
+
+@pytest.mark.parametrize("where", ["folder", "vq_config"])
+def test_t2i_escaping_folder_and_target_in_vq_config_are_refused(t2i_export, tmp_path, where):
+    folder = _t2i_copy(t2i_export[0], tmp_path / "evil")
+    marker = tmp_path / "pwned"
+    if where == "folder":
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["image_codes"]["folder"] = "../outside"
+        (folder / "config.json").write_text(json.dumps(cfg))
+        match = "image_codes.folder must name a subfolder"
+    else:
+        path = folder / "image_codes" / "config.json"
+        cfg = json.loads(path.read_text())
+        cfg["act_fn"] = {"_target_": "os.system", "command": f"touch {marker}"}
+        path.write_text(json.dumps(cfg))
+        match = r"act_fn\._target_.*os\.system"
+    with pytest.raises(UnsafeModelError, match=match):
+        zoo.load(folder)
+    assert not marker.exists()
+    (folder / "image_codes" / "config.json").unlink()
+    if where == "vq_config":
+        with pytest.raises(FileNotFoundError, match="re-export"):
+            zoo.load(folder)
