@@ -24,7 +24,7 @@ SENSOR_EXTS = {".npy", ".npz", ".csv", ".tsv"}
 USAGE = __doc__.strip() + """
 
 arguments: pretrained= task= input= [question=] [text=] [out=|output=] [batch_size=32] [max_new_tokens=] [num_beams=]
-           [device=cpu] [revision=] [allow_pickle=false] [precision=fp32|bf16] [quantize=none|int8] [quantize=none|int8]
+           [device=cpu] [revision=] [allow_pickle=false] [precision=fp32|bf16] [quantize=none|int8]
 t2i:           [guidance_scale=<saved, 3.0>] [seed=<saved, 0>]
 sensor files:  [timestamp_column=timestamp|null] [time_unit=s|ms|us|ns] [rate=<Hz, files without timestamps>]"""
 
@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_kv(sys.argv[1:] if argv is None else list(argv),
                     {"pretrained": ..., "task": ..., "input": None, "question": None, "text": None, "out": None,
                      "batch_size": 32, "max_new_tokens": None, "num_beams": None, "device": None, "revision": None,
-                     "allow_pickle": False, "precision": "fp32", "quantize": "none", "quantize": "none", "timestamp_column": "timestamp", "time_unit": "s",
+                     "allow_pickle": False, "precision": "fp32", "quantize": "none", "timestamp_column": "timestamp", "time_unit": "s",
                      "rate": None, "guidance_scale": None, "seed": None, "output": None}, USAGE)
     if args["task"] not in TASKS:
         raise SystemExit(f"error: task must be one of {TASKS}, got {args['task']!r}")
@@ -153,10 +153,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         bundle = load(args["pretrained"], revision=args["revision"], allow_pickle=args["allow_pickle"],
                       device=args["device"])
         bundle.precision = args["precision"]
-        if args["quantize"] != "none":  # dynamic int8 linear layers (CPU), see zoo/compress.py
-            from zoo.compress import apply_quantize
-
-            bundle = apply_quantize(bundle, args["quantize"])
         if args["quantize"] != "none":  # dynamic int8 linear layers (CPU), see zoo/compress.py
             from zoo.compress import apply_quantize
 
