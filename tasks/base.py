@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from tasks.distributed import hold_full_params
 from zoo.generation import generate
 from zoo.model import UnifiedSeq2Seq
 from zoo.vocab import EOS_ID, PAD_ID
@@ -130,7 +131,8 @@ class Seq2SeqTask(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
+        # sync_dist: the logged loss is the mean over ranks, i.e. what DDP/FSDP optimise
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]), sync_dist=True)
         if self.model.cfg.ffn == "moe":  # ffn=moe: add the load-balancing loss of this forward
             loss = self.add_moe_aux_loss(loss, len(batch["labels"]))
         return loss
@@ -209,7 +211,34 @@ class Seq2SeqTask(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
+    # FSDP2 (trainer=fsdp): full parameters during evaluation, so ranks may stop generating at different steps
+    def on_validation_model_eval(self) -> None:
+        super().on_validation_model_eval()
+        hold_full_params(self.model, True)
+
+    def on_validation_model_train(self) -> None:
+        hold_full_params(self.model, False)
+        super().on_validation_model_train()
+
+    def on_test_model_eval(self) -> None:
+        super().on_test_model_eval()
+        hold_full_params(self.model, True)
+
+    def on_test_model_train(self) -> None:
+        hold_full_params(self.model, False)
+        super().on_test_model_train()
+
     # --- optimisation -------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """``trainer=fsdp`` (ModelParallelStrategy): shard the model with FSDP2 over the data-parallel mesh.
+        A no-op under every other strategy (no device mesh)."""
+        if self.device_mesh is None:
+            return
+        from tasks.distributed import fully_shard_model
+
+        mesh = self.device_mesh
+        fully_shard_model(self.model, mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh)
+
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -26,6 +27,60 @@ def auto_precision(accelerator: str = "cpu") -> str:
     return "bf16-mixed" if cpu_has_bf16() else "32-true"
 
 
+def _cuda_accelerator(accelerator: str) -> bool:
+    import torch
+
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def ddp_backend(accelerator: str = "cpu") -> str:
+    """Process-group backend for ``accelerator``: ``nccl`` on CUDA GPUs, ``gloo`` on the CPU."""
+    return "nccl" if _cuda_accelerator(accelerator) else "gloo"
+
+
+def world_size(devices: Any = 1, num_nodes: Any = 1, accelerator: str = "cpu") -> int:
+    """Processes in the run as Lightning counts them: ``devices`` per node (an int, ``"auto"``/-1 or a
+    list of device ids) times ``num_nodes``. Used for FSDP2's data-parallel mesh size."""
+    import torch
+
+    if isinstance(devices, str) and devices not in ("auto", "-1"):
+        devices = [d for d in devices.split(",") if d.strip()] if "," in devices else int(devices)
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        per_node = len(devices)
+    elif devices in ("auto", -1, "-1"):
+        per_node = torch.cuda.device_count() if _cuda_accelerator(accelerator) else 1
+    else:
+        per_node = int(devices)
+    return max(1, per_node) * int(num_nodes)
+
+
+def run_stamp() -> str:
+    """Name of a run's directory, the same on every rank of one job.
+
+    Ranks started by a launcher (torchrun, SLURM's srun) resolve the config independently, so a clock
+    stamp could differ between them and split the run over several directories. They share the job's
+    id instead: ``MMZOO_RUN_ID`` if set, else ``slurm-<job>.<step>``, else torchrun's rendezvous id;
+    a plain start gets the clock (processes Lightning starts itself are handed the parent's run dir).
+    """
+    import os
+    from datetime import datetime
+
+    if os.environ.get("MMZOO_RUN_ID"):
+        return os.environ["MMZOO_RUN_ID"]
+    if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return f"slurm-{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '0')}"
+    rdzv = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if rdzv != "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"torchrun-{rdzv}"
+    return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("zoo.precision"):
         OmegaConf.register_new_resolver("zoo.precision", auto_precision)
+    if not OmegaConf.has_resolver("zoo.ddp_backend"):
+        OmegaConf.register_new_resolver("zoo.ddp_backend", ddp_backend)
+    if not OmegaConf.has_resolver("zoo.world_size"):
+        OmegaConf.register_new_resolver("zoo.world_size", world_size)
+    if not OmegaConf.has_resolver("zoo.run_stamp"):
+        OmegaConf.register_new_resolver("zoo.run_stamp", run_stamp, use_cache=True)

@@ -67,14 +67,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from hydra.utils import instantiate
 
     from tasks.callbacks import AtomicCheckpointIO, Throughput
+    from tasks.distributed import check_trainer, prepare_lock, single_job_relaunch
 
+    check_trainer(cfg.trainer)
+    single_job_relaunch()  # Hydra multirun + ddp: re-launched ranks run this job, in this job's folder
     out = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
 
     dm = instantiate(cfg.data)
-    dm.prepare_data()
+    with prepare_lock(cfg.paths.data_dir):  # torchrun/srun ranks: one prepares, the others read its cache
+        dm.prepare_data()
     extra_callbacks = []
     from hydra.utils import get_class
 
@@ -92,6 +96,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         model = build_model(cfg.model, tokenizer.vocab_size, data_overrides)
         dm.bind(model.cfg, model.layout)
     if not standalone:
+        if cfg.get("grad_checkpointing") is not None:
+            model.cfg.grad_checkpointing = bool(cfg.grad_checkpointing)
         task = instantiate(cfg.task, model=model, tokenizer=tokenizer)
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
