@@ -8,7 +8,6 @@ bar); the run directory gets ``predictions.json`` in the task's official results
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ def load_for_eval(source: str, task_type: str | None = None, unsafe_pickle: bool
     """``(model, tokenizer, task name, task settings)`` from a ``.ckpt`` or a model folder / hub id."""
     path = Path(source)
     if path.is_file():
-        from tasks.export import bundle_from_checkpoint, read_checkpoint
+        from tasks.export import bundle_from_checkpoint, read_checkpoint, vq_folder_for
 
         ckpt = read_checkpoint(path, unsafe_pickle=unsafe_pickle)
         bundle = bundle_from_checkpoint(ckpt, str(path))
@@ -44,6 +43,13 @@ def load_for_eval(source: str, task_type: str | None = None, unsafe_pickle: bool
         settings = dict(ckpt.get("hyper_parameters") or {})
         if meta.get("candidates"):
             settings["candidates"] = meta["candidates"]
+        if name == "multitask":  # per-task state saved beside the settings (VQA answers, the VQ tokenizer)
+            settings["tasks"] = {n: dict(s) for n, s in (settings.get("tasks") or {}).items()}
+            for n, m in (meta.get("tasks") or {}).items():
+                if m.get("candidates") and n in settings["tasks"]:
+                    settings["tasks"][n]["candidates"] = m["candidates"]
+            folder = vq_folder_for(ckpt, str(path))
+            settings["vq_tokenizer"] = str(folder) if folder is not None else None
         return bundle.model, bundle.tokenizer, name, settings
     import zoo
 
@@ -63,12 +69,49 @@ def default_data_config(name: str) -> DictConfig:
     return OmegaConf.load(str(files("configs") / "data" / f"{name}.yaml"))
 
 
+def multitask_data_config(settings: dict[str, Any], root: str) -> DictConfig:
+    """A multi-task checkpoint's evaluation data: each trained task's default data config (the VQ
+    tokenizer the checkpoint names, never a newly trained one)."""
+    from tasks.registry import get_task
+
+    tasks: dict[str, Any] = {}
+    for name in settings.get("tasks") or {}:
+        data = default_data_config(get_task(name).data_config)
+        if name == "text_to_image":
+            if not settings.get("vq_tokenizer"):
+                raise ValueError("the checkpoint's text_to_image task names no VQ tokenizer folder")
+            data.vq_path = settings["vq_tokenizer"]
+            data.pop("vq", None)
+        tasks[name] = data
+    return OmegaConf.create({"_target_": "tasks.multitask.MultitaskDataModule", "_recursive_": False,
+                             "root": root, "tasks": tasks})
+
+
+def task_kwargs(task_cls: type, name: str, settings: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The task's constructor arguments: saved settings it accepts, plus the command line's generation
+    overrides (for a multi-task model, passed on to every task that accepts them)."""
+    accepted = _init_params(task_cls)
+    kwargs = {k: v for k, v in settings.items() if k in accepted}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if name == "multitask":
+        from tasks.registry import get_task
+
+        for sub, s in kwargs.get("tasks", {}).items():
+            sub_accepts = _init_params(get_task(sub).task_class())
+            s.update({k: v for k, v in overrides.items() if k in sub_accepts})
+        return kwargs
+    kwargs.update(overrides)
+    unknown = set(kwargs) - accepted
+    if unknown:
+        raise ValueError(f"task {name!r} has no setting(s) {sorted(unknown)}; it accepts {sorted(accepted)}")
+    return kwargs
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Run ``zoo-eval``; returns the metrics (also written to ``metrics.json``)."""
     import lightning as L
     from hydra.utils import instantiate
 
-    from tasks.callbacks import atomic_write_text
     from tasks.registry import get_task
     from tasks.train import write_metrics
 
@@ -78,17 +121,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     model, tokenizer, name, settings = load_for_eval(str(cfg.ckpt), cfg.get("task_type"), cfg.unsafe_pickle)
     entry = get_task(name)
     task_cls = entry.task_class()
-    accepted = _init_params(task_cls)
-    kwargs = {k: v for k, v in settings.items() if k in accepted}
-    kwargs.update({k: v for k, v in (cfg.get("task") or {}).items() if v is not None})
-    unknown = set(kwargs) - accepted
-    if unknown:
-        raise ValueError(f"task {name!r} has no setting(s) {sorted(unknown)}; it accepts {sorted(accepted)}")
-    task = task_cls(model=model, tokenizer=tokenizer, **kwargs)
+    overrides = OmegaConf.to_container(cfg.get("task") or OmegaConf.create({}), resolve=True)
+    task = task_cls(model=model, tokenizer=tokenizer, **task_kwargs(task_cls, name, settings, overrides))
 
     if cfg.get("data") is None:
         with open_dict(cfg):
-            cfg.data = default_data_config(entry.data_config)
+            cfg.data = (multitask_data_config(settings, f"{cfg.paths.data_dir}/multitask") if name == "multitask"
+                        else default_data_config(entry.data_config))
     dm = instantiate(cfg.data)
     dm.bind(model.cfg, model.layout, tokenizer=tokenizer)  # the checkpoint's tokenizer, never retrained
     dm.prepare_data()
@@ -104,11 +143,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         trainer.test(task, datamodule=dm, verbose=False)
     metrics = dict(task.final_metrics)
     if trainer.is_global_zero:
-        preds = task.format_predictions(task.predictions.get(cfg.split, {}))
-        atomic_write_text(out / "predictions.json", json.dumps(preds, indent=1))
-        task.write_samples(out / "samples.png", cfg.split)
+        task.write_artifacts(out, cfg.split)
         write_metrics(out / "metrics.json", metrics)
-        print(f"[mmzoo] {len(preds)} predictions → {out / 'predictions.json'}")
+        if hasattr(task, "report"):
+            print(f"[mmzoo] summary:\n{task.report()}")
+        print(f"[mmzoo] predictions and samples → {out}")
         for k, v in sorted(metrics.items()):
             print(f"  {k:28s} {v:.4f}")
         print(f"[mmzoo] run directory: {out}")

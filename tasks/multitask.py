@@ -148,6 +148,7 @@ class MultitaskTask(Seq2SeqTask):
                  for k, cfg in (_plain(tasks) or {}).items() if cfg is not None}
         weights = {k: float(v) for k, v in (_plain(weights) or {}).items()}
         reference = {k: float(v) for k, v in (_plain(reference) or {}).items()}
+        kwargs = {k: _plain(v) for k, v in kwargs.items()}  # plain types: checkpoints load with weights_only
         super().__init__(model, tokenizer, **kwargs)  # saves the (plain) arguments above as hparams
         if not tasks:
             raise ValueError("task.tasks is empty: give at least one task")

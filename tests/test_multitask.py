@@ -1,0 +1,86 @@
+"""experiment=multitask: one model trained on all four tasks; evaluated and exported as one."""
+import csv
+import json
+
+import pytest
+
+from tests.conftest import compose
+from tests.test_train import multitask_overrides
+
+
+def test_merge_model_overrides_unions_and_rejects_conflicts():
+    from tasks.multitask import merge_model_overrides
+
+    merged = merge_model_overrides([{}, {"vocab": {"image_code_size": 16}},
+                                    {"modalities": {"sensor": {"patch_len": 25}}}, {"vocab": {"image_code_size": 16}}])
+    assert merged == {"vocab": {"image_code_size": 16}, "modalities": {"sensor": {"patch_len": 25}}}
+    with pytest.raises(ValueError, match="image_code_size"):
+        merge_model_overrides([{"vocab": {"image_code_size": 16}}, {"vocab": {"image_code_size": 32}}])
+
+
+def test_multitask_trains_every_task_then_evaluates_and_exports_as_one(tiny_shapes, tmp_path):
+    from tasks.evaluate import evaluate
+    from tasks.train import train
+
+    run = tmp_path / "run"
+    steps = 40
+    cfg = compose(["experiment=multitask", *multitask_overrides(tiny_shapes, tmp_path), f"steps={steps}",
+                   "trainer.log_every_n_steps=1", "task.warmup_steps=5", "task.lr=3e-3"], run)
+    metrics = train(cfg)
+    names = ["caption", "vqa", "text_to_image", "sensor_to_text"]
+    rows = list(csv.DictReader(open(run / "csv" / "metrics.csv")))
+    for name in names:  # every step trains every task, and each task's loss falls
+        losses = [float(r[f"train/{name}/loss"]) for r in rows if r.get(f"train/{name}/loss")]
+        assert len(losses) == steps, name
+        assert sum(losses[-5:]) < 0.8 * sum(losses[:5]), (name, losses[:5], losses[-5:])
+        assert any(k.startswith(f"val/{name}/") for k in metrics) and any(k.startswith(f"test/{name}/") for k in metrics)
+        assert (run / f"predictions_{name}.json").is_file()
+    assert len(json.loads((run / "predictions_vqa.json").read_text())) == len(
+        json.loads((tiny_shapes / "vqa_questions_test.json").read_text())["questions"])
+    assert (run / "samples_text_to_image.png").stat().st_size > 1000
+
+    # zoo-eval on the multitask checkpoint evaluates every task it was trained on
+    ev = tmp_path / "eval"
+    eval_cfg = compose_eval([f"ckpt={run}/checkpoints/last.ckpt", f"paths.output_dir={ev}", "split=val"], ev)
+    with_data = multitask_eval_data(cfg, eval_cfg)
+    m = evaluate(with_data)
+    for name in names:
+        key = f"val/{name}/" + {"caption": "cider", "vqa": "vqa_acc", "text_to_image": "all_acc",
+                                "sensor_to_text": "activity_acc"}[name]
+        assert key in m
+    assert m["val/caption/cider"] == pytest.approx(metrics["val/caption/cider"], abs=1e-6)
+    assert m["val/vqa/vqa_acc"] == pytest.approx(metrics["val/vqa/vqa_acc"], abs=1e-6)
+
+    # zoo-export → one folder whose Pretrained does all four tasks
+    import zoo
+    from tasks.export import export
+
+    out = export(f"{run}/checkpoints/last.ckpt", tmp_path / "exported")
+    bundle = zoo.load(str(out))
+    assert set(names) <= set(bundle.tasks)
+    assert bundle.image_tokenizer is not None
+
+
+def compose_eval(overrides, out):
+    from hydra import compose as hcompose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="configs", version_base="1.3"):
+        return hcompose(config_name="eval", overrides=[f"paths.log_dir={out}/logs", *overrides])
+
+
+def multitask_eval_data(train_cfg, eval_cfg):
+    """The training run's tiny data (the default data configs would generate full-size Shapes), with the
+    VQ tokenizer the checkpoint recorded."""
+    from omegaconf import OmegaConf, open_dict
+
+    from tasks.export import read_checkpoint, vq_folder_for
+
+    data = OmegaConf.to_container(train_cfg.data, resolve=True)
+    t2i = data["tasks"]["text_to_image"]
+    t2i.pop("vq", None)
+    t2i["vq_path"] = str(vq_folder_for(read_checkpoint(eval_cfg.ckpt), eval_cfg.ckpt))
+    with open_dict(eval_cfg):
+        eval_cfg.data = OmegaConf.create(data)
+    return eval_cfg
