@@ -193,15 +193,9 @@ class Seq2SeqTask(L.LightningModule):
     def write_artifacts(self, folder: Path, stage: str, predictions_file: str = "predictions.json",
                         samples_file: str = "samples.png") -> None:
         """Write ``stage``'s predictions (official results format) and its sample grid into ``folder``."""
-        import json
+        from tasks.callbacks import write_task_artifacts
 
-        from tasks.callbacks import atomic_write_text
-
-        if stage not in self.predictions:
-            return
-        preds = self.format_predictions(self.predictions[stage])
-        atomic_write_text(Path(folder) / predictions_file, json.dumps(preds, indent=1))
-        self.write_samples(Path(folder) / samples_file, stage)
+        write_task_artifacts(self, folder, stage, predictions_file, samples_file)
 
     monitor_metric = "loss"
 

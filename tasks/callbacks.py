@@ -48,6 +48,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
 
+def write_task_artifacts(task: Any, folder: str | Path, stage: str, predictions_file: str = "predictions.json",
+                         samples_file: str = "samples.png") -> None:
+    """A task's ``stage`` predictions (``task.format_predictions``) and sample grid (``task.write_samples``)."""
+    if stage not in task.predictions:
+        return
+    preds = task.format_predictions(task.predictions[stage])
+    atomic_write_text(Path(folder) / predictions_file, json.dumps(preds, indent=1))
+    task.write_samples(Path(folder) / samples_file, stage)
+
+
 class RunArtifacts(L.Callback):
     """After each validation/test epoch, write the task's predictions (official format) and sample grid."""
 
@@ -58,7 +68,11 @@ class RunArtifacts(L.Callback):
     def _write(self, trainer: L.Trainer, task: Any, stage: str) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        task.write_artifacts(self.output_dir, stage, self.predictions_file, self.samples_file)
+        writer = getattr(task, "write_artifacts", None)  # a multi-task model writes one pair per task
+        if writer is not None:
+            writer(self.output_dir, stage, self.predictions_file, self.samples_file)
+        else:
+            write_task_artifacts(task, self.output_dir, stage, self.predictions_file, self.samples_file)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._write(trainer, pl_module, "val")
