@@ -137,7 +137,7 @@ def test_multiway_expert_follows_each_positions_modality():
 
     def spy(name):
         def hook(mod, args, out):
-            seen.setdefault(name, []).append(args[0].shape[0])
+            seen.setdefault(name, []).append(args[0].shape[:-1].numel())  # positions sent to the expert
         return hook
 
     for name, ffn in layer.experts.items():
@@ -151,11 +151,9 @@ def test_multiway_expert_follows_each_positions_modality():
     # the encoder's route: image positions → expert 1, prompt positions → expert 0
     spans = []
     m.embed_segments(inputs, spans=spans)
-    route = m._encoder_route(mask, spans)
-    assert route[:, :n_image].eq(1).all() and route[:, n_image:].eq(0).all()
-    # decoder: text tokens → text expert; image-code tokens → text too (this model has no image_codes expert)
-    tgt = torch.tensor([[1, 10, m.layout.image_code_start + 3]])
-    assert m.decoder_route(tgt).tolist() == [[0, 0, 0]]
+    assert m._encoder_route(mask, spans) == [(1, n_image), (0, 7)]  # image segment → expert 1, prompt → 0
+    # decoder: every position → the text expert (this model has no image_codes expert)
+    assert m.decoder_route(torch.tensor([[1, 10, m.layout.image_code_start + 3]])) == 0
 
 
 def test_multiway_decoder_routes_image_codes_to_their_expert():
@@ -176,6 +174,10 @@ def test_multiway_output_is_each_positions_own_expert():
     for b in range(2):
         for t in range(5):
             torch.testing.assert_close(out[b, t], experts[route[b, t]](x[b, t]))
+    # the span and single-expert forms agree with the per-position form
+    spans = torch.tensor([[1, 1, 0, 0, 0]] * 2)
+    torch.testing.assert_close(ffn(x, [(1, 2), (0, 3)]), ffn(x, spans))
+    torch.testing.assert_close(ffn(x, 1), ffn(x, torch.ones(2, 5, dtype=torch.long)))
 
 
 # --- mixture of experts -------------------------------------------------------------------------

@@ -143,19 +143,19 @@ class UnifiedSeq2Seq(nn.Module):
         return self.enc_norm(x), mask
 
     # --- routed feed-forward inputs (ffn=multiway|moe) ----------------------------------------
-    def _encoder_route(self, mask: torch.Tensor, spans: list[tuple[str, int]] | None) -> torch.Tensor | None:
-        """Multiway: each position's expert = its segment's modality; MoE: the real-token mask."""
+    def _encoder_route(self, mask: torch.Tensor, spans: list[tuple[str, int]] | None) -> Any:
+        """Multiway: each segment's expert, as ``[(expert index, length), ...]``; MoE: the real-token mask."""
         if self.cfg.ffn == "moe":
             return None if bool(mask.all()) else mask
         from zoo.variants import route_info
 
         index = route_info(self.cfg)
-        ids = torch.cat([torch.full((n,), index[name], dtype=torch.long, device=mask.device) for name, n in spans])
-        return ids.expand(mask.shape[0], -1)  # [B,S]
+        return [(index[name], n) for name, n in spans]
 
-    def decoder_route(self, tgt_in: torch.Tensor) -> torch.Tensor | None:
+    def decoder_route(self, tgt_in: torch.Tensor) -> Any:
         """Multiway: the expert of each position's target modality, from its input token's vocabulary range
-        (image codes → ``image_codes`` when the model has that expert, all else → ``text``); MoE: real tokens."""
+        (image codes → ``image_codes`` when the model has that expert, all else → ``text``; one ``int`` when
+        every position is text); MoE: the real-token mask."""
         if self.cfg.ffn == "dense":
             return None
         if self.cfg.ffn == "moe":
@@ -163,11 +163,11 @@ class UnifiedSeq2Seq(nn.Module):
         from zoo.variants import route_info
 
         index = route_info(self.cfg)
+        if "image_codes" not in index:
+            return index["text"]
+        lo, hi = self.layout.ranges()["image_codes"]
         route = torch.full_like(tgt_in, index["text"])
-        if "image_codes" in index:
-            lo, hi = self.layout.ranges()["image_codes"]
-            route = route.masked_fill((tgt_in >= lo) & (tgt_in < hi), index["image_codes"])
-        return route
+        return route.masked_fill((tgt_in >= lo) & (tgt_in < hi), index["image_codes"])
 
     # --- decoder ------------------------------------------------------------------------------
     def start_cache(self, memory: torch.Tensor, memory_mask: torch.Tensor, max_len: int) -> KVCache:

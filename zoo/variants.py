@@ -41,17 +41,28 @@ def multiway_experts(cfg: ModelConfig) -> tuple[str, ...]:
 
 
 class MultiwayFeedForward(nn.Module):
-    """One dense FFN per modality; ``route [B,T]`` holds each position's expert index."""
+    """One dense FFN per modality, chosen per position by ``route``: an expert index for every position
+    (``int``), contiguous spans ``[(expert, length), ...]`` along the sequence (encoder segments), or a
+    per-position index tensor ``[B,T]`` (mixed decoder targets)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.experts = nn.ModuleDict({m: FeedForward(cfg) for m in multiway_experts(cfg)})
 
-    def forward(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, route: int | list[tuple[int, int]] | torch.Tensor) -> torch.Tensor:
+        experts = list(self.experts.values())
+        if isinstance(route, int):
+            return experts[route](x)
+        if isinstance(route, list):  # segments: slice, no gather/scatter
+            parts, start = [], 0
+            for e, n in route:
+                parts.append(experts[e](x[:, start:start + n]))
+                start += n
+            return torch.cat(parts, dim=1)
         b, t, d = x.shape
         flat, r = x.reshape(b * t, d), route.reshape(b * t)
         out: torch.Tensor | None = None
-        for e, ffn in enumerate(self.experts.values()):  # a loop over experts, not tokens
+        for e, ffn in enumerate(experts):  # a loop over experts, not tokens
             idx = (r == e).nonzero().squeeze(1)
             y = ffn(flat.index_select(0, idx))  # an empty selection keeps the expert in the graph
             if out is None:
