@@ -107,6 +107,7 @@ def summary(name: str, metrics: dict[str, float], bundle: Any, evalset: EvalSet)
     return {"name": name, "test/vqa_acc": metrics.get("test/vqa_acc"), **{f"eval/{k}": v for k, v in evalset.score(bundle).items()},
             "train/samples_per_sec": metrics.get("train/samples_per_sec"), "train/fit_seconds": metrics.get("train/fit_seconds"),
             "params": bundle.model.num_parameters(), "active_params": bundle.model.num_active_parameters(),
+            **{k: v for k, v in metrics.items() if k.startswith("train/moe_") or k == "train/distill_kl"},
             "config": {k: getattr(bundle.model.cfg, k) for k in ("ffn", "attention", "num_experts", "moe_top_k",
                                                                  "enc_layers", "dec_layers")}}
 
