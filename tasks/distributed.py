@@ -56,9 +56,11 @@ def check_trainer(trainer_cfg: Any) -> None:
 
 
 def launched_externally() -> bool:
-    """True when a launcher (torchrun, srun) started several ranks, each running this entry point."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or (
-        int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ)
+    """True when torchrun or srun started several ranks at once, each running the entry point from the
+    top (ranks that Lightning starts itself begin only after rank 0 has prepared the data)."""
+    torchrun = "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    slurm = "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    return torchrun or slurm
 
 
 @contextmanager
