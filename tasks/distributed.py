@@ -83,6 +83,11 @@ def prepare_lock(folder: str | Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+#: what Lightning's launcher sets in the launching process (restored between the jobs of a sweep)
+_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+_ENV_BEFORE_SWEEP: dict[str, str | None] | None = None
+
+
 def single_job_relaunch() -> None:
     """Under a Hydra multirun, make the ranks Lightning re-launches run *this* job in *this* job's folder.
 
@@ -94,11 +99,24 @@ def single_job_relaunch() -> None:
     from hydra.types import RunMode
     from omegaconf import open_dict, read_write
 
+    global _ENV_BEFORE_SWEEP
     if not HydraConfig.initialized():
         return
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return
+    if _ENV_BEFORE_SWEEP is None:
+        _ENV_BEFORE_SWEEP = {k: os.environ.get(k) for k in _LAUNCH_ENV}
+    else:  # a later job in the process that launched the previous job's ranks: start from a clean slate
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        for k, v in _ENV_BEFORE_SWEEP.items():  # else Lightning takes LOCAL_RANK as an external launcher's
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     sys.argv = [sys.argv[0], *hc.overrides.task]
     with read_write(hc), open_dict(hc):
         hc.run.dir = hc.runtime.output_dir
