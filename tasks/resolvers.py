@@ -75,6 +75,24 @@ def run_stamp() -> str:
     return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
+def launcher_rank() -> int:
+    """Global rank given by an external launcher (torchrun ``RANK``, srun ``SLURM_PROCID``), else 0."""
+    import os
+
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def rank_zero_subdir(subdir: str = ".hydra") -> str | None:
+    """Hydra's ``output_subdir`` on rank 0 only (``null``: the other ranks do not write the config)."""
+    return subdir if launcher_rank() == 0 else None
+
+
+def rank_suffix() -> str:
+    """``""`` on rank 0, ``_rank<N>`` elsewhere: per-rank job log files."""
+    rank = launcher_rank()
+    return f"_rank{rank}" if rank else ""
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("zoo.precision"):
         OmegaConf.register_new_resolver("zoo.precision", auto_precision)
@@ -82,5 +100,9 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("zoo.ddp_backend", ddp_backend)
     if not OmegaConf.has_resolver("zoo.world_size"):
         OmegaConf.register_new_resolver("zoo.world_size", world_size)
+    if not OmegaConf.has_resolver("zoo.rank_zero_subdir"):
+        OmegaConf.register_new_resolver("zoo.rank_zero_subdir", rank_zero_subdir)
+    if not OmegaConf.has_resolver("zoo.rank_suffix"):
+        OmegaConf.register_new_resolver("zoo.rank_suffix", rank_suffix)
     if not OmegaConf.has_resolver("zoo.run_stamp"):
         OmegaConf.register_new_resolver("zoo.run_stamp", run_stamp, use_cache=True)

@@ -77,7 +77,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         torch.set_float32_matmul_precision(cfg.matmul_precision)
 
     dm = instantiate(cfg.data)
-    with prepare_lock(cfg.paths.data_dir):  # torchrun/srun ranks: one prepares, the others read its cache
+    with prepare_lock(cfg.data.get("root") or cfg.paths.data_dir):  # torchrun/srun ranks: one prepares, the others read its cache
         dm.prepare_data()
     extra_callbacks = []
     from hydra.utils import get_class

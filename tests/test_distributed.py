@@ -180,3 +180,22 @@ def test_bf16_accumulation_and_grad_checkpointing_from_hydra(tmp_path, monkeypat
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2  # 4 batches of 2, 2 per optimizer step
     assert ckpt["mmzoo"]["model_config"]["grad_checkpointing"] is True
+
+
+def test_launcher_ranks_share_one_run_dir(monkeypatch):
+    """torchrun/srun ranks resolve the config independently: the run dir must not depend on the clock."""
+    from tasks.resolvers import rank_suffix, rank_zero_subdir, run_stamp
+
+    for var in ("MMZOO_RUN_ID", "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID", "TORCHELASTIC_RUN_ID", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
+    assert run_stamp() == "torchrun-job7"
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_STEP_ID", "2")
+    assert run_stamp() == "slurm-123.2"
+    monkeypatch.setenv("RANK", "3")
+    assert rank_zero_subdir(".hydra") is None and rank_suffix() == "_rank3"
+    monkeypatch.setenv("RANK", "0")
+    assert rank_zero_subdir(".hydra") == ".hydra" and rank_suffix() == ""
