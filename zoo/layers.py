@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -163,11 +164,10 @@ class EncoderLayer(nn.Module):
         self.ffn = build_ffn(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor | None,
-                route: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor | None, route: Any = None) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln1(x), allowed))
         h = self.ln2(x)
-        # route: per-position input of a routed FFN (multiway: expert index; moe: real-token mask)
+        # route: input of a routed FFN (multiway: expert index / segment spans / [B,T] indices; moe: real-token mask)
         return x + self.drop(self.ffn(h) if route is None else self.ffn(h, route))
 
 
@@ -186,7 +186,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, self_allowed: torch.Tensor | None,
                 memory_kv: tuple[torch.Tensor, torch.Tensor], memory_allowed: torch.Tensor | None,
-                cache: KVCache | None = None, layer: int = 0, route: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0, route: Any = None) -> torch.Tensor:
         x = x + self.drop(self.self_attn(self.ln1(x), self_allowed, cache, layer))
         x = x + self.drop(self.cross_attn(self.ln2(x), memory_kv, memory_allowed))
         h = self.ln3(x)
