@@ -135,13 +135,13 @@ class FeedForward(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-def build_ffn(cfg: ModelConfig) -> nn.Module:
+def build_ffn(cfg: ModelConfig, decoder: bool = False) -> nn.Module:
     """Dense FFN, or a variant from :mod:`zoo.variants` (``cfg.ffn``)."""
     if cfg.ffn == "dense":
         return FeedForward(cfg)
     from zoo.variants import build_ffn as build_variant
 
-    return build_variant(cfg)
+    return build_variant(cfg, decoder)
 
 
 def build_self_attention(cfg: ModelConfig, causal: bool) -> nn.Module:
@@ -181,7 +181,7 @@ class DecoderLayer(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.cross_attn = CrossAttention(cfg)
         self.ln3 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.ffn = build_ffn(cfg)
+        self.ffn = build_ffn(cfg, decoder=True)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, self_allowed: torch.Tensor | None,

@@ -162,7 +162,7 @@ class UnifiedSeq2Seq(nn.Module):
             return tgt_in != PAD_ID
         from zoo.variants import route_info
 
-        index = route_info(self.cfg)
+        index = route_info(self.cfg, decoder=True)
         if "image_codes" not in index:
             return index["text"]
         lo, hi = self.layout.ranges()["image_codes"]

@@ -1,8 +1,9 @@
 """Backbone variants chosen by ``ModelConfig`` (never on the default dense/standard path).
 
 * ``ffn="multiway"`` (BEiT-3 / VLMo): shared attention, one dense FFN expert per modality; every position
-  uses the expert of its modality (encoder: its segment; decoder: the range of its input token in the
-  unified vocabulary — image codes use the ``image_codes`` expert when the model has one, all else ``text``).
+  uses the expert of its modality. Encoder layers have an expert per input modality (``text`` + the model's
+  modalities) and route by segment; decoder layers one per target modality (``text``, plus ``image_codes``
+  when the model has it) and route by the range of each input token in the unified vocabulary.
 * ``ffn="moe"`` (Switch Transformer / GLaM): ``num_experts`` bias-free GELU experts, top-1 or top-2
   routing, a per-expert capacity with token dropping (training only) and the Switch load-balancing loss.
 * ``attention="lfa"`` (Yuan 2.0 localized filtering): two depthwise 1-D convolutions + residual LayerNorm
@@ -35,9 +36,11 @@ from zoo.layers import FeedForward, KVCache, attend
 
 
 # --- multiway -----------------------------------------------------------------------------------
-def multiway_experts(cfg: ModelConfig) -> tuple[str, ...]:
-    """Expert names of a multiway FFN: ``text`` plus the model's other modalities, in a fixed order."""
-    return ("text", *(m for m in MODALITY_TYPES[1:] if m in cfg.modalities))
+def multiway_experts(cfg: ModelConfig, decoder: bool = False) -> tuple[str, ...]:
+    """Expert names of a multiway FFN in a fixed order: encoder ``text`` + the model's modalities; decoder
+    the modalities it can generate (``text``, ``image_codes``)."""
+    kinds = ("image_codes",) if decoder else MODALITY_TYPES[1:]
+    return ("text", *(m for m in kinds if m in cfg.modalities))
 
 
 class MultiwayFeedForward(nn.Module):
@@ -45,9 +48,9 @@ class MultiwayFeedForward(nn.Module):
     (``int``), contiguous spans ``[(expert, length), ...]`` along the sequence (encoder segments), or a
     per-position index tensor ``[B,T]`` (mixed decoder targets)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, decoder: bool = False):
         super().__init__()
-        self.experts = nn.ModuleDict({m: FeedForward(cfg) for m in multiway_experts(cfg)})
+        self.experts = nn.ModuleDict({m: FeedForward(cfg) for m in multiway_experts(cfg, decoder)})
 
     def forward(self, x: torch.Tensor, route: int | list[tuple[int, int]] | torch.Tensor) -> torch.Tensor:
         experts = list(self.experts.values())
@@ -249,9 +252,9 @@ class LFASelfAttention(nn.Module):
 
 
 # --- builders (called by zoo.layers only for non-default configs) ------------------------------
-def build_ffn(cfg: ModelConfig) -> nn.Module:
+def build_ffn(cfg: ModelConfig, decoder: bool = False) -> nn.Module:
     if cfg.ffn == "multiway":
-        return MultiwayFeedForward(cfg)
+        return MultiwayFeedForward(cfg, decoder)
     if cfg.ffn == "moe":
         return MoEFeedForward(cfg)
     raise ValueError(f"no variant feed-forward {cfg.ffn!r}")
@@ -263,6 +266,6 @@ def build_self_attention(cfg: ModelConfig, causal: bool) -> nn.Module:
     raise ValueError(f"no variant attention {cfg.attention!r}")
 
 
-def route_info(cfg: ModelConfig) -> dict[str, Any]:
-    """Multiway: expert index of every modality name."""
-    return {m: i for i, m in enumerate(multiway_experts(cfg))}
+def route_info(cfg: ModelConfig, decoder: bool = False) -> dict[str, int]:
+    """Multiway: expert index of every modality name (encoder or decoder layers)."""
+    return {m: i for i, m in enumerate(multiway_experts(cfg, decoder))}
