@@ -280,3 +280,17 @@ def test_moe_aux_loss_joins_the_training_loss_and_is_logged(tiny_shapes, tmp_pat
     aux = [float(r["train/moe_aux_loss"]) for r in rows if r.get("train/moe_aux_loss")]
     assert len(aux) == 3 and all(0 < a < 2 * 2 for a in aux)  # 2 MoE layers, each 1 when balanced, 2 at worst
     assert any(r.get("train/moe_dropped_frac") for r in rows) and any(r.get("train/moe_util_e1") for r in rows)
+
+
+@pytest.mark.parametrize("name", ["multiway", "moe_top2", "lfa"])
+def test_gradient_checkpointing_gives_the_same_gradients(name):
+    grads = []
+    for ckpt in (False, True):
+        m = _model({**VARIANTS[name], "grad_checkpointing": ckpt}).train()
+        logits = m(_inputs(), torch.randint(4, 304, (3, 6), generator=torch.Generator().manual_seed(0)))
+        aux = m.moe_aux_loss()
+        (logits.logsumexp(-1).mean() + (aux if aux is not None else 0)).backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-4)
