@@ -198,6 +198,8 @@ class MultitaskTask(Seq2SeqTask):
                 continue
             loss = self.subtasks[name].loss(sub_batch)
             self.log(f"train/{name}/loss", loss, batch_size=len(sub_batch["labels"]))
+            if self.model.cfg.ffn == "moe":  # each sub-batch is its own forward: add its load-balancing loss
+                loss = self.add_moe_aux_loss(loss, len(sub_batch["labels"]))
             total = total + self.weights[name] * loss
         self.log("train/loss", total, prog_bar=True, batch_size=1)
         return total  # type: ignore[return-value]
