@@ -70,6 +70,8 @@ def load_bundle(run_dir: Path) -> Any:
     from tasks.export import bundle_from_checkpoint, read_checkpoint
 
     ckpt = run_dir / "checkpoints" / "best.ckpt"
+    if not ckpt.is_file():  # no validation finished inside the budget: the last weights
+        ckpt = run_dir / "checkpoints" / "last.ckpt"
     return bundle_from_checkpoint(read_checkpoint(ckpt), str(ckpt))
 
 
