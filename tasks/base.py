@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -40,16 +40,21 @@ def strip_after_eos(tokens: torch.Tensor) -> list[list[int]]:
     return rows
 
 
-def warmup_cosine(opt: torch.optim.Optimizer, total_steps: float, warmup_steps: int,
+def warmup_cosine(opt: torch.optim.Optimizer, total_steps: float | Callable[[], float], warmup_steps: int,
                   min_lr_ratio: float) -> dict[str, Any]:
-    """Lightning optimizer config: linear warm-up, then cosine decay to ``min_lr_ratio`` (per step)."""
-    total = max(1, int(total_steps))
-    warmup = min(warmup_steps, total // 2)
+    """Lightning optimizer config: linear warm-up, then cosine decay to ``min_lr_ratio`` (per step).
+
+    ``total_steps`` may be a callable, read at every step (a time budget fixes the total during the run).
+    """
+    def total() -> int:
+        return max(1, int(total_steps() if callable(total_steps) else total_steps))
 
     def schedule(step: int) -> float:
+        n = total()
+        warmup = min(warmup_steps, n // 2)
         if step < warmup:
             return (step + 1) / max(1, warmup)
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        progress = min(1.0, (step - warmup) / max(1, n - warmup))
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
@@ -247,7 +252,9 @@ class Seq2SeqTask(L.LightningModule):
             # fused: ~2x faster than the default per-parameter loop on CPU; not with fp16 loss scaling
             fused=self.trainer.precision != "16-mixed",
         )
-        return warmup_cosine(opt, self.trainer.estimated_stepping_batches, self.hparams.warmup_steps,
+        planned = self.trainer.estimated_stepping_batches
+        # a TimeBudget callback sets budget_steps once it has timed the first steps
+        return warmup_cosine(opt, lambda: getattr(self, "budget_steps", None) or planned, self.hparams.warmup_steps,
                              self.hparams.min_lr_ratio)
 
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,

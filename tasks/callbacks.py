@@ -90,6 +90,55 @@ def count_targets(batch: dict[str, Any]) -> int:
     return sum(count_targets(b) for b in batch.values() if isinstance(b, dict))
 
 
+class TimeBudget(L.Callback):
+    """Fit the training run into ``minutes`` of wall-clock time on whatever machine runs it.
+
+    Steps ``start``..``start + window`` are timed; the step total then becomes what fits in the budget
+    (measured on rank 0 and broadcast, so every rank stops at the same step and follows the same learning-rate
+    schedule). It sets ``trainer.fit_loop.epoch_loop.max_steps`` and ``pl_module.budget_steps``, which the
+    warm-up + cosine schedule of :func:`tasks.base.warmup_cosine` reads, so the decay completes in the budget.
+    The total is saved in checkpoints: a resumed run keeps it.
+    """
+
+    def __init__(self, minutes: float, start: int = 10, window: int = 20, min_steps: int = 50):
+        if minutes <= 0:
+            raise ValueError(f"TimeBudget minutes must be > 0, got {minutes}")
+        self.seconds, self.start, self.window, self.min_steps = 60.0 * minutes, start, window, min_steps
+        self.total: int | None = None
+        self._t_fit: float | None = None
+        self._t_start: float | None = None
+
+    def _apply(self, trainer: L.Trainer, pl_module: Any) -> None:
+        trainer.fit_loop.epoch_loop.max_steps = self.total
+        pl_module.budget_steps = self.total
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._t_fit = time.perf_counter()
+        if self.total is not None:  # resumed
+            self._apply(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.total is None and trainer.global_step == self.start:
+            self._t_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.total is not None or self._t_start is None or trainer.global_step < self.start + self.window:
+            return
+        per_step = (time.perf_counter() - self._t_start) / (trainer.global_step - self.start)
+        left = self.seconds - (time.perf_counter() - (self._t_fit or self._t_start))
+        total = max(self.min_steps, trainer.global_step + int(left / per_step))
+        self.total = int(trainer.strategy.broadcast(total, src=0))
+        self._apply(trainer, pl_module)
+        if trainer.is_global_zero:
+            print(f"[mmzoo] time budget {self.seconds / 60:.1f} min: {per_step:.2f} s/step → {self.total} steps")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"total": self.total}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.total = state.get("total")
+
+
 class Throughput(L.Callback):
     """Logs ``train/samples_per_sec`` (decoder targets per second, all ranks) over training steps only."""
 

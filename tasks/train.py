@@ -120,6 +120,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
         metrics["train/fit_seconds"] = time.perf_counter() - t0
         metrics["train/samples_per_sec"] = throughput.samples_per_sec
+        metrics["train/steps"] = float(trainer.global_step)
+        if not standalone and not any(k.startswith("val/") for k in task.final_metrics):
+            trainer.validate(task, datamodule=dm, verbose=False)  # the loop never validated (e.g. a time budget)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))})
     if cfg.get("test", True):
         ckpt = None

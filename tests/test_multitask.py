@@ -24,7 +24,8 @@ def test_multitask_trains_every_task_then_evaluates_and_exports_as_one(tiny_shap
 
     run = tmp_path / "run"
     steps = 40
-    cfg = compose(["experiment=multitask", *multitask_overrides(tiny_shapes, tmp_path), f"steps={steps}",
+    cfg = compose(["experiment=multitask", *multitask_overrides(tiny_shapes, tmp_path), f"trainer.max_steps={steps}",
+                   "callbacks.time_budget=null",
                    "trainer.log_every_n_steps=1", "task.warmup_steps=5", "task.lr=3e-3"], run)
     metrics = train(cfg)
     names = ["caption", "vqa", "text_to_image", "sensor_to_text"]
@@ -84,3 +85,22 @@ def multitask_eval_data(train_cfg, eval_cfg):
     with open_dict(eval_cfg):
         eval_cfg.data = OmegaConf.create(data)
     return eval_cfg
+
+
+def test_time_budget_sets_the_step_total_and_the_schedule_decays_within_it(tiny_shapes, tmp_path):
+    from tasks.train import train
+    from tests.test_train import TINY, _data
+
+    cfg = compose(["experiment=caption_shapes", *TINY, *_data(tiny_shapes), "trainer.max_epochs=-1",
+                   "trainer.max_steps=100000", "+callbacks.time_budget._target_=tasks.callbacks.TimeBudget",
+                   "+callbacks.time_budget.minutes=0.25", "+callbacks.time_budget.start=3",
+                   "+callbacks.time_budget.window=5", "+callbacks.time_budget.min_steps=10",
+                   "trainer.log_every_n_steps=1", "task.warmup_steps=2", "test=false"], tmp_path)
+    metrics = train(cfg)
+    steps = int(metrics["train/steps"])
+    assert 10 <= steps < 100000
+    assert metrics["train/fit_seconds"] < 0.25 * 60 * 3  # roughly within the budget (validation excluded)
+    assert "val/cider" in metrics  # validated after the loop
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    lrs = [float(r["lr-AdamW/pg1"]) for r in rows if r.get("lr-AdamW/pg1")]
+    assert lrs[-1] < 0.2 * max(lrs)  # the cosine decay completed inside the budget
