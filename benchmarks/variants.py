@@ -1,7 +1,7 @@
 """Backbone variants and compression on one short Shapes captioning + VQA run (issue 9's must-show).
 
 Every contender trains ``experiment=vqa_shapes`` (VQA with one auxiliary caption target per image) with the
-same seed and the same wall-clock budget (``trainer.max_time``); each run is its own ``zoo-train`` process.
+same seed and the same wall-clock budget (``tasks.callbacks.TimeBudget``); each run is its own ``zoo-train`` process.
 Then, from each run's best checkpoint (by ``val/vqa_acc``):
 
 * quality: the run's ``test/vqa_acc`` and, through the exported bundle, VQA accuracy on ``--vqa-limit``
@@ -38,9 +38,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def max_time(seconds: int) -> str:
-    """Lightning's ``DD:HH:MM:SS``."""
-    return f"{seconds // 86400:02d}:{seconds // 3600 % 24:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+def time_budget(seconds: int) -> list[str]:
+    """Overrides that fit the training loop into ``seconds`` (tasks.callbacks.TimeBudget: the step total is set
+    from the first timed steps and the cosine schedule completes inside it); validation runs once, after."""
+    return ["+callbacks.time_budget._target_=tasks.callbacks.TimeBudget", f"+callbacks.time_budget.minutes={seconds / 60}",
+            "trainer.max_epochs=-1", "trainer.max_steps=100000", "trainer.check_val_every_n_epoch=null",
+            "trainer.val_check_interval=100000"]
 
 
 def train_run(name: str, run_dir: Path, args: argparse.Namespace, experiment: str = "vqa_shapes",
@@ -50,8 +53,8 @@ def train_run(name: str, run_dir: Path, args: argparse.Namespace, experiment: st
     if args.reuse and metrics_file.is_file():
         return json.loads(metrics_file.read_text())
     cmd = [sys.executable, "-m", "tasks.train", f"experiment={experiment}", f"model={args.model}",
-           f"seed={args.seed}", f"hydra.run.dir={run_dir}", f"+trainer.max_time='{max_time(args.budget)}'",
-           f"trainer.max_epochs={args.epochs}", f"data.val_limit={args.val_limit}", f"data.root={args.data_root}",
+           f"seed={args.seed}", f"hydra.run.dir={run_dir}", *time_budget(args.budget), f"data.val_limit={args.val_limit}",
+           f"data.root={args.data_root}",
            *(f"+model.overrides.{k}={v}" for k, v in (model_overrides or {}).items()), *(extra or []),
            *args.override]
     print(f"[variants] {name}: {' '.join(cmd[2:])}", flush=True)
@@ -155,8 +158,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--budget", type=int, default=240, help="training seconds per run (trainer.max_time)")
-    p.add_argument("--epochs", type=int, default=3, help="max_epochs: the LR schedule's length (time stops first)")
+    p.add_argument("--budget", type=int, default=240, help="training seconds per run (tasks.callbacks.TimeBudget)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--model", default="ofa_tiny")
     p.add_argument("--seed", type=int, default=0)
