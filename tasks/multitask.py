@@ -201,7 +201,7 @@ class MultitaskTask(Seq2SeqTask):
             if self.model.cfg.ffn == "moe":  # each sub-batch is its own forward: add its load-balancing loss
                 loss = self.add_moe_aux_loss(loss, len(sub_batch["labels"]))
             total = total + self.weights[name] * loss
-        self.log("train/loss", total, prog_bar=True, batch_size=1)
+        self.log("train/loss", total, prog_bar=True, batch_size=1, sync_dist=True)  # mean over ranks
         return total  # type: ignore[return-value]
 
     # --- evaluation ---------------------------------------------------------------------------
