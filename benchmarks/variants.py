@@ -69,12 +69,16 @@ def train_run(name: str, run_dir: Path, args: argparse.Namespace, experiment: st
     return json.loads(metrics_file.read_text())
 
 
+def run_checkpoint(run_dir: Path) -> Path:
+    """The run's best checkpoint, else its last (time-budgeted runs validate only after the loop)."""
+    ckpt = run_dir / "checkpoints" / "best.ckpt"
+    return ckpt if ckpt.is_file() else run_dir / "checkpoints" / "last.ckpt"
+
+
 def load_bundle(run_dir: Path) -> Any:
     from tasks.export import bundle_from_checkpoint, read_checkpoint
 
-    ckpt = run_dir / "checkpoints" / "best.ckpt"
-    if not ckpt.is_file():  # no validation finished inside the budget: the last weights
-        ckpt = run_dir / "checkpoints" / "last.ckpt"
+    ckpt = run_checkpoint(run_dir)
     return bundle_from_checkpoint(read_checkpoint(ckpt), str(ckpt))
 
 
@@ -199,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["int8"] = int8_comparison(bundles["dense"], evalset, args.int8_reps)
         print(json.dumps(results["int8"]), flush=True)
         if not args.no_distill:
-            teacher = out / "dense" / "checkpoints" / "best.ckpt"
+            teacher = run_checkpoint(out / "dense")
             runs = {}
             for name, t in (("student_distilled", str(teacher)), ("student_alone", "null")):
                 metrics = train_run(name, out / name, args, experiment="distill", extra=[f"task.teacher={t}"])
