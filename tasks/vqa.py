@@ -432,7 +432,8 @@ class VQATask(Seq2SeqTask):
         refs = self.datamodule.references(stage)
         missing = set(refs) - set(predictions)
         limit = getattr(self.trainer, f"limit_{stage}_batches", 1.0)
-        if missing and (self.trainer.fast_dev_run or limit != 1.0):  # a deliberately partial pass
+        partial = self.trainer.fast_dev_run or isinstance(limit, int) or float(limit) < 1.0  # int: a batch count
+        if missing and partial:  # a deliberately partial pass
             refs = {k: v for k, v in refs.items() if k in predictions}
         elif missing:
             raise RuntimeError(f"{len(missing)} {stage} questions got no prediction (e.g. {sorted(missing)[:3]})")
