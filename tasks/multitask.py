@@ -91,7 +91,6 @@ class MultitaskDataModule(L.LightningDataModule):
                 texts = self.training_texts()
                 digest = hashlib.sha1("\n".join(texts).encode()).hexdigest()[:12]
                 path = self.root / f"tokenizer-multitask-{digest}-bpe{self.vocab_size}.json"
-                self.root.mkdir(parents=True, exist_ok=True)
                 self.tokenizer = load_or_train_bpe(path, lambda: texts, self.vocab_size)
             for sub in self.subs.values():
                 sub.tokenizer = self.tokenizer

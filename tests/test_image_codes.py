@@ -9,13 +9,7 @@ from modalities.image_codes import ImageCodeTokenizer, VQConfig
 from zoo.vocab import VocabLayout
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Micro models: thread hand-offs cost more than they save on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # micro models (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,7 @@ from tasks.probe import (AttributeProbe, ensure_probe, frechet_distance, load_pr
                          score_attributes)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Micro models: thread hand-offs cost more than they save on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # micro models (tests/conftest.py)
 
 
 def test_labels_agree_with_the_generators_captions(tiny_shapes):

@@ -8,13 +8,7 @@ from zoo.generation import greedy_search
 from zoo.guidance import guided_sample
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Micro models: thread hand-offs cost more than they save on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # micro models (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,7 @@
 """Readers for sensor recordings in the formats users have, and the JSONL manifest that lists them.
 
-Recordings (read by :mod:`modalities.sensor_io`, re-exported here)
-    CSV   a header row; a timestamp column plus one column per channel, chosen by name (any column
-          order, extra columns ignored). Timestamps are numbers in ``time_unit`` or ISO date-times.
-          Empty cells, ``nan`` and ``inf`` are missing values (masked by the tokenizer).
-    NPZ   either one 1-D array per channel name (plus optional ``timestamp``/``timestamps``), or a 2-D
-          ``values`` (or ``data``) array ``[C, T]`` with optional ``channels`` (names), ``timestamps``
-          and ``rate``.
-    NPY   one 2-D array ``[C, T]`` in the configured channel order; the rate comes from the manifest.
+Recordings: CSV, NPZ and NPY files, read by :mod:`modalities.sensor_io` (formats described there) and
+re-exported here.
 
 Manifest (JSONL, one object per line)
     ``{"file": "train/000001.csv", "descriptions": ["the wearer walks ..."], "id": "...", "rate": 50,

@@ -18,6 +18,7 @@ def load_or_train_bpe(path: str | Path, texts: Callable[[], list[str]] | None, v
         corpus = texts()
         if not corpus:
             raise ValueError(f"no training text to build the tokenizer {path} from")
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp_dir = path.parent / f".tok-{path.stem}-{os.getpid()}"
         os.replace(TextTokenizer.train(corpus, vocab_size=vocab_size).save(tmp_dir), path)
         tmp_dir.rmdir()
