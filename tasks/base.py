@@ -102,6 +102,11 @@ class Seq2SeqTask(L.LightningModule):
             return dm
         return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
 
+    @classmethod
+    def eval_settings(cls, settings: dict[str, Any], checkpoint: dict[str, Any], where: str) -> dict[str, Any]:
+        """zoo-eval: the constructor settings to rebuild this task from a training checkpoint."""
+        return settings
+
     # --- what subclasses define -------------------------------------------------------------
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError

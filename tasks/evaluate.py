@@ -34,7 +34,8 @@ def load_for_eval(source: str, task_type: str | None = None, unsafe_pickle: bool
     """``(model, tokenizer, task name, task settings)`` from a ``.ckpt`` or a model folder / hub id."""
     path = Path(source)
     if path.is_file():
-        from tasks.export import bundle_from_checkpoint, read_checkpoint, vq_folder_for
+        from tasks.export import bundle_from_checkpoint, read_checkpoint
+        from tasks.registry import get_task
 
         ckpt = read_checkpoint(path, unsafe_pickle=unsafe_pickle)
         bundle = bundle_from_checkpoint(ckpt, str(path))
@@ -43,13 +44,7 @@ def load_for_eval(source: str, task_type: str | None = None, unsafe_pickle: bool
         settings = dict(ckpt.get("hyper_parameters") or {})
         if meta.get("candidates"):
             settings["candidates"] = meta["candidates"]
-        if name == "multitask":  # per-task state saved beside the settings (VQA answers, the VQ tokenizer)
-            settings["tasks"] = {n: dict(s) for n, s in (settings.get("tasks") or {}).items()}
-            for n, m in (meta.get("tasks") or {}).items():
-                if m.get("candidates") and n in settings["tasks"]:
-                    settings["tasks"][n]["candidates"] = m["candidates"]
-            folder = vq_folder_for(ckpt, str(path))
-            settings["vq_tokenizer"] = str(folder) if folder is not None else None
+        settings = get_task(name).task_class().eval_settings(settings, ckpt, str(path))
         return bundle.model, bundle.tokenizer, name, settings
     import zoo
 
@@ -69,38 +64,11 @@ def default_data_config(name: str) -> DictConfig:
     return OmegaConf.load(str(files("configs") / "data" / f"{name}.yaml"))
 
 
-def multitask_data_config(settings: dict[str, Any], root: str) -> DictConfig:
-    """A multi-task checkpoint's evaluation data: each trained task's default data config (the VQ
-    tokenizer the checkpoint names, never a newly trained one)."""
-    from tasks.registry import get_task
-
-    tasks: dict[str, Any] = {}
-    for name in settings.get("tasks") or {}:
-        data = default_data_config(get_task(name).data_config)
-        if name == "text_to_image":
-            if not settings.get("vq_tokenizer"):
-                raise ValueError("the checkpoint's text_to_image task names no VQ tokenizer folder")
-            data.vq_path = settings["vq_tokenizer"]
-            data.pop("vq", None)
-        tasks[name] = data
-    return OmegaConf.create({"_target_": "tasks.multitask.MultitaskDataModule", "_recursive_": False,
-                             "root": root, "tasks": tasks})
-
-
 def task_kwargs(task_cls: type, name: str, settings: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """The task's constructor arguments: saved settings it accepts, plus the command line's generation
-    overrides (for a multi-task model, passed on to every task that accepts them)."""
+    """The task's constructor arguments: saved settings it accepts, plus the command line's generation overrides."""
     accepted = _init_params(task_cls)
     kwargs = {k: v for k, v in settings.items() if k in accepted}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if name == "multitask":
-        from tasks.registry import get_task
-
-        for sub, s in kwargs.get("tasks", {}).items():
-            sub_accepts = _init_params(get_task(sub).task_class())
-            s.update({k: v for k, v in overrides.items() if k in sub_accepts})
-        return kwargs
-    kwargs.update(overrides)
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
     unknown = set(kwargs) - accepted
     if unknown:
         raise ValueError(f"task {name!r} has no setting(s) {sorted(unknown)}; it accepts {sorted(accepted)}")
@@ -122,11 +90,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     entry = get_task(name)
     task_cls = entry.task_class()
     overrides = OmegaConf.to_container(cfg.get("task") or OmegaConf.create({}), resolve=True)
-    task = task_cls(model=model, tokenizer=tokenizer, **task_kwargs(task_cls, name, settings, overrides))
+    kwargs = task_cls.eval_kwargs(settings, overrides) if hasattr(task_cls, "eval_kwargs") else \
+        task_kwargs(task_cls, name, settings, overrides)
+    task = task_cls(model=model, tokenizer=tokenizer, **kwargs)
 
     if cfg.get("data") is None:
         with open_dict(cfg):
-            cfg.data = (multitask_data_config(settings, f"{cfg.paths.data_dir}/multitask") if name == "multitask"
+            cfg.data = (task_cls.eval_data_config(settings, cfg.paths.data_dir) if hasattr(task_cls, "eval_data_config")
                         else default_data_config(entry.data_config))
     dm = instantiate(cfg.data)
     dm.bind(model.cfg, model.layout, tokenizer=tokenizer)  # the checkpoint's tokenizer, never retrained

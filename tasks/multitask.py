@@ -266,6 +266,54 @@ class MultitaskTask(Seq2SeqTask):
             lines.append(f"{name:16s} {key:14s} {fmt(val)} {fmt(test)} {fmt(ref)} {ratio}")
         return "\n".join(lines)
 
+    # --- zoo-eval -----------------------------------------------------------------------------
+    @classmethod
+    def eval_settings(cls, settings: dict[str, Any], checkpoint: dict[str, Any], where: str) -> dict[str, Any]:
+        """Per-task state saved beside the settings: VQA answer candidates and the VQ tokenizer folder."""
+        from tasks.export import vq_folder_for
+
+        meta = checkpoint.get("mmzoo", {})
+        settings = {**settings, "tasks": {n: dict(s) for n, s in (settings.get("tasks") or {}).items()}}
+        for n, m in (meta.get("tasks") or {}).items():
+            if m.get("candidates") and n in settings["tasks"]:
+                settings["tasks"][n]["candidates"] = m["candidates"]
+        folder = vq_folder_for(checkpoint, where)
+        settings["vq_tokenizer"] = str(folder) if folder is not None else None
+        return settings
+
+    @classmethod
+    def eval_kwargs(cls, settings: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+        """Saved settings, with the command line's generation overrides passed on to every task accepting them."""
+        from tasks.evaluate import _init_params
+        from tasks.registry import get_task
+
+        kwargs = {k: v for k, v in settings.items() if k in _init_params(cls)}
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        for sub, s in kwargs.get("tasks", {}).items():
+            accepts = _init_params(get_task(sub).task_class())
+            s.update({k: v for k, v in overrides.items() if k in accepts})
+        return kwargs
+
+    @classmethod
+    def eval_data_config(cls, settings: dict[str, Any], data_dir: str) -> Any:
+        """Each trained task's default data config, with the VQ tokenizer the checkpoint names (never a new one)."""
+        from omegaconf import OmegaConf
+
+        from tasks.evaluate import default_data_config
+        from tasks.registry import get_task
+
+        tasks: dict[str, Any] = {}
+        for name in settings.get("tasks") or {}:
+            data = default_data_config(get_task(name).data_config)
+            if name == "text_to_image":
+                if not settings.get("vq_tokenizer"):
+                    raise ValueError("the checkpoint's text_to_image task names no VQ tokenizer folder")
+                data.vq_path = settings["vq_tokenizer"]
+                data.pop("vq", None)
+            tasks[name] = data
+        return OmegaConf.create({"_target_": "tasks.multitask.MultitaskDataModule", "_recursive_": False,
+                                 "root": f"{data_dir}/multitask", "tasks": tasks})
+
     # --- checkpoints --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
