@@ -4,7 +4,7 @@ A small CNN is trained on real Shapes images (``scenes_*.json`` give exact label
 held-out real images with ≥ 95 % all-attribute accuracy to serve as a judge of generated images;
 :func:`ensure_probe` records that figure next to the cached weights. :func:`score_attributes` scores
 generated images against the attributes of their prompts, and :func:`frechet_distance` compares image
-sets in the probe's 256-d feature space ("probe FD": NOT Inception FID, not comparable to it).
+sets in the probe's pooled feature space ("probe FD": NOT Inception FID, not comparable to it).
 
 ``python -m tasks.probe data/shapes`` trains (or loads) the probe and prints its held-out accuracy.
 """
@@ -22,69 +22,64 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.data.shapes import COLOURS, SHAPES
-from tasks.data.shapes_images import MAX_COUNT, load_images, read_split, scene_labels
+from tasks.data.shapes_images import dense_scene_loss, grid_to_sets, load_images, read_split, scene_grid_targets, scene_labels
 
 ATTRIBUTES = ("colour", "shape", "count")
+PROBE_VERSION = 2  # part of the cache key: bumped when the probe's architecture or training changes
 REQUIRED_ACCURACY = 0.95
 
 
 class AttributeProbe(nn.Module):
-    """CNN: ``[B,3,64,64]`` in ``[0,1]`` → multi-hot colour and shape logits and count logits."""
+    """Dense CNN judge: ``[B,3,64,64]`` in ``[0,1]`` → per-cell objectness, shape and colour logits.
 
-    def __init__(self, width: int = 16, feature_dim: int = 256, image_size: int = 64):
+    Trained like a one-stage detector on the scenes' object centres (one ``stride``-px cell per object),
+    which teaches shape in a few epochs where image-level set labels took many. Image-level colour /
+    shape sets and the count are read off the cells predicted to hold an object (:func:`grid_to_sets`).
+    """
+
+    def __init__(self, width: int = 16, image_size: int = 64):
         super().__init__()
-        self.config = {"width": width, "feature_dim": feature_dim, "image_size": image_size}
+        self.config = {"width": width, "image_size": image_size}
         w = width
 
-        def block(i: int, o: int) -> nn.Sequential:
-            # GroupNorm: the same function in training and evaluation (no running statistics to drift)
-            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.GroupNorm(4, o), nn.ReLU(),
-                                 nn.Conv2d(o, o, 3, stride=2, padding=1, bias=False), nn.GroupNorm(4, o), nn.ReLU())
+        def conv(i: int, o: int, stride: int = 1) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(i, o, 3, stride, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU())
 
-        self.body = nn.Sequential(block(3, w), block(w, 2 * w), block(2 * w, 4 * w), block(4 * w, 4 * w))
-        # per-pixel colour detectors, max-pooled over the image: "is this colour anywhere?"
-        self.colour_path = nn.Sequential(nn.Conv2d(3, 2 * w, 1), nn.ReLU(), nn.Conv2d(2 * w, 2 * w, 1), nn.ReLU())
-        side = image_size // 16
-        # flattened map (where things are: counts) + global max (whether a shape is anywhere) + colours
-        self.fc = nn.Sequential(nn.Linear(4 * w * (side * side + 1) + 2 * w, feature_dim), nn.ReLU())
-        self.heads = nn.ModuleDict({"colour": nn.Linear(feature_dim, len(COLOURS)),
-                                    "shape": nn.Linear(feature_dim, len(SHAPES)),
-                                    "count": nn.Linear(feature_dim, MAX_COUNT)})
+        # stride 8: an 8-px cell per output, finer than the smallest object (12 px), so centres never share one
+        self.body = nn.Sequential(conv(3, w), conv(w, w, 2), conv(w, 2 * w), conv(2 * w, 2 * w, 2),
+                                  conv(2 * w, 4 * w), conv(4 * w, 4 * w, 2), conv(4 * w, 4 * w))
+        self.head = nn.Conv2d(4 * w, 1 + len(SHAPES) + len(COLOURS), 1)
+        self.grid = image_size // 8
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate features ``[B, feature_dim]`` (the space of the probe Fréchet distance)."""
+    def _body(self, x: torch.Tensor) -> torch.Tensor:
         size = self.config["image_size"]
         if x.ndim != 4 or x.shape[1:] != (3, size, size):
             raise ValueError(f"the probe reads [B,3,{size},{size}] images, got {tuple(x.shape)}")
-        x = x * 2 - 1
-        h = self.body(x)  # [B, 4w, side, side]
-        colours = self.colour_path(F.avg_pool2d(x, 2)).amax((2, 3))  # at half resolution: 4x cheaper
-        return self.fc(torch.cat([h.flatten(1), h.amax((2, 3)), colours], 1))
+        return self.body(x * 2 - 1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``[B, 8·width]`` (mean and max over cells; the space of the probe Fréchet distance)."""
+        h = self._body(x)
+        return torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        f = self.features(x)
-        return {k: head(f) for k, head in self.heads.items()}
+        out = self.head(self._body(x))  # [B, 1+5+6, g, g]
+        n_shape = len(SHAPES)
+        return {"objectness": out[:, 0], "shape": out[:, 1:1 + n_shape], "colour": out[:, 1 + n_shape:]}
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
-        """Predicted labels (colour/shape multi-hot, count index) of images in ``[0,1]`` or ``uint8``."""
-        outs: dict[str, list[torch.Tensor]] = {k: [] for k in ATTRIBUTES}
-        for chunk in x.split(batch_size):
-            logits = self(_as_float(chunk))
-            outs["colour"].append((logits["colour"] > 0).float())
-            outs["shape"].append((logits["shape"] > 0).float())
-            outs["count"].append(logits["count"].argmax(-1))
-        return {k: torch.cat(v) for k, v in outs.items()}
+        """Predicted image labels (colour/shape multi-hot, count index) of images in ``[0,1]`` or ``uint8``."""
+        outs = [grid_to_sets(**self(_as_float(chunk))) for chunk in x.split(batch_size)]
+        return {k: torch.cat([o[k] for o in outs]) for k in ATTRIBUTES}
 
 
 def _as_float(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 255 if x.dtype == torch.uint8 else x.float()
 
 
-def probe_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
-    return (F.binary_cross_entropy_with_logits(logits["colour"], labels["colour"])
-            + F.binary_cross_entropy_with_logits(logits["shape"], labels["shape"])
-            + F.cross_entropy(logits["count"], labels["count"]))
+#: the dense loss against :func:`scene_grid_targets` (shared with the backbone's scene pretraining)
+probe_loss = dense_scene_loss
 
 
 def score_attributes(pred: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -124,7 +119,7 @@ def split_data(root: str | Path, split: str) -> tuple[torch.Tensor, dict[str, to
     return load_images(paths), scene_labels(root, split, ids)
 
 
-def train_probe(root: str | Path, epochs: int = 8, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
+def train_probe(root: str | Path, epochs: int = 5, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
                 width: int = 16, max_train: int | None = None) -> tuple[AttributeProbe, dict[str, float]]:
     """Train on the train split; returns the probe (eval mode) and its accuracy on the held-out val split."""
     with torch.inference_mode(False), torch.enable_grad():  # callable from inside evaluation loops
@@ -134,10 +129,13 @@ def train_probe(root: str | Path, epochs: int = 8, batch_size: int = 64, lr: flo
 def _train_probe(root: str | Path, epochs: int, batch_size: int, lr: float, seed: int, width: int,
                  max_train: int | None) -> tuple[AttributeProbe, dict[str, float]]:
     torch.manual_seed(seed)
-    images, labels = split_data(root, "train")
+    ids, paths, _ = read_split(root, "train")
     if max_train:
-        images, labels = images[:max_train], {k: v[:max_train] for k, v in labels.items()}
+        ids, paths = ids[:max_train], paths[:max_train]
+    images = load_images(paths)
     probe = AttributeProbe(width=width, image_size=images.shape[-1])
+    targets = scene_grid_targets(root, "train", ids, probe.grid, images.shape[-1])
+    batch_size = min(batch_size, len(images))
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * max(1, len(images) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
@@ -146,9 +144,7 @@ def _train_probe(root: str | Path, epochs: int, batch_size: int, lr: float, seed
     for _ in range(epochs):
         order = torch.randperm(len(images), generator=gen)
         for idx in order[: len(order) // batch_size * batch_size].view(-1, batch_size):
-            x = _as_float(images[idx])
-            x = torch.where(torch.rand(len(x), 1, 1, 1, generator=gen) < 0.5, x, x.flip(-1))  # mirror: labels keep
-            loss = probe_loss(probe(x), {k: v[idx] for k, v in labels.items()})
+            loss = probe_loss(probe(_as_float(images[idx])), {k: v[idx] for k, v in targets.items()})
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -186,7 +182,7 @@ def ensure_probe(root: str | Path, **train_kwargs: Any) -> Path:
     """The folder of a probe trained on ``root`` with ``train_kwargs`` (trained now unless cached there)."""
     root = Path(root)
     marker = json.loads((root / "shapes.json").read_text()) if (root / "shapes.json").is_file() else {}
-    key = hashlib.sha1(json.dumps({"data": marker, **train_kwargs}, sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha1(json.dumps({"data": marker, "version": PROBE_VERSION, **train_kwargs}, sort_keys=True).encode()).hexdigest()[:12]
     folder = root / "probes" / f"probe-{key}"
     if (folder / "probe.json").is_file():
         return folder
@@ -207,7 +203,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description="Train (or load) the Shapes attribute probe; print its held-out accuracy.")
     ap.add_argument("root", help="a Shapes data folder (captions_*.json, scenes_*.json, images/)")
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=5)
     args = ap.parse_args()
     folder = ensure_probe(args.root, epochs=args.epochs)
     _, acc = load_probe(folder)

@@ -47,6 +47,14 @@ def build_model(model_cfg: DictConfig, text_vocab_size: int, data_overrides: dic
                 mods[m] = {**mcfg, **mods.get(m, {})}
         else:
             overrides.setdefault(key, value)
+    pretrain = model_cfg.get("image_pretrain")
+    if pretrain:  # the image backbone starts from weights pretrained on dense scene labels (cached)
+        from tasks.backbone_pretrain import ensure_pretrained_backbone, resolve_spec
+
+        image_over = (overrides.get("modalities") or {}).get("image") or {}
+        image_cfg = {**zoo.model_config(model_cfg.name).modalities.get("image", {}), **image_over}
+        spec = resolve_spec(OmegaConf.to_container(pretrain, resolve=True), image_cfg)  # type: ignore[arg-type]
+        overrides.setdefault("modalities", {})["image"] = {**image_over, "pretrained": str(ensure_pretrained_backbone(spec))}
     vocab = dict(zoo.model_config(model_cfg.name).vocab)
     vocab.update(overrides.pop("vocab", {}) or {})
     vocab["text_size"] = text_vocab_size

@@ -3,9 +3,10 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tasks.data.shapes import COLOURS, SHAPES
-from tasks.data.shapes_images import load_images, read_split, scene_labels
+from tasks.data.shapes_images import grid_to_sets, load_images, read_split, scene_grid_targets, scene_labels
 from tasks.probe import (AttributeProbe, ensure_probe, frechet_distance, load_probe, probe_loss,
                          score_attributes)
 
@@ -50,11 +51,29 @@ def test_frechet_distance():
         frechet_distance(a[:1], a)
 
 
+def test_grid_targets_mark_each_object_centre(tiny_shapes):
+    ids, _, _ = read_split(tiny_shapes, "val")
+    t = scene_grid_targets(tiny_shapes, "val", ids, grid=8, image_size=64)
+    labels = scene_labels(tiny_shapes, "val", ids)
+    assert t["objectness"].shape == (len(ids), 8, 8) and t["shape"].dtype == torch.long
+    assert torch.equal(t["objectness"].flatten(1).sum(1).long(), labels["count"] + 1)  # one cell per object
+    assert torch.equal((t["shape"] >= 0).float(), t["objectness"])
+    # perfect dense logits read back as exactly the image-level labels
+    big = 20.0
+    logits = {"objectness": t["objectness"] * 2 * big - big,
+              "shape": F.one_hot(t["shape"].clamp(min=0), 5).permute(0, 3, 1, 2).float() * big,
+              "colour": F.one_hot(t["colour"].clamp(min=0), 6).permute(0, 3, 1, 2).float() * big}
+    sets = grid_to_sets(**logits)
+    assert score_attributes(sets, labels)["all_acc"] == 1.0
+    with pytest.raises(ValueError, match="two object centres"):
+        scene_grid_targets(tiny_shapes, "val", ids, grid=2, image_size=64)
+
+
 def test_probe_training_sanity_and_cache(tiny_shapes):
     torch.manual_seed(0)
     ids, paths, _ = read_split(tiny_shapes, "train")
     x = load_images(paths[:32]).float() / 255
-    y = {k: v[:32] for k, v in scene_labels(tiny_shapes, "train", ids).items()}
+    y = {k: v[:32] for k, v in scene_grid_targets(tiny_shapes, "train", ids, 8, 64).items()}
     probe = AttributeProbe(width=8)
     opt = torch.optim.Adam(probe.parameters(), lr=3e-3)
     losses = []
@@ -67,9 +86,11 @@ def test_probe_training_sanity_and_cache(tiny_shapes):
     assert losses[-1] < 0.6 * losses[0], losses
     with pytest.raises(ValueError, match="64,64"):
         probe(torch.rand(1, 3, 32, 32))
+    assert probe.features(x[:3]).shape == (3, 8 * 8)
     # ensure_probe trains once, records its held-out accuracy and then loads from the cache
     folder = ensure_probe(tiny_shapes, epochs=1, width=8, batch_size=32)
     assert ensure_probe(tiny_shapes, epochs=1, width=8, batch_size=32) == folder
     loaded, acc = load_probe(folder)
     assert set(acc) == {"colour_acc", "shape_acc", "count_acc", "all_acc"} and 0 <= acc["all_acc"] <= 1
-    assert loaded.predict(x[:4])["colour"].shape == (4, 6)
+    pred = loaded.predict(x[:4])
+    assert pred["colour"].shape == (4, 6) and pred["shape"].shape == (4, 5) and pred["count"].shape == (4,)

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from tasks.data.shapes import COLOURS, SHAPES
@@ -70,3 +71,59 @@ def scene_labels(root: str | Path, split: str, ids: list[int]) -> dict[str, torc
             shape[row, shapes.index(o["shape"])] = 1
         count[row] = len(objs) - 1
     return {"colour": colour, "shape": shape, "count": count}
+
+
+def scene_grid_targets(root: str | Path, split: str, ids: list[int], grid: int,
+                       image_size: int) -> dict[str, torch.Tensor]:
+    """Dense per-cell labels of each image: which ``grid × grid`` cells hold an object's centre, and its class.
+
+    ``image_size`` is the size of the stored images (the scenes' pixel coordinates), whatever size a model
+    reads them at.
+
+    ``objectness [N,g,g]`` is 1.0 in the cell holding an object's centre; ``shape`` / ``colour [N,g,g]``
+    are that object's class index there and -100 (ignored by cross-entropy) elsewhere. Shapes objects are
+    ≥ 12 px across with ≥ 2 px between boxes, so two centres never share a cell while cells are ≤ 12 px.
+    """
+    path = Path(root) / f"scenes_{split}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path}: dense scene labels need the Shapes scene files")
+    scenes = {int(s["image_id"]): s for s in json.loads(path.read_text())}
+    cell = image_size / grid
+    objectness = torch.zeros(len(ids), grid, grid)
+    shape = torch.full((len(ids), grid, grid), -100, dtype=torch.long)
+    colour = torch.full((len(ids), grid, grid), -100, dtype=torch.long)
+    colours, shapes = list(COLOURS), list(SHAPES)
+    for row, i in enumerate(ids):
+        if i not in scenes:
+            raise KeyError(f"{path} has no scene for image id {i}")
+        for o in scenes[i]["objects"]:
+            cx, cy = min(int(o["x"] // cell), grid - 1), min(int(o["y"] // cell), grid - 1)
+            if objectness[row, cy, cx]:
+                raise ValueError(f"{path}: image {i} has two object centres in one cell of a {grid}×{grid} grid; "
+                                 "use a finer grid")
+            objectness[row, cy, cx] = 1.0
+            shape[row, cy, cx] = shapes.index(o["shape"])
+            colour[row, cy, cx] = colours.index(o["colour"])
+    return {"objectness": objectness, "shape": shape, "colour": colour}
+
+
+def grid_to_sets(objectness: torch.Tensor, shape: torch.Tensor, colour: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Image-level labels from dense logits: ``objectness [B,g,g]``, ``shape [B,5,g,g]``, ``colour [B,6,g,g]``.
+
+    Cells whose objectness logit is > 0 are objects; the colour / shape sets are the multi-hot union of
+    their classes and ``count`` the number of such cells minus one (clamped to the class range), the
+    label format of :func:`scene_labels`.
+    """
+    found = objectness > 0  # [B,g,g]
+    shapes = (F.one_hot(shape.argmax(1), len(SHAPES)) * found[..., None]).amax((1, 2)).float()
+    colours = (F.one_hot(colour.argmax(1), len(COLOURS)) * found[..., None]).amax((1, 2)).float()
+    count = (found.flatten(1).sum(1) - 1).clamp(0, MAX_COUNT - 1)
+    return {"colour": colours, "shape": shapes, "count": count}
+
+
+def dense_scene_loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Loss of dense predictions against :func:`scene_grid_targets`: objectness BCE (×5, as most cells are
+    empty) plus the shape and colour cross-entropies at object cells."""
+    return (5 * F.binary_cross_entropy_with_logits(logits["objectness"], targets["objectness"])
+            + F.cross_entropy(logits["shape"], targets["shape"])
+            + F.cross_entropy(logits["colour"], targets["colour"]))
