@@ -28,31 +28,32 @@ from torch import nn
 
 from tasks.data.shapes import COLOURS, SHAPES
 
-SPEC_KEYS = {"root", "backbone", "out_index", "image_size", "epochs", "batch_size", "lr", "seed", "max_train"}
-DEFAULTS: dict[str, Any] = {"epochs": 3, "batch_size": 64, "lr": 3e-3, "seed": 0, "max_train": None}
-VERSION = 1  # part of the cache key: bumped when the objective or the head changes
+SPEC_KEYS = {"root", "backbone", "out_index", "image_size", "epochs", "batch_size", "lr", "seed", "max_train",
+             "cell_stride"}
+# cell_stride 8: at 64 px an 8-px cell per target, finer than the smallest Shapes object (12 px)
+DEFAULTS: dict[str, Any] = {"epochs": 3, "batch_size": 64, "lr": 3e-3, "seed": 0, "max_train": None, "cell_stride": 8}
+VERSION = 3  # part of the cache key: bumped when the objective or the head changes
 
 
 class DenseSceneHead(nn.Module):
-    """A light FPN head on two backbone stages: per-cell objectness, shape and colour logits.
+    """Per-cell objectness, shape and colour logits from one backbone stage, or from two (a light FPN).
 
-    The coarser stage (the one the unified model reads) is upsampled to the finer stage's grid and
-    added to it, so both stages learn where objects are and what they are.
+    With two stages the coarser one (the stage the unified model reads) is upsampled to the finer
+    stage's grid and added to it, so both learn where objects are and what they are.
     """
 
-    def __init__(self, fine_channels: int, coarse_channels: int, scale: int, width: int = 128):
+    def __init__(self, channels: list[int], scale: int = 1, width: int = 128):
         super().__init__()
         self.scale = scale
-        self.lateral = nn.Conv2d(fine_channels, width, 1)
-        self.top = nn.Conv2d(coarse_channels, width, 1)
+        self.inputs = nn.ModuleList(nn.Conv2d(c, width, 1) for c in channels)  # fine first, then coarse
         self.out = nn.Sequential(nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
                                  nn.Conv2d(width, 1 + len(SHAPES) + len(COLOURS), 1))
 
-    def forward(self, fine: torch.Tensor, coarse: torch.Tensor) -> dict[str, torch.Tensor]:
-        top = self.top(coarse)
-        if self.scale > 1:
-            top = F.interpolate(top, scale_factor=self.scale, mode="nearest")
-        out = self.out(self.lateral(fine) + top)
+    def forward(self, *features: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.inputs[0](features[0])
+        if len(features) == 2:
+            h = h + F.interpolate(self.inputs[1](features[1]), scale_factor=self.scale, mode="nearest")
+        out = self.out(h)
         n_shape = len(SHAPES)
         return {"objectness": out[:, 0], "shape": out[:, 1:1 + n_shape], "colour": out[:, 1 + n_shape:]}
 
@@ -72,8 +73,6 @@ def resolve_spec(spec: Mapping[str, Any], image_cfg: Mapping[str, Any]) -> dict[
            "mean": [float(m) for m in image_cfg.get("mean", (0.5, 0.5, 0.5))],
            "std": [float(m) for m in image_cfg.get("std", (0.5, 0.5, 0.5))]}
     out["root"] = str(Path(out["root"]).resolve())
-    if out["out_index"] < 1:
-        raise ValueError(f"model.image_pretrain needs the image out_index ≥ 1 (a finer stage below it), got {out['out_index']}")
     return out
 
 
@@ -105,13 +104,24 @@ def pretrain_backbone(spec: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor],
     root, size = spec["root"], int(spec["image_size"])
     torch.manual_seed(int(spec["seed"]))
     name, out_index = spec["backbone"].split(":", 1)[1], int(spec["out_index"])
-    net = timm.create_model(name, features_only=True, out_indices=(out_index - 1, out_index))
-    fine_c, coarse_c = net.feature_info.channels()
-    fine_r, coarse_r = net.feature_info.reduction()
-    grid = size // fine_r
-    if size % fine_r or grid < 2:
-        raise ValueError(f"image size {size} does not tile into stride-{fine_r} cells")
-    head = DenseSceneHead(fine_c, coarse_c, coarse_r // fine_r)
+    # targets live on a grid of cell_stride-px cells (in the model's pixels); the model's stage feeds the
+    # head directly when its stride is that fine, else through the stage whose stride matches (FPN)
+    strides = timm.create_model(name, features_only=True).feature_info.reduction()
+    cell = int(spec["cell_stride"])
+    if strides[out_index] <= cell:
+        stages: tuple[int, ...] = (out_index,)
+    else:
+        finer = [i for i in range(out_index) if strides[i] == cell]
+        if not finer:
+            raise ValueError(f"{spec['backbone']} has no stage of stride {cell} (strides {strides}); "
+                             "set model.image_pretrain.cell_stride")
+        stages = (finer[0], out_index)
+    net = timm.create_model(name, features_only=True, out_indices=stages)
+    reductions = net.feature_info.reduction()
+    grid = size // reductions[0]
+    if size % reductions[0] or grid < 2:
+        raise ValueError(f"image size {size} does not tile into stride-{reductions[0]} cells")
+    head = DenseSceneHead(net.feature_info.channels(), reductions[-1] // reductions[0])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net.to(device).train(), head.to(device).train()
 
@@ -125,15 +135,14 @@ def pretrain_backbone(spec: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor],
         return images, ids, data_size
 
     images, ids, data_size = load("train", spec.get("max_train"))
-    targets = scene_grid_targets(root, "train", ids, grid, data_size)
+    targets = scene_grid_targets(root, "train", ids, grid, data_size, strict=False)
     mean = torch.tensor(spec["mean"], device=device).view(1, 3, 1, 1)
     std = torch.tensor(spec["std"], device=device).view(1, 3, 1, 1)
 
     def forward(x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = (x.to(device).float() / 255 - mean) / std  # the model's ImageConfig normalisation
         with _autocast(device):
-            fine, coarse = net(x.contiguous(memory_format=torch.channels_last))
-            return {k: v.float() for k, v in head(fine, coarse).items()}
+            return {k: v.float() for k, v in head(*net(x.contiguous(memory_format=torch.channels_last))).items()}
 
     params = list(net.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=float(spec["lr"]), weight_decay=1e-4)

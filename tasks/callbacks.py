@@ -97,13 +97,16 @@ class TimeBudget(L.Callback):
     (measured on rank 0 and broadcast, so every rank stops at the same step and follows the same learning-rate
     schedule). It sets ``trainer.fit_loop.epoch_loop.max_steps`` and ``pl_module.budget_steps``, which the
     warm-up + cosine schedule of :func:`tasks.base.warmup_cosine` reads, so the decay completes in the budget.
-    The total is saved in checkpoints: a resumed run keeps it.
+    The total is saved in checkpoints: a resumed run keeps it. ``whole_epochs=True`` rounds the total down to
+    whole epochs (at least one), so a run that validates every epoch validates its final weights.
     """
 
-    def __init__(self, minutes: float, start: int = 10, window: int = 20, min_steps: int = 50):
+    def __init__(self, minutes: float, start: int = 10, window: int = 20, min_steps: int = 50,
+                 whole_epochs: bool = False):
         if minutes <= 0:
             raise ValueError(f"TimeBudget minutes must be > 0, got {minutes}")
         self.seconds, self.start, self.window, self.min_steps = 60.0 * minutes, start, window, min_steps
+        self.whole_epochs = whole_epochs
         self.total: int | None = None
         self._t_fit: float | None = None
         self._t_start: float | None = None
@@ -127,6 +130,9 @@ class TimeBudget(L.Callback):
         per_step = (time.perf_counter() - self._t_start) / (trainer.global_step - self.start)
         left = self.seconds - (time.perf_counter() - (self._t_fit or self._t_start))
         total = max(self.min_steps, trainer.global_step + int(left / per_step))
+        epoch = trainer.num_training_batches // max(1, trainer.accumulate_grad_batches)
+        if self.whole_epochs and 0 < epoch < float("inf"):
+            total = max(1, total // epoch) * epoch
         self.total = int(trainer.strategy.broadcast(total, src=0))
         self._apply(trainer, pl_module)
         if trainer.is_global_zero:

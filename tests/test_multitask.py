@@ -104,3 +104,24 @@ def test_time_budget_sets_the_step_total_and_the_schedule_decays_within_it(tiny_
     rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
     lrs = [float(r["lr-AdamW/pg1"]) for r in rows if r.get("lr-AdamW/pg1")]
     assert lrs[-1] < 0.2 * max(lrs)  # the cosine decay completed inside the budget
+
+
+def test_time_budget_whole_epochs_rounds_the_total_down_to_epochs(monkeypatch):
+    from types import SimpleNamespace
+
+    from tasks import callbacks
+
+    clock = iter(())
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    for whole, expected in ((False, 120), (True, 100)):  # 10 steps in 10 s, 110 s left: 120 steps = 4.8 epochs
+        clock = iter([0.0, 0.0, 10.0, 10.0])  # fit start, timing start, then twice after step 10
+        budget = callbacks.TimeBudget(minutes=2.0, start=0, window=10, whole_epochs=whole)
+        trainer = SimpleNamespace(global_step=0, num_training_batches=25, accumulate_grad_batches=1, is_global_zero=False,
+                                  strategy=SimpleNamespace(broadcast=lambda x, src=0: x),
+                                  fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(max_steps=-1)))
+        module = SimpleNamespace()
+        budget.on_train_start(trainer, module)
+        budget.on_train_batch_start(trainer, module, None, 0)
+        trainer.global_step = 10
+        budget.on_train_batch_end(trainer, module, None, None, 9)
+        assert budget.total == expected == trainer.fit_loop.epoch_loop.max_steps == module.budget_steps
