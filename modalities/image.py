@@ -1,8 +1,9 @@
 """Image modality: CPU preprocessing (runs in DataLoader workers) and the patch-feature embedder.
 
-The embedder takes patch features from any timm backbone (``timm:<name>``, ``features_only``) or from
-an open_clip visual tower (``open_clip:<name>``), projects them to ``d_model`` and adds learned 2-D
-positions.
+The embedder takes patch features from any timm backbone (``timm:<name>``, ``features_only``), from
+an open_clip visual tower (``open_clip:<name>``), or from a plain linear patch embedding
+(``patch:<size>``, BEiT-3 / ViT style: timm's ``PatchEmbed``, no CNN), projects them to ``d_model`` and
+adds learned 2-D positions.
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ class ImageConfig:
         if self.resize not in ("squash", "center_crop"):
             raise ValueError(f"ImageConfig.resize must be 'squash' or 'center_crop', got {self.resize!r}")
         if ":" not in self.backbone:
-            raise ValueError(f"ImageConfig.backbone must be 'timm:<name>' or 'open_clip:<name>', got {self.backbone!r}")
+            raise ValueError("ImageConfig.backbone must be 'timm:<name>', 'open_clip:<name>' or 'patch:<size>', "
+                             f"got {self.backbone!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -123,7 +125,17 @@ def _build_backbone(cfg: ImageConfig) -> tuple[nn.Module, str]:
         visual = model.visual
         visual.output_tokens = True
         return visual, "open_clip"
-    raise ValueError(f"unknown image backbone kind {kind!r} in {cfg.backbone!r}; use 'timm:' or 'open_clip:'")
+    if kind == "patch":
+        from timm.layers import PatchEmbed
+
+        if not name.isdigit() or int(name) < 1 or cfg.image_size % int(name):
+            raise ValueError(f"image backbone {cfg.backbone!r}: the patch size must be a positive integer dividing "
+                             f"image_size={cfg.image_size}")
+        if cfg.pretrained:
+            raise ValueError(f"image backbone {cfg.backbone!r} is a plain patch embedding: it has no pretrained weights")
+        dim = int(cfg.backbone_kwargs.get("embed_dim", 256))
+        return PatchEmbed(cfg.image_size, int(name), 3, dim, output_fmt="NHWC", flatten=False), "patch"
+    raise ValueError(f"unknown image backbone kind {kind!r} in {cfg.backbone!r}; use 'timm:', 'open_clip:' or 'patch:'")
 
 
 class ImageEmbedder(nn.Module):
@@ -158,6 +170,8 @@ class ImageEmbedder(nn.Module):
                 pixels = pixels.contiguous(memory_format=torch.channels_last)
             fmap = self.backbone(pixels)[-1]  # [B, C, h, w]
             return fmap.permute(0, 2, 3, 1)
+        if self.kind == "patch":
+            return self.backbone(pixels)  # [B, h, w, C]
         _, tokens = self.backbone(pixels)  # [B, h*w, C]
         b, n, c = tokens.shape
         side = int(round(n**0.5))

@@ -177,3 +177,18 @@ def test_registry_errors():
     with pytest.raises(ValueError, match="unknown override"):
         zoo.create_model("test-tiny", n_layers=3)
     assert {"ofa-tiny", "ofa-base", "test-tiny"} <= set(zoo.list_models())
+
+
+def test_patch_image_stem():
+    """``patch:<size>``: a linear patch embedding (no CNN), one token per patch; a bad size is refused."""
+    torch.manual_seed(0)
+    m = zoo.create_model("test-tiny", modalities={"image": {"backbone": "patch:8", "backbone_kwargs": {"embed_dim": 32}}})
+    px, ids, mask = _inputs(m, b=2)
+    assert m.embedders["image"].num_tokens == (m.cfg.modalities["image"]["image_size"] // 8) ** 2
+    logits = m({"image": px, "text": (ids, mask)}, torch.randint(4, 100, (2, 3)))
+    logits.float().sum().backward()
+    assert m.embedders["image"].backbone.proj.weight.grad is not None
+    with pytest.raises(ValueError, match="patch size"):
+        zoo.create_model("test-tiny", modalities={"image": {"backbone": "patch:7"}})
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        zoo.create_model("test-tiny", modalities={"image": {"backbone": "patch:8", "pretrained": "x.safetensors"}})

@@ -56,6 +56,7 @@ class KVCache:
         # attention=lfa: per layer, the last kernel-1 inputs of each causal filter convolution
         self.filter_state: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
         self.memory_allowed: torch.Tensor | None = None  # [B,1,1,S]
+        self.out_weight_t: torch.Tensor | None = None  # [d, V] output projection for small batches (inference)
         self.length = 0
         self.max_len = max_len
 
