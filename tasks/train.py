@@ -53,13 +53,22 @@ def build_model(model_cfg: DictConfig, text_vocab_size: int, data_overrides: dic
 
         image_over = (overrides.get("modalities") or {}).get("image") or {}
         image_cfg = {**zoo.model_config(model_cfg.name).modalities.get("image", {}), **image_over}
-        spec = resolve_spec(OmegaConf.to_container(pretrain, resolve=True), image_cfg)  # type: ignore[arg-type]
+        user_spec: dict[str, Any] = OmegaConf.to_container(pretrain, resolve=True)  # type: ignore[assignment]
+        freeze = bool(user_spec.pop("freeze", False))
+        spec = resolve_spec(user_spec, image_cfg)
         overrides.setdefault("modalities", {})["image"] = {**image_over, "pretrained": str(ensure_pretrained_backbone(spec))}
     vocab = dict(zoo.model_config(model_cfg.name).vocab)
     vocab.update(overrides.pop("vocab", {}) or {})
     vocab["text_size"] = text_vocab_size
     vocab.pop("ranges", None)
-    return zoo.create_model(model_cfg.name, vocab=vocab, **overrides)
+    model = zoo.create_model(model_cfg.name, vocab=vocab, **overrides)
+    if pretrain and freeze:  # keep the pretrained stem fixed: weights and BatchNorm statistics
+        from tasks.finetune import freeze_batchnorm_stats
+
+        backbone = model.embedders["image"].backbone
+        backbone.requires_grad_(False)
+        freeze_batchnorm_stats(backbone)
+    return model
 
 
 def write_metrics(path: Path, metrics: dict[str, float]) -> None:

@@ -48,3 +48,20 @@ def test_pretrain_caches_and_loads_into_the_model(tiny_shapes, tmp_path):
         assert torch.equal(v, expected[k]), k
     fresh = build_model(OmegaConf.create({"name": "test-tiny", "overrides": {}}), 300)
     assert not torch.equal(fresh.embedders["image"].backbone.state_dict()["conv1.0.weight"], backbone["conv1.0.weight"])
+
+
+def test_freeze_keeps_the_pretrained_stem_fixed(tiny_shapes):
+    from tasks.train import build_model
+
+    cfg = OmegaConf.create({"name": "test-tiny", "overrides": {},
+                            "image_pretrain": {"root": str(tiny_shapes), "epochs": 2, "batch_size": 16, "freeze": True}})
+    model = build_model(cfg, 300).train()
+    backbone = model.embedders["image"].backbone
+    assert not any(p.requires_grad for p in backbone.parameters())
+    assert all(p.requires_grad for p in model.embedders["image"].proj.parameters())
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    s = model.cfg.modalities["image"]["image_size"]
+    ids = torch.randint(4, 100, (2, 3))
+    model({"image": torch.randn(2, 3, s, s), "text": (ids, torch.ones_like(ids, dtype=torch.bool))}, ids).sum().backward()
+    for k, v in backbone.state_dict().items():  # BatchNorm running statistics included
+        assert torch.equal(v, before[k]), k
