@@ -25,8 +25,9 @@ def _experiment_data(experiment: str, shapes_root: Path, tmp_path: Path) -> list
     """Small-data overrides for one experiment (Shapes by default)."""
     if experiment == "sensor_motion":
         return [f"data.root={tmp_path}/motion", "data.motion.n_train=32", "data.motion.n_val=8", "data.motion.n_test=8"]
-    if experiment == "vq_shapes":  # a narrow VQModel; no text, no unified model
-        return _data(shapes_root) + ["task.vq.channels=[8,8,8,8]", "task.vq.num_codes=16"]
+    if experiment.startswith("vq_shapes"):  # a narrow VQModel (as many blocks as the experiment's); no text
+        blocks = "[8,8,8]" if experiment == "vq_shapes16" else "[8,8,8,8]"
+        return _data(shapes_root) + [f"task.vq.channels={blocks}", "task.vq.num_codes=16"]
     if experiment == "t2i_shapes":  # trains a 2-step VQ tokenizer (cached under the data root) and a 1-epoch probe
         return _data(shapes_root) + ["+model.overrides.max_positions=80", "data.max_prompt_len=48",
                                      "data.vq.max_steps=2", "data.vq.task.vq.channels=[8,8,8,8]",
@@ -60,7 +61,7 @@ def _tiny(experiment: str) -> list[str]:
     """TINY, less the entries an experiment's configs lack."""
     if experiment == "multitask":
         return []
-    if experiment == "vq_shapes":
+    if experiment.startswith("vq_shapes"):  # the VQ tokenizer task: no text tokenizer, no generation
         return [o for o in TINY if not o.startswith(("data.tokenizer_vocab_size", "task.max_new_tokens"))]
     return TINY
 
