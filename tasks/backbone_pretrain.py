@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.data.shapes import COLOURS, SHAPES
+from tasks.data.shapes_images import data_marker, split_dense_logits
 
 SPEC_KEYS = {"root", "backbone", "out_index", "image_size", "epochs", "batch_size", "lr", "seed", "max_train",
              "cell_stride"}
@@ -53,9 +54,7 @@ class DenseSceneHead(nn.Module):
         h = self.inputs[0](features[0])
         if len(features) == 2:
             h = h + F.interpolate(self.inputs[1](features[1]), scale_factor=self.scale, mode="nearest")
-        out = self.out(h)
-        n_shape = len(SHAPES)
-        return {"objectness": out[:, 0], "shape": out[:, 1:1 + n_shape], "colour": out[:, 1 + n_shape:]}
+        return split_dense_logits(self.out(h))
 
 
 def resolve_spec(spec: Mapping[str, Any], image_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -77,10 +76,8 @@ def resolve_spec(spec: Mapping[str, Any], image_cfg: Mapping[str, Any]) -> dict[
 
 
 def spec_digest(spec: Mapping[str, Any]) -> str:
-    root = Path(spec["root"])
-    marker = json.loads((root / "shapes.json").read_text()) if (root / "shapes.json").is_file() else {}
     keyed = {k: v for k, v in spec.items() if k != "root"}
-    return hashlib.sha1(json.dumps({"spec": keyed, "data": marker, "version": VERSION}, sort_keys=True,
+    return hashlib.sha1(json.dumps({"spec": keyed, "data": data_marker(spec["root"]), "version": VERSION}, sort_keys=True,
                                    default=str).encode()).hexdigest()[:12]
 
 

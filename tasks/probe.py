@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.data.shapes import COLOURS, SHAPES
-from tasks.data.shapes_images import dense_scene_loss, grid_to_sets, load_images, read_split, scene_grid_targets, scene_labels
+from tasks.data.shapes_images import (data_marker, dense_scene_loss, grid_to_sets, load_images, read_split,
+                                      scene_grid_targets, scene_labels, split_dense_logits)
 
 ATTRIBUTES = ("colour", "shape", "count")
 PROBE_VERSION = 2  # part of the cache key: bumped when the probe's architecture or training changes
@@ -63,9 +64,7 @@ class AttributeProbe(nn.Module):
         return torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.head(self._body(x))  # [B, 1+5+6, g, g]
-        n_shape = len(SHAPES)
-        return {"objectness": out[:, 0], "shape": out[:, 1:1 + n_shape], "colour": out[:, 1 + n_shape:]}
+        return split_dense_logits(self.head(self._body(x)))
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
@@ -181,8 +180,7 @@ def load_probe(folder: str | Path) -> tuple[AttributeProbe, dict[str, float]]:
 def ensure_probe(root: str | Path, **train_kwargs: Any) -> Path:
     """The folder of a probe trained on ``root`` with ``train_kwargs`` (trained now unless cached there)."""
     root = Path(root)
-    marker = json.loads((root / "shapes.json").read_text()) if (root / "shapes.json").is_file() else {}
-    key = hashlib.sha1(json.dumps({"data": marker, "version": PROBE_VERSION, **train_kwargs}, sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha1(json.dumps({"data": data_marker(root), "version": PROBE_VERSION, **train_kwargs}, sort_keys=True).encode()).hexdigest()[:12]
     folder = root / "probes" / f"probe-{key}"
     if (folder / "probe.json").is_file():
         return folder

@@ -218,7 +218,7 @@ class UnifiedSeq2Seq(nn.Module):
     def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor | None = None,
                memory_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         hidden = self.decode_hidden(tgt_in, memory, memory_mask, cache)
-        if cache is not None and cache.out_weight_t is not None and hidden.shape[0] <= SMALL_DECODE_ROWS:
+        if cache is not None and cache.out_weight_t is not None:  # set by start_cache for small batches
             return hidden @ cache.out_weight_t
         return self.logits(hidden)
 

@@ -110,6 +110,18 @@ def scene_grid_targets(root: str | Path, split: str, ids: list[int], grid: int,
     return {"objectness": objectness, "shape": shape, "colour": colour}
 
 
+def split_dense_logits(out: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``[B, 1+5+6, g, g]`` head output → ``objectness [B,g,g]``, ``shape [B,5,g,g]``, ``colour [B,6,g,g]``."""
+    n_shape = len(SHAPES)
+    return {"objectness": out[:, 0], "shape": out[:, 1:1 + n_shape], "colour": out[:, 1 + n_shape:]}
+
+
+def data_marker(root: str | Path) -> dict[str, Any]:
+    """The generator marker (``shapes.json``) of a Shapes folder, ``{}`` without one: part of cache keys."""
+    path = Path(root) / "shapes.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def grid_to_sets(objectness: torch.Tensor, shape: torch.Tensor, colour: torch.Tensor) -> dict[str, torch.Tensor]:
     """Image-level labels from dense logits: ``objectness [B,g,g]``, ``shape [B,5,g,g]``, ``colour [B,6,g,g]``.
 
