@@ -76,6 +76,28 @@ def test_cached_decoding_matches_uncached(model):
     assert torch.equal(greedy_search(model, memory, mm, 12), greedy_search(model, memory, mm, 12, use_cache=False))
 
 
+def test_beams_sharing_one_source_match_a_repeated_source(model):
+    """rows_per_source=k (beam search's cache) gives the logits of k explicit copies of the source, also
+    after reordering rows within each source's beams and with a padded source."""
+    px, ids, mask = _inputs(model, b=2)
+    mask[1, 4:] = False
+    memory, mm = model.encode({"image": px, "text": (ids, mask)})
+    k = 3
+    shared = model.start_cache(memory, mm, max_len=5, rows_per_source=k)
+    copied = model.start_cache(memory.repeat_interleave(k, 0), mm.repeat_interleave(k, 0), max_len=5)
+    assert shared.cross[0][0].shape[0] == 2 and copied.cross[0][0].shape[0] == 2 * k
+    tok = torch.full((2 * k, 1), BOS_ID)
+    for step in range(4):
+        a, b = model.decode(tok, cache=shared), model.decode(tok, cache=copied)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        order = torch.tensor([2, 2, 0, 4, 3, 3]) if step % 2 == 0 else torch.tensor([1, 0, 2, 5, 5, 4])
+        shared.reorder(order)
+        copied.reorder(order)
+        tok = torch.randint(4, 100, (2 * k, 1))
+    with pytest.raises(ValueError, match="rows_per_source"):
+        model.start_cache(memory, mm, max_len=5, rows_per_source=0)
+
+
 def test_sdpa_and_math_attention_agree():
     torch.manual_seed(0)
     a = zoo.create_model("test-tiny", attn_impl="math").eval()

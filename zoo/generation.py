@@ -79,9 +79,7 @@ def beam_search(model, memory: torch.Tensor, memory_mask: torch.Tensor, max_new_
     """
     b, k = memory.shape[0], num_beams
     device = memory.device
-    memory = memory.repeat_interleave(k, dim=0)
-    memory_mask = memory_mask.repeat_interleave(k, dim=0)
-    cache = model.start_cache(memory, memory_mask, max_new_tokens)
+    cache = model.start_cache(memory, memory_mask, max_new_tokens, rows_per_source=k)  # one source K/V per row
     n = b * k
     tokens = torch.full((n, max_new_tokens), PAD_ID, dtype=torch.long, device=device)
     raw = torch.zeros(b, k, device=device)

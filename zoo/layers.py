@@ -57,21 +57,27 @@ class KVCache:
         self.filter_state: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
         self.memory_allowed: torch.Tensor | None = None  # [B,1,1,S]
         self.out_weight_t: torch.Tensor | None = None  # [d, V] output projection for small batches (inference)
+        self.rows_per_source = 1  # >1: consecutive rows (beams) share one source row's cross K/V
         self.length = 0
         self.max_len = max_len
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Select batch rows (beam search): ``index [B']`` into the current batch."""
+        """Select batch rows (beam search): ``index [B']`` into the current batch.
+
+        With ``rows_per_source > 1`` the source K/V are shared, so ``index`` must keep every row within its
+        source's group of rows (as beam search does); only the self-attention state moves.
+        """
         n = self.length
+        shared = self.rows_per_source > 1
         for i in range(len(self.k)):
             self.k[i] = self.k[i].index_select(0, index)
             self.v[i] = self.v[i].index_select(0, index)
-            if self.cross[i] is not None:
+            if self.cross[i] is not None and not shared:
                 ck, cv = self.cross[i]
                 self.cross[i] = (ck.index_select(0, index), cv.index_select(0, index))
             if self.filter_state[i] is not None:
                 self.filter_state[i] = tuple(s.index_select(0, index) for s in self.filter_state[i])
-        if self.memory_allowed is not None:
+        if self.memory_allowed is not None and not shared:
             self.memory_allowed = self.memory_allowed.index_select(0, index)
         self.length = n
 
@@ -119,7 +125,12 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor],
                 allowed: torch.Tensor | None) -> torch.Tensor:
         b, t, d = x.shape
-        q = self.q(x).view(b, t, self.h, self.dh).transpose(1, 2)  # [B,H,T,Dh]
+        bm = memory_kv[0].shape[0]
+        if b != bm:  # g consecutive rows per source row (beams): fold them into the query length
+            g = b // bm
+            q = self.q(x).view(bm, g * t, self.h, self.dh).transpose(1, 2)  # [Bm,H,g*T,Dh]
+        else:
+            q = self.q(x).view(b, t, self.h, self.dh).transpose(1, 2)  # [B,H,T,Dh]
         y = attend(q, memory_kv[0], memory_kv[1], allowed, self.impl, self.p if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
