@@ -10,6 +10,8 @@ CAPTION_PROMPT = "what does the image describe?"
 SENSOR_PROMPT = "what is the wearer doing?"
 #: ``what is the complete image? caption: <text>`` → image codes
 T2I_PROMPT = "what is the complete image? caption: {}"
+#: ``[image] which region does the text describe? text: <phrase>`` → four location tokens (visual grounding)
+GROUNDING_PROMPT = "which region does the text describe? text: {}"
 
 
 def t2i_prompt(caption: str) -> str:

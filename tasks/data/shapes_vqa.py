@@ -25,6 +25,8 @@ ignore)::
 
     root/vqa_questions_{split}.json    {"info", "data_subtype", "images": [{"id", "file_name"}], "questions": [...]}
     root/vqa_annotations_{split}.json  {"info", "data_subtype", "annotations": [...]}
+    root/refs_{split}.json             {"info", "images", "refs"}: every object's phrase and box, for
+                                       visual grounding (tasks.data.grounding)
 """
 from __future__ import annotations
 
@@ -37,10 +39,11 @@ from typing import Any
 
 import numpy as np
 
+from tasks.data.grounding import shapes_refs
 from tasks.data.shapes import COLOURS, SHAPES, SPLITS, ShapesConfig, ensure_shapes
 
 __all__ = ["FAMILIES", "VQA_VERSION", "questions_for_scene", "build_split", "write_shapes_vqa",
-           "ensure_shapes_vqa", "vqa_files"]
+           "ensure_shapes_vqa", "vqa_files", "refs_file"]
 
 #: Bumped whenever the questions change; stored in the files' ``info``.
 VQA_VERSION = 1
@@ -60,6 +63,11 @@ def vqa_files(root: str | Path, split: str) -> tuple[Path, Path]:
     """Paths of the questions and annotations files of ``split``."""
     root = Path(root)
     return root / f"vqa_questions_{split}.json", root / f"vqa_annotations_{split}.json"
+
+
+def refs_file(root: str | Path, split: str) -> Path:
+    """The grounding file of ``split`` (every object's phrase and box, :mod:`tasks.data.grounding`)."""
+    return Path(root) / f"refs_{split}.json"
 
 
 def _name(o: dict) -> str:
@@ -159,6 +167,7 @@ def write_shapes_vqa(root: str | Path, cfg: ShapesConfig) -> None:
         info = _info(cfg, split)
         images = [{"id": i, "file_name": f} for i, f in files.items()]
         q_path, a_path = vqa_files(root, split)
+        _write_json(refs_file(root, split), {"info": info, **shapes_refs(scenes, files, cfg.image_size)})
         _write_json(a_path, {"info": info, "data_subtype": split, "annotations": annotations})
         # questions last: its info marks the pair complete
         _write_json(q_path, {"info": info, "task_type": "Open-Ended", "data_type": "shapes",
@@ -168,7 +177,7 @@ def write_shapes_vqa(root: str | Path, cfg: ShapesConfig) -> None:
 def _complete(root: Path, cfg: ShapesConfig) -> bool:
     for split in SPLITS:
         q_path, a_path = vqa_files(root, split)
-        if not a_path.is_file():
+        if not a_path.is_file() or not refs_file(root, split).is_file():
             return False
         try:
             with open(q_path, encoding="utf-8") as f:
