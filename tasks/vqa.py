@@ -60,10 +60,11 @@ class VQAImageGroups(Dataset):
 
     def __init__(self, paths: list[Path], groups: list[list[int]], qids: list[Any], prompts: list[list[int]],
                  targets: list[list[int]], preprocess: ImagePreprocessor, questions_per_image: int | None = None,
-                 captions: list[list[list[int]]] | None = None, caption_prompt: list[int] | None = None):
+                 captions: list[list[list[int]]] | None = None, caption_prompt: list[int] | None = None,
+                 grounding: list[list[tuple[list[int], list[int]]]] | None = None):
         self.paths, self.groups, self.qids, self.prompts, self.targets = paths, groups, qids, prompts, targets
         self.preprocess, self.k = preprocess, questions_per_image
-        self.captions, self.caption_prompt = captions, caption_prompt
+        self.captions, self.caption_prompt, self.grounding = captions, caption_prompt, grounding
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -78,6 +79,11 @@ class VQAImageGroups(Dataset):
             caps = self.captions[i]
             item["prompts"].append(self.caption_prompt)
             item["targets"].append(caps[int(torch.randint(len(caps), ()))])
+            item["qids"].append(None)
+        if self.grounding is not None and self.grounding[i]:  # auxiliary grounding target: one phrase → its box
+            prompt, box = self.grounding[i][int(torch.randint(len(self.grounding[i]), ()))]
+            item["prompts"].append(prompt)
+            item["targets"].append(box)
             item["qids"].append(None)
         return item
 
@@ -128,6 +134,7 @@ class VQADataModule(L.LightningDataModule):
         max_candidates: int = 3129,
         val_limit: int | None = None,
         aux_captions: str | None = None,
+        aux_grounding: str | None = None,
     ):
         super().__init__()
         if format not in ("vqa2", "jsonl", "imagefolder"):
@@ -143,7 +150,7 @@ class VQADataModule(L.LightningDataModule):
         self.questions_per_image = questions_per_image
         self.max_question_len, self.max_answer_len = max_question_len, max_answer_len
         self.max_candidates, self.val_limit = max_candidates, val_limit
-        self.aux_captions = aux_captions
+        self.aux_captions, self.aux_grounding = aux_captions, aux_grounding
         self.records: dict[str, list[VQARecord]] = {}
         self.tokenizer: TextTokenizer | None = None
         self.preprocess: ImagePreprocessor | None = None
@@ -212,6 +219,10 @@ class VQADataModule(L.LightningDataModule):
 
             caps = read_coco_captions(self.root / self.aux_captions, self.image_root, check_files=False)
             texts += [CAPTION_PROMPT, *(c for r in caps for c in r.captions)]
+        if self.aux_grounding:
+            from tasks.data.grounding import grounding_prompt, read_grounding
+
+            texts += [grounding_prompt(r.sentence) for r in read_grounding(self.root / self.aux_grounding, self.image_root)]
         return texts
 
     def load_tokenizer(self) -> TextTokenizer:
@@ -219,7 +230,7 @@ class VQADataModule(L.LightningDataModule):
         if self.tokenizer is None:
             from tasks.data.tokenizer import load_or_train_bpe
 
-            kind = "vqa-cap" if self.aux_captions else "vqa"
+            kind = "vqa" + ("-cap" if self.aux_captions else "") + ("-ground" if self.aux_grounding else "")
             path = self.tokenizer_path or self.root / f"tokenizer-{kind}-bpe{self.vocab_size}.json"
             self.tokenizer = load_or_train_bpe(path, None if self.tokenizer_path else self.training_texts,
                                                self.vocab_size)
@@ -288,7 +299,8 @@ class VQADataModule(L.LightningDataModule):
             by_path.setdefault(r.path, []).append(i)
         captions, caption_prompt = self._aux_captions(list(by_path))
         ds = VQAImageGroups(list(by_path), list(by_path.values()), [r.question_id for r in recs], prompts, targets,
-                            self.preprocess, self.questions_per_image, captions, caption_prompt)
+                            self.preprocess, self.questions_per_image, captions, caption_prompt,
+                            self._aux_grounding(list(by_path)))
         return self._loader(ds, self.batch_size, shuffle=True, collate=VQAGroupCollator())
 
     def _aux_captions(self, paths: list[Path]) -> tuple[list[list[list[int]]] | None, list[int] | None]:
@@ -305,6 +317,22 @@ class VQADataModule(L.LightningDataModule):
         texts = [by_path.get(p, []) for p in paths]
         flat = iter(self.encode_text([c for caps in texts for c in caps], self.max_question_len))
         return [[next(flat) for _ in caps] for caps in texts], self.encode_text([CAPTION_PROMPT], 16)[0]
+
+    def _aux_grounding(self, paths: list[Path]) -> list[list[tuple[list[int], list[int]]]] | None:
+        """Each training image's grounding ``(prompt ids, four location ids)`` pairs from ``aux_grounding``."""
+        if not self.aux_grounding:
+            return None
+        from tasks.data.grounding import box_to_loc_ids, grounding_prompt, read_grounding
+
+        assert self.layout is not None
+        problems = Problems(self.skip_bad, self.aux_grounding)
+        refs = read_grounding(self.root / self.aux_grounding, self.image_root, problems)
+        problems.log()
+        prompts = self.encode_text([grounding_prompt(r.sentence) for r in refs], self.max_question_len)
+        by_path: dict[Path, list[tuple[list[int], list[int]]]] = {}
+        for r, p in zip(refs, prompts):
+            by_path.setdefault(r.path, []).append((p, box_to_loc_ids(r.box, self.layout)))
+        return [by_path.get(p, []) for p in paths]
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._dataset(self.eval_records("val"), False), self.eval_batch_size, shuffle=False)
@@ -326,10 +354,15 @@ class VQATask(Seq2SeqTask):
     monitor_metric = "vqa_acc"
 
     def __init__(self, *args: Any, decoding: str = "open", candidates: list[str] | None = None,
-                 candidate_chunk: int = 64, **kwargs: Any):
+                 candidate_chunk: int = 64, loss_average: str = "token", **kwargs: Any):
         super().__init__(*args, **kwargs)
         if decoding not in DECODING:
             raise ValueError(f"task.decoding must be one of {DECODING}, got {decoding!r}")
+        if loss_average not in ("token", "sequence"):
+            raise ValueError(f"task.loss_average must be 'token' or 'sequence', got {loss_average!r}")
+        # sequence: every target (answer, auxiliary caption or box) weighs the same, whatever its length;
+        # with token averaging a 20-token auxiliary caption outweighs the answers of ten questions
+        self.loss_average = loss_average
         self.decoding, self.candidate_chunk = decoding, candidate_chunk
         self.candidates: list[str] | None = list(candidates) if candidates else None
         self._cand: dict[str, Any] = {}
@@ -372,7 +405,13 @@ class VQATask(Seq2SeqTask):
         labels = batch["labels"]
         keep = labels != PAD_ID
         logits = self.model.logits(hidden[keep])  # only real target positions: [N, V]
-        return F.cross_entropy(logits.float(), labels[keep], label_smoothing=self.hparams.label_smoothing)
+        smoothing = self.hparams.label_smoothing
+        if self.loss_average == "token":
+            return F.cross_entropy(logits.float(), labels[keep], label_smoothing=smoothing)
+        per_token = F.cross_entropy(logits.float(), labels[keep], label_smoothing=smoothing, reduction="none")
+        lengths = keep.sum(1, keepdim=True).clamp(min=1)  # [S,1]
+        weights = (keep / (lengths * labels.shape[0]))[keep]  # 1 / (len(target) * #targets) per real token
+        return (per_token * weights).sum()
 
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {"image": batch["image"], "text": (batch["prompt_ids"], batch["prompt_mask"])}

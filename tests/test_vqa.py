@@ -146,3 +146,32 @@ def test_training_batches_group_questions_by_image_with_aux_caption(vqa_root, se
     loss = tasks["open"].loss(batch)
     assert torch.isfinite(loss) and loss.requires_grad
     assert tok.vocab_size > 0
+
+
+def test_sequence_loss_average_weighs_every_target_equally(setup):
+    """loss_average=sequence: the mean over targets of each target's own token-mean loss, so a long
+    auxiliary caption weighs as much as a one-word answer (token averaging lets it dominate)."""
+    from tasks.vqa import VQAGroupCollator, VQATask
+
+    _, _, _, tasks = setup
+    model, tok = tasks["open"].model, tasks["open"].tokenizer
+    off = model.layout.text_start
+    enc = lambda text: [t + off for t in tok.encode(text)]
+    s = model.cfg.modalities["image"]["image_size"]
+    g = torch.Generator().manual_seed(0)
+    items = [{"image": torch.randn(3, s, s, generator=g), "prompts": [enc("what shape is it?")], "targets": [enc("circle")],
+              "qids": [1]},
+             {"image": torch.randn(3, s, s, generator=g), "prompts": [enc("what colour is it?"), enc("describe")],
+              "targets": [enc("red"), enc("a small red circle to the left of a large blue square")], "qids": [2, None]}]
+    collate = VQAGroupCollator()
+    token = VQATask(model, tok, label_smoothing=0.0).eval()
+    seq = VQATask(model, tok, label_smoothing=0.0, loss_average="sequence").eval()
+    with torch.no_grad():
+        per_target = [token.loss(collate([{**it, "prompts": [p], "targets": [t], "qids": [q]}]))
+                      for it in items for p, t, q in zip(it["prompts"], it["targets"], it["qids"])]
+        torch.testing.assert_close(seq.loss(collate(items)), torch.stack(per_target).mean(), atol=1e-5, rtol=1e-5)
+        lengths = torch.tensor([len(t) + 1 for it in items for t in it["targets"]], dtype=torch.float)
+        weighted = (torch.stack(per_target) * lengths).sum() / lengths.sum()  # token averaging
+        torch.testing.assert_close(token.loss(collate(items)), weighted, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="loss_average"):
+        VQATask(model, tok, loss_average="batch")
