@@ -75,6 +75,14 @@ def resolve_spec(spec: Mapping[str, Any], image_cfg: Mapping[str, Any]) -> dict[
     return out
 
 
+def check_scene_labels(root: str | Path) -> None:
+    """Raise a clear error before any work when ``root`` has no Shapes scene labels to pretrain on."""
+    missing = [f"scenes_{s}.json" for s in ("train", "val") if not (Path(root) / f"scenes_{s}.json").is_file()]
+    if missing:
+        raise ValueError(f"model.image_pretrain.root={root} has no Shapes scene labels ({', '.join(missing)} missing): "
+                         "the stem is pretrained on them. For your own data set model.image_pretrain=null")
+
+
 def spec_digest(spec: Mapping[str, Any]) -> str:
     keyed = {k: v for k, v in spec.items() if k != "root"}
     return hashlib.sha1(json.dumps({"spec": keyed, "data": data_marker(spec["root"]), "version": VERSION}, sort_keys=True,
@@ -180,6 +188,7 @@ def ensure_pretrained_backbone(spec: Mapping[str, Any], cache_dir: str | Path | 
     path = folder / f"{name}-{spec_digest(spec)}.safetensors"
     if path.is_file():
         return path
+    check_scene_labels(spec["root"])
     print(f"[mmzoo] pretraining the image backbone {spec['backbone']} on dense scene labels "
           f"({spec['epochs']} epochs) → {path}")
     weights, metrics = pretrain_backbone(spec)

@@ -22,6 +22,12 @@ def test_spec_errors(tiny_shapes):
         resolve_spec({"root": str(tiny_shapes)}, {**TINY_IMAGE, "backbone": "open_clip:ViT-B-32"})
 
 
+def test_own_data_without_scene_labels_names_the_fix(tmp_path):
+    spec = resolve_spec({"root": str(tmp_path)}, TINY_IMAGE)
+    with pytest.raises(ValueError, match=r"scenes_train.json, scenes_val.json missing.*model.image_pretrain=null"):
+        ensure_pretrained_backbone(spec, tmp_path / "cache")
+
+
 def test_pretrain_caches_and_loads_into_the_model(tiny_shapes, tmp_path):
     from tasks.train import build_model
 

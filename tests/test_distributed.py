@@ -23,7 +23,7 @@ from tests.conftest import compose
 
 RTOL = 1e-4
 N_EVAL = 5  # odd: the distributed sampler pads
-RUN = ["experiment=caption_shapes", "model=test_tiny", "data.num_workers=0", "data.eval_batch_size=16",
+RUN = ["experiment=caption_shapes", "model=test_tiny", "model.image_pretrain=null", "data.num_workers=0", "data.eval_batch_size=16",
        "data.tokenizer_vocab_size=300", "task.max_new_tokens=8", "data.shapes.n_train=8",
        f"data.shapes.n_val={N_EVAL}", f"data.shapes.n_test={N_EVAL}",
        "data.max_target_len=6",  # every caption is longer: equal token counts on every rank

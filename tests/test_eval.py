@@ -100,7 +100,9 @@ def test_coco_photos_in_mixed_modes_finetune_and_evaluate(tmp_path):
     data = tmp_path / "coco"
     _photo_coco(data)
     own = ["data.generate=null", f"data.root={data}", "data.test_file=null", "data.captions_per_image=2"]
-    metrics = train(compose(["experiment=caption_shapes", *TINY, *own, "trainer.max_steps=4"], tmp_path / "run"))
+    metrics = train(compose(["experiment=caption_shapes", *TINY, *own, "trainer.max_steps=4",
+                             "model.image_pretrain=null"],  # own data: no Shapes scene labels to pretrain the stem on
+                            tmp_path / "run"))
     assert metrics["train/loss"] > 0
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     metrics = evaluate(compose_eval([f"ckpt={ckpt}", "data=shapes_captions", *own, "data.num_workers=0"],

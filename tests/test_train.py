@@ -82,6 +82,7 @@ def test_short_training_loss_drops_and_writes_artifacts(tiny_shapes, tmp_path):
     from tasks.train import train
 
     cfg = compose(["experiment=caption_shapes", *TINY, *_data(tiny_shapes), "trainer.max_epochs=6",
+                   "model.image_pretrain=null",  # the whole model learns: the loss must fall by 40 %
                    "trainer.log_every_n_steps=1", "task.warmup_steps=5", "task.lr=3e-3"], tmp_path)
     metrics = train(cfg)
     rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
