@@ -80,8 +80,11 @@ class Seq2SeqTask(L.LightningModule):
         num_beams: int = 1,
         length_penalty: float = 1.0,
         num_samples: int = 16,
+        loss_average: str = "token",
     ):
         super().__init__()
+        if loss_average not in ("token", "sequence"):
+            raise ValueError(f"task.loss_average must be 'token' or 'sequence', got {loss_average!r}")
         betas = (float(betas[0]), float(betas[1]))  # plain types keep checkpoints loadable with weights_only
         self.save_hyperparameters(ignore=["model", "tokenizer"])
         self.model = model
@@ -133,11 +136,21 @@ class Seq2SeqTask(L.LightningModule):
         if counts is not None:  # several targets per source: encode once, repeat the memory
             memory = memory.repeat_interleave(counts, dim=0)
             mask = mask.repeat_interleave(counts, dim=0)
-        hidden = self.model.decode_hidden(batch["tgt_in"], memory, mask)
-        labels = batch["labels"]
+        return self.target_loss(self.model.decode_hidden(batch["tgt_in"], memory, mask), batch["labels"])
+
+    def target_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of decoder states ``[S,T,d]`` against ``labels [S,T]`` (PAD ignored). ``loss_average``
+        ``token`` averages over every real token; ``sequence`` averages each target's tokens first, so every
+        target weighs the same whatever its length."""
         keep = labels != PAD_ID
         logits = self.model.logits(hidden[keep])  # only real target positions: [N, V]
-        return F.cross_entropy(logits.float(), labels[keep], label_smoothing=self.hparams.label_smoothing)
+        smoothing = self.hparams.label_smoothing
+        if self.hparams.get("loss_average", "token") == "token":
+            return F.cross_entropy(logits.float(), labels[keep], label_smoothing=smoothing)
+        per_token = F.cross_entropy(logits.float(), labels[keep], label_smoothing=smoothing, reduction="none")
+        lengths = keep.sum(1, keepdim=True).clamp(min=1)  # [S,1]
+        weights = (keep / (lengths * labels.shape[0]))[keep]  # 1 / (len(target) * #targets) per real token
+        return (per_token * weights).sum()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)

@@ -354,15 +354,10 @@ class VQATask(Seq2SeqTask):
     monitor_metric = "vqa_acc"
 
     def __init__(self, *args: Any, decoding: str = "open", candidates: list[str] | None = None,
-                 candidate_chunk: int = 64, loss_average: str = "token", **kwargs: Any):
+                 candidate_chunk: int = 64, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if decoding not in DECODING:
             raise ValueError(f"task.decoding must be one of {DECODING}, got {decoding!r}")
-        if loss_average not in ("token", "sequence"):
-            raise ValueError(f"task.loss_average must be 'token' or 'sequence', got {loss_average!r}")
-        # sequence: every target (answer, auxiliary caption or box) weighs the same, whatever its length;
-        # with token averaging a 20-token auxiliary caption outweighs the answers of ten questions
-        self.loss_average = loss_average
         self.decoding, self.candidate_chunk = decoding, candidate_chunk
         self.candidates: list[str] | None = list(candidates) if candidates else None
         self._cand: dict[str, Any] = {}
@@ -401,17 +396,7 @@ class VQATask(Seq2SeqTask):
         if counts is None:
             return super().loss(batch)
         memory, mask = self.model.encode(self.model_inputs(batch), repeats={"image": counts})
-        hidden = self.model.decode_hidden(batch["tgt_in"], memory, mask)
-        labels = batch["labels"]
-        keep = labels != PAD_ID
-        logits = self.model.logits(hidden[keep])  # only real target positions: [N, V]
-        smoothing = self.hparams.label_smoothing
-        if self.loss_average == "token":
-            return F.cross_entropy(logits.float(), labels[keep], label_smoothing=smoothing)
-        per_token = F.cross_entropy(logits.float(), labels[keep], label_smoothing=smoothing, reduction="none")
-        lengths = keep.sum(1, keepdim=True).clamp(min=1)  # [S,1]
-        weights = (keep / (lengths * labels.shape[0]))[keep]  # 1 / (len(target) * #targets) per real token
-        return (per_token * weights).sum()
+        return self.target_loss(self.model.decode_hidden(batch["tgt_in"], memory, mask), batch["labels"])
 
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {"image": batch["image"], "text": (batch["prompt_ids"], batch["prompt_mask"])}
