@@ -176,6 +176,10 @@ class T2IDataModule(CaptionDataModule):
         """``uint8 [N,3,H,W]`` real images of the evaluated records (order of :meth:`eval_records`)."""
         return load_images([r.path for r in self.eval_records(stage)])
 
+    def real_codes(self, stage: str) -> torch.Tensor:
+        """Raw VQ codes ``[N, h*w]`` of the evaluated real images (order of :meth:`eval_records`)."""
+        return self.split_codes(stage)[: len(self.eval_records(stage))]
+
     def attribute_labels(self, stage: str) -> dict[str, torch.Tensor]:
         """Probe labels of the evaluated images (their captions name every object)."""
         return scene_labels(self.root, stage, [int(r.image_id) for r in self.eval_records(stage)])
@@ -218,6 +222,7 @@ class TextToImageTask(Seq2SeqTask):
         self.probe_path = probe_path
         object.__setattr__(self, "image_tokenizer", None)  # ImageCodeTokenizer, set in setup()
         self._probe: Any = None
+        self._ceiling: dict[str, dict[str, float]] = {}
         self._gen: torch.Generator | None = None
 
     # --- wiring -------------------------------------------------------------------------------
@@ -300,9 +305,22 @@ class TextToImageTask(Seq2SeqTask):
         if len(ids) >= 2:
             metrics["probe_fd"] = frechet_distance(probe_features(probe, fake), probe_features(probe, real))
         metrics["probe_real_all_acc"] = real_acc["all_acc"]
+        metrics["vq_ceiling_all_acc"] = self.vq_ceiling(stage)["all_acc"]
         if self.hparams.image_dir and self.trainer.is_global_zero:
             self._save_images(Path(self.hparams.image_dir) / stage, ids, fake)
         return metrics
+
+    def vq_ceiling(self, stage: str) -> dict[str, float]:
+        """The probe's scores of the real images after a VQ round trip: what a perfect generator could reach
+        with this tokenizer (computed once per stage; the tokenizer does not train with the generator)."""
+        from tasks.probe import score_attributes
+
+        if stage not in self._ceiling:
+            dm = self.datamodule
+            probe = self.probe()[0].to("cpu")
+            rec = self.codes_to_images(dm.real_codes(stage))
+            self._ceiling[stage] = score_attributes(probe.predict(rec), dm.attribute_labels(stage))
+        return self._ceiling[stage]
 
     @staticmethod
     def _save_images(folder: Path, ids: list[Any], images: torch.Tensor) -> None:

@@ -6,6 +6,7 @@ import zoo
 from modalities.image_codes import ImageCodeTokenizer, VQConfig
 from zoo.generation import greedy_search
 from zoo.guidance import guided_sample
+from tests.conftest import T2I_CAPTIONS
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # micro models (tests/conftest.py)
@@ -84,3 +85,30 @@ def test_captions_dropped_at_the_configured_rate():
     assert ds[2]["target"] == [4, 5] and ds[2]["id"] == 3
     never = T2ITrainSet(prompts, torch.arange(8).view(4, 2), [1, 2, 3, 4], uncond=[99], uncond_prob=0.0)
     assert all(never[0]["prompt"] != [99] for _ in range(200))
+
+
+def test_real_codes_score_exactly_the_vq_ceiling(tiny_shapes, tiny_vq, tmp_path):
+    """A generator that reproduced every real image's codes would score the ceiling: all_acc == vq_ceiling."""
+    from modalities.text import TextTokenizer
+    from tasks.text_to_image import T2IDataModule, TextToImageTask
+    from zoo.instructions import t2i_prompt
+
+    vq_dir = tiny_vq.save_pretrained(tmp_path / "vq")
+    dm = T2IDataModule(str(tiny_shapes), vq_path=str(vq_dir), generate=None)
+    dm.prepare_data()
+    tok = TextTokenizer.train([t2i_prompt(c) for c in T2I_CAPTIONS] * 10, vocab_size=300)
+    model = zoo.create_model("test-tiny", max_positions=80,
+                             vocab={"text_size": tok.vocab_size, "image_code_size": tiny_vq.num_codes})
+    task = TextToImageTask(model, tok, probe_train={"epochs": 1})
+    object.__setattr__(task, "_datamodule", dm)
+    object.__setattr__(task, "image_tokenizer", dm.load_image_tokenizer().eval())
+    ids = [r.image_id for r in dm.eval_records("val")]
+    real = dm.real_codes("val")
+    assert real.shape == (len(ids), 64)
+    metrics = task.compute_metrics("val", dict(zip(ids, real.tolist())))
+    ceiling = task.vq_ceiling("val")
+    assert metrics["vq_ceiling_all_acc"] == ceiling["all_acc"]
+    assert {k: metrics[k] for k in ceiling} == ceiling
+    # other codes are scored as themselves, against the same ceiling
+    other = task.compute_metrics("val", dict(zip(ids, real.roll(1, 0).tolist())))
+    assert other["vq_ceiling_all_acc"] == ceiling["all_acc"]
