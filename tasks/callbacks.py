@@ -6,7 +6,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import torch
@@ -95,21 +95,27 @@ class TimeBudget(L.Callback):
 
     Steps ``start``..``start + window`` are timed; the step total then becomes what fits in the budget
     (measured on rank 0 and broadcast, so every rank stops at the same step and follows the same learning-rate
-    schedule). It sets ``trainer.fit_loop.epoch_loop.max_steps`` and ``pl_module.budget_steps``, which the
+    schedule). Steps often slow down after the first ones (data workers fall from prefetching into the step's
+    way), so the total is estimated again at the ``rechecks`` fractions of the run, from the pace since the last
+    estimate. It sets ``trainer.fit_loop.epoch_loop.max_steps`` and ``pl_module.budget_steps``, which the
     warm-up + cosine schedule of :func:`tasks.base.warmup_cosine` reads, so the decay completes in the budget.
     The total is saved in checkpoints: a resumed run keeps it. ``whole_epochs=True`` rounds the total down to
     whole epochs (at least one), so a run that validates every epoch validates its final weights.
     """
 
     def __init__(self, minutes: float, start: int = 10, window: int = 20, min_steps: int = 50,
-                 whole_epochs: bool = False):
+                 whole_epochs: bool = False, rechecks: Sequence[float] = (0.25, 0.5, 0.75)):
         if minutes <= 0:
             raise ValueError(f"TimeBudget minutes must be > 0, got {minutes}")
+        if any(not 0 < f < 1 for f in rechecks):
+            raise ValueError(f"TimeBudget rechecks are fractions of the run in (0, 1), got {list(rechecks)}")
         self.seconds, self.start, self.window, self.min_steps = 60.0 * minutes, start, window, min_steps
-        self.whole_epochs = whole_epochs
+        self.whole_epochs, self.rechecks = whole_epochs, sorted(rechecks)
         self.total: int | None = None
         self._t_fit: float | None = None
         self._t_start: float | None = None
+        self._checks: list[int] = []
+        self._last: tuple[int, float] | None = None  # (step, time) of the last estimate
 
     def _apply(self, trainer: L.Trainer, pl_module: Any) -> None:
         trainer.fit_loop.epoch_loop.max_steps = self.total
@@ -123,20 +129,44 @@ class TimeBudget(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.total is None and trainer.global_step == self.start:
             self._t_start = time.perf_counter()
+            self._last = (self.start, self._t_start)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.total is not None or self._t_start is None or trainer.global_step < self.start + self.window:
-            return
-        per_step = (time.perf_counter() - self._t_start) / (trainer.global_step - self.start)
-        left = self.seconds - (time.perf_counter() - (self._t_fit or self._t_start))
-        total = max(self.min_steps, trainer.global_step + int(left / per_step))
+    def _estimate(self, trainer: L.Trainer) -> tuple[int, float]:
+        """(step total that fits the budget at the pace since the last estimate, that pace in s/step)."""
+        now, step = time.perf_counter(), trainer.global_step
+        assert self._last is not None
+        per_step = (now - self._last[1]) / max(1, step - self._last[0])
+        self._last = (step, now)
+        began = self._t_fit if self._t_fit is not None else self._t_start
+        left = self.seconds - (now - (began if began is not None else now))
+        total = max(self.min_steps, step + 1, step + int(left / per_step))
         epoch = trainer.num_training_batches // max(1, trainer.accumulate_grad_batches)
         if self.whole_epochs and 0 < epoch < float("inf"):
             total = max(1, total // epoch) * epoch
-        self.total = int(trainer.strategy.broadcast(total, src=0))
+        return int(trainer.strategy.broadcast(total, src=0)), per_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._t_start is None:
+            return
+        step = trainer.global_step
+        if self.total is None:
+            if step < self.start + self.window:
+                return
+            self.total, per_step = self._estimate(trainer)
+            self._checks = [self.start + int(f * (self.total - self.start)) for f in self.rechecks]
+            self._checks = [c for c in self._checks if c > step]
+        elif self._checks and step >= self._checks[0]:
+            self._checks.pop(0)
+            before = self.total
+            self.total, per_step = self._estimate(trainer)
+            if self.total == before:
+                return
+        else:
+            return
         self._apply(trainer, pl_module)
         if trainer.is_global_zero:
-            print(f"[mmzoo] time budget {self.seconds / 60:.1f} min: {per_step:.2f} s/step → {self.total} steps")
+            print(f"[mmzoo] time budget {self.seconds / 60:.1f} min: {per_step:.2f} s/step at step {step} → "
+                  f"{self.total} steps")
 
     def state_dict(self) -> dict[str, Any]:
         return {"total": self.total}

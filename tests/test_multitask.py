@@ -114,7 +114,7 @@ def test_time_budget_whole_epochs_rounds_the_total_down_to_epochs(monkeypatch):
     clock = iter(())
     monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
     for whole, expected in ((False, 120), (True, 100)):  # 10 steps in 10 s, 110 s left: 120 steps = 4.8 epochs
-        clock = iter([0.0, 0.0, 10.0, 10.0])  # fit start, timing start, then twice after step 10
+        clock = iter([0.0, 0.0, 10.0])  # fit start, timing start, then after step 10
         budget = callbacks.TimeBudget(minutes=2.0, start=0, window=10, whole_epochs=whole)
         trainer = SimpleNamespace(global_step=0, num_training_batches=25, accumulate_grad_batches=1, is_global_zero=False,
                                   strategy=SimpleNamespace(broadcast=lambda x, src=0: x),
@@ -125,3 +125,32 @@ def test_time_budget_whole_epochs_rounds_the_total_down_to_epochs(monkeypatch):
         trainer.global_step = 10
         budget.on_train_batch_end(trainer, module, None, None, 9)
         assert budget.total == expected == trainer.fit_loop.epoch_loop.max_steps == module.budget_steps
+
+
+def test_time_budget_re_estimates_when_steps_slow_down(monkeypatch):
+    from types import SimpleNamespace
+
+    from tasks import callbacks
+
+    now = [0.0]
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: now[0])
+    budget = callbacks.TimeBudget(minutes=2.0, start=0, window=10, rechecks=(0.25, 0.5))
+    trainer = SimpleNamespace(global_step=0, num_training_batches=1000, accumulate_grad_batches=1, is_global_zero=False,
+                              strategy=SimpleNamespace(broadcast=lambda x, src=0: x),
+                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(max_steps=-1)))
+    module = SimpleNamespace()
+    budget.on_train_start(trainer, module)
+    budget.on_train_batch_start(trainer, module, None, 0)
+    pace = 1.0
+    while trainer.global_step < trainer.fit_loop.epoch_loop.max_steps or trainer.global_step < 10:
+        if trainer.global_step == 10:
+            assert budget.total == 120  # 1 s/step: 110 s left at step 10
+            pace = 2.0  # then every step takes twice as long
+        now[0] += pace
+        trainer.global_step += 1
+        budget.on_train_batch_end(trainer, module, None, None, trainer.global_step - 1)
+    # rechecked at step 30 (a quarter of 120): 50 s spent, 70 s left at 2 s/step → 65 steps; the run ends in budget
+    assert budget.total == module.budget_steps == trainer.global_step == 65
+    assert now[0] == 120.0
+    with pytest.raises(ValueError, match="fractions"):
+        callbacks.TimeBudget(minutes=1.0, rechecks=(0.5, 1.5))
