@@ -5,12 +5,17 @@ once into its blocked layout is faster on AVX-512 CPUs (measured in ``benchmarks
 computes in full fp32 (no reduced-precision accumulation). :func:`packed_linears` swaps every linear layer
 of a model onto that path for the duration of a ``with`` block; generation uses it on the CPU.
 
-Packed weights are cached per layer and rebuilt when the weight changes (its version counter or storage),
-so training between two generations never reads stale weights. Anything the packed kernel does not cover
-(autograd, other dtypes or devices, a PyTorch build without oneDNN) falls back to ``F.linear``.
+Packed weights are cached per layer and rebuilt when the weight changes: another tensor object, another
+storage, or an in-place update (its version counter), so an optimizer step or ``load_state_dict`` between two
+generations never leaves stale weights. Writes that bypass the version counter (``weight.data.copy_(...)``)
+are not seen: call :func:`release_packed` after them. Anything the packed kernel does not cover (autograd,
+other dtypes or devices, sharded (DTensor / FSDP) parameters, a PyTorch build without oneDNN) runs
+``F.linear``.
 """
 from __future__ import annotations
 
+import os
+import weakref
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -19,56 +24,87 @@ import torch.nn.functional as F
 from torch import nn
 
 
+#: a single row times a weight of at most this many entries stays on MKL: oneDNN's fixed call cost (about
+#: 10 µs) exceeds the whole product there (256×256: 8 µs MKL vs 18 µs oneDNN; 256×8192: 219 vs 83 µs)
+SMALL_GEMV = 1 << 18
+
+
 def onednn_available() -> bool:
-    """Whether this PyTorch build has the packed oneDNN linear kernels."""
+    """Whether packed oneDNN linears are on: this PyTorch build has the kernels, and ``MMZOO_CPU_PACKED`` is
+    not ``0`` (set it to ``0`` for MKL's exact fp32 numbers, for example to compare with a sharded run)."""
     ops = torch.ops.mkldnn
-    return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
-            and hasattr(ops, "_linear_pointwise"))
+    return (os.environ.get("MMZOO_CPU_PACKED", "1") != "0" and torch.backends.mkldnn.is_available()
+            and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
 
 
 class _Packed:
     """The packed weight of one linear layer and the weight state it was packed from."""
 
-    __slots__ = ("key", "weight")
+    __slots__ = ("source", "key", "weight")
 
     def __init__(self) -> None:
-        self.key: tuple[int, int] | None = None
+        self.source: weakref.ref | None = None  # the weight tensor object it was packed from
+        self.key: tuple[int, int] | None = None  # (its version counter, its storage address) then
         self.weight: torch.Tensor | None = None
 
     def get(self, weight: torch.Tensor) -> torch.Tensor:
         key = (weight._version, weight.data_ptr())
-        if key != self.key:
+        if self.source is None or self.source() is not weight or key != self.key:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-            self.key = key
+            self.source, self.key = weakref.ref(weight), key
         assert self.weight is not None
         return self.weight
 
 
+#: packed weights per model (by layer id); weak keys: a deleted model takes its packed copies along, and the
+#: copies never travel with the model (state_dict, deepcopy, pickle)
+_PACKED: "weakref.WeakKeyDictionary[nn.Module, dict[int, _Packed]]" = weakref.WeakKeyDictionary()
+
+
+_PLAIN = (torch.Tensor, nn.Parameter)  # not DTensor or other tensor subclasses
+
+
+def release_packed(model: nn.Module) -> None:
+    """Drop ``model``'s packed weight copies (after weight writes that bypass the version counter)."""
+    _PACKED.pop(model, None)
+
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: _Packed) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, through the packed oneDNN kernel where it applies (CPU fp32, no grad)."""
+    if (type(weight) not in _PLAIN or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+            or (x.numel() == x.shape[-1] and weight.numel() <= SMALL_GEMV)):
+        return F.linear(x, weight, bias)
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed.get(weight), bias, "none", [], "")
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 def _packed_forward(layer: nn.Linear, packed: _Packed):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        w = layer.weight
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32
-                or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
-            return F.linear(x, w, layer.bias)
-        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed.get(w), layer.bias,
-                                                 "none", [], "")
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return packed_linear(x, layer.weight, layer.bias, packed)
 
     return forward
 
 
 @contextmanager
 def packed_linears(model: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Run every ``nn.Linear`` of ``model`` through packed oneDNN fp32 GEMMs inside the block (CPU, no grad)."""
-    if not enabled or not onednn_available():
+    """Run every ``nn.Linear`` of ``model`` through packed oneDNN fp32 GEMMs inside the block (CPU, no grad).
+
+    A model with a tied output projection reads ``model.packed_output`` (a packed copy of its embedding, or
+    ``None`` outside the block). Nested blocks on one model are no-ops.
+    """
+    if (not enabled or not onednn_available() or model.__dict__.get("packed_output") is not None
+            or any(type(p) not in _PLAIN for p in model.parameters())):  # sharded (FSDP) or subclassed weights
         yield
         return
-    cache: dict[int, _Packed] = model.__dict__.setdefault("_packed_linears", {})
+    cache = _PACKED.setdefault(model, {})
     layers = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in m.__dict__]
     for m in layers:
         m.forward = _packed_forward(m, cache.setdefault(id(m), _Packed()))  # type: ignore[method-assign]
+    model.__dict__["packed_output"] = cache.setdefault(id(model), _Packed())
     try:
         yield
     finally:
         for m in layers:
             del m.forward
+        model.__dict__["packed_output"] = None

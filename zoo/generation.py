@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from zoo.cpu_linears import packed_linears
 from zoo.vocab import BOS_ID, EOS_ID, PAD_ID
 
 LogitsProcessor = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -128,15 +129,16 @@ def generate(model, inputs: dict, max_new_tokens: int, num_beams: int = 1, **kwa
     ngram = kwargs.pop("no_repeat_ngram_size", 0)
     if ngram:
         kwargs["processors"] = [*kwargs.get("processors", ()), NoRepeatNGram(ngram)]
-    memory, mask = model.encode(inputs)
-    if num_beams == 1:
-        kwargs.pop("length_penalty", None)
-        return greedy_search(model, memory, mask, max_new_tokens, **kwargs)
-    if kwargs.pop("do_sample", False):
+    if num_beams > 1 and kwargs.pop("do_sample", False):
         raise ValueError("sampling (do_sample=True) needs num_beams=1")
-    for k in ("temperature", "top_k", "top_p", "generator"):
-        kwargs.pop(k, None)
-    return beam_search(model, memory, mask, max_new_tokens, num_beams=num_beams, **kwargs)
+    with packed_linears(model):  # fp32 CPU: oneDNN GEMMs on packed weights (a no-op elsewhere)
+        memory, mask = model.encode(inputs)
+        if num_beams == 1:
+            kwargs.pop("length_penalty", None)
+            return greedy_search(model, memory, mask, max_new_tokens, **kwargs)
+        for k in ("temperature", "top_k", "top_p", "generator"):
+            kwargs.pop(k, None)
+        return beam_search(model, memory, mask, max_new_tokens, num_beams=num_beams, **kwargs)
 
 
 # --- sampling and extra logits processors ----------------------------------------------------

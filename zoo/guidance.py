@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zoo.cpu_linears import packed_linears
 from zoo.generation import _apply_constraints, sample_next
 from zoo.vocab import BOS_ID
 
@@ -28,6 +29,14 @@ def guided_sample(model, cond: dict, num_tokens: int, uncond: dict | None = None
     ``uncond`` holds the unconditional source, either with ``B`` rows or one row broadcast to ``B``;
     without it (or with ``guidance_scale`` of None) decoding is plain conditional sampling.
     """
+    with packed_linears(model):  # fp32 CPU: oneDNN GEMMs on packed weights (a no-op elsewhere)
+        return _guided_sample(model, cond, num_tokens, uncond, guidance_scale, allowed, do_sample, temperature,
+                              top_k, top_p, use_cache, generator)
+
+
+def _guided_sample(model, cond: dict, num_tokens: int, uncond: dict | None, guidance_scale: float,
+                   allowed: torch.Tensor | None, do_sample: bool, temperature: float, top_k: int, top_p: float,
+                   use_cache: bool, generator: torch.Generator | None) -> torch.Tensor:
     memory, mask = model.encode(cond)
     b = memory.shape[0]
     if uncond is not None:

@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from modalities.image import ImageConfig, ImageEmbedder
 from zoo.config import MODALITY_TYPES, ModelConfig
+from zoo.cpu_linears import packed_linear
 from zoo.layers import DecoderLayer, EncoderLayer, KVCache, causal_allowed
 from zoo.vocab import PAD_ID
 
@@ -192,7 +193,9 @@ class UnifiedSeq2Seq(nn.Module):
                        for layer in self.decoder]
         cache.memory_allowed = None if bool(memory_mask.all()) else memory_mask[:, None, None, :]
         cache.rows_per_source = rows_per_source
-        if rows <= SMALL_DECODE_ROWS and not torch.is_grad_enabled():
+        packed = (self.__dict__.get("packed_output") is not None and memory.device.type == "cpu"
+                  and memory.dtype == torch.float32)  # logits() then runs on oneDNN's packed copy (faster still)
+        if rows <= SMALL_DECODE_ROWS and not torch.is_grad_enabled() and not packed:
             # a few rows per step: one [d, V] contiguous copy of the tied output weight makes the per-token
             # projection a plain GEMV (measured 4x faster than F.linear's transposed read on the CPU)
             cache.out_weight_t = self.embed_tokens.weight.t().contiguous()
@@ -225,12 +228,15 @@ class UnifiedSeq2Seq(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied output projection onto the unified vocabulary."""
+        packed = self.__dict__.get("packed_output")  # inside zoo.cpu_linears.packed_linears (generation)
+        if packed is not None:
+            return packed_linear(hidden, self.embed_tokens.weight, None, packed)
         return F.linear(hidden, self.embed_tokens.weight)
 
     def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor | None = None,
                memory_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         hidden = self.decode_hidden(tgt_in, memory, memory_mask, cache)
-        if cache is not None and cache.out_weight_t is not None:  # set by start_cache for small batches
+        if cache is not None and cache.out_weight_t is not None:  # start_cache: small batches, no packed weights
             return hidden @ cache.out_weight_t
         return self.logits(hidden)
 
