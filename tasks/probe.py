@@ -196,17 +196,36 @@ def ensure_probe(root: str | Path, **train_kwargs: Any) -> Path:
     return folder
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description="Train (or load) the Shapes attribute probe; print its held-out accuracy.")
     ap.add_argument("root", help="a Shapes data folder (captions_*.json, scenes_*.json, images/)")
     ap.add_argument("--epochs", type=int, default=5)
-    args = ap.parse_args()
+    ap.add_argument("--vq", nargs="*", default=[], metavar="FOLDER",
+                    help="VQ tokenizer folders: also print the probe's score of the val images after a round trip "
+                         "through each (the most a generator on that tokenizer can reach)")
+    args = ap.parse_args(argv)
     folder = ensure_probe(args.root, epochs=args.epochs)
-    _, acc = load_probe(folder)
+    probe, acc = load_probe(folder)
     verdict = "OK as a judge" if acc["all_acc"] >= REQUIRED_ACCURACY else "TOO WEAK to judge (< 95 %)"
     print(f"probe {folder}: held-out real accuracy {json.dumps(acc)} → {verdict}")
+    for vq in args.vq:
+        print(f"VQ tokenizer {vq}: {json.dumps(vq_ceiling(probe, vq, args.root))}")
+
+
+def vq_ceiling(probe: AttributeProbe, vq_folder: str | Path, root: str | Path, split: str = "val",
+               batch_size: int = 100) -> dict[str, float]:
+    """PSNR and probe scores of a split's real images after a round trip through a VQ tokenizer folder."""
+    from modalities.image_codes import ImageCodeTokenizer
+
+    tok = ImageCodeTokenizer.from_pretrained(vq_folder).eval()
+    images, labels = split_data(root, split)
+    x = images.float() / 255
+    with torch.no_grad():
+        rec = torch.cat([tok.decode(tok.encode(c)) for c in x.split(batch_size)])
+    psnr = float((-10 * torch.log10(((rec - x) ** 2).mean((1, 2, 3)).clamp(min=1e-10))).mean())
+    return {"psnr": psnr, **score_attributes(probe.predict(rec), labels)}
 
 
 if __name__ == "__main__":
