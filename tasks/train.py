@@ -50,13 +50,16 @@ def build_model(model_cfg: DictConfig, text_vocab_size: int, data_overrides: dic
     pretrain = model_cfg.get("image_pretrain")
     if pretrain:  # the image backbone starts from weights pretrained on dense scene labels (cached)
         from tasks.backbone_pretrain import ensure_pretrained_backbone, resolve_spec
+        from tasks.distributed import prepare_lock
 
         image_over = (overrides.get("modalities") or {}).get("image") or {}
         image_cfg = {**zoo.model_config(model_cfg.name).modalities.get("image", {}), **image_over}
         user_spec: dict[str, Any] = OmegaConf.to_container(pretrain, resolve=True)  # type: ignore[assignment]
         freeze = bool(user_spec.pop("freeze", False))
         spec = resolve_spec(user_spec, image_cfg)
-        overrides.setdefault("modalities", {})["image"] = {**image_over, "pretrained": str(ensure_pretrained_backbone(spec))}
+        with prepare_lock(spec["root"]):  # torchrun/srun ranks: the first pretrains, the others load its cache
+            weights = ensure_pretrained_backbone(spec)
+        overrides.setdefault("modalities", {})["image"] = {**image_over, "pretrained": str(weights)}
     vocab = dict(zoo.model_config(model_cfg.name).vocab)
     vocab.update(overrides.pop("vocab", {}) or {})
     vocab["text_size"] = text_vocab_size

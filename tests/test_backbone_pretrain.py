@@ -71,3 +71,25 @@ def test_freeze_keeps_the_pretrained_stem_fixed(tiny_shapes):
     model({"image": torch.randn(2, 3, s, s), "text": (ids, torch.ones_like(ids, dtype=torch.bool))}, ids).sum().backward()
     for k, v in backbone.state_dict().items():  # BatchNorm running statistics included
         assert torch.equal(v, before[k]), k
+
+
+def test_ranks_started_together_pretrain_the_backbone_once(tiny_shapes, tmp_path):
+    """torchrun/srun start every rank at once: build_model's pretraining runs under the prepare lock, so the
+    first rank trains and caches, and the other loads its file."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    root = tmp_path / "shapes"
+    shutil.copytree(tiny_shapes, root, ignore=shutil.ignore_patterns("backbones"))
+    code = ("from omegaconf import OmegaConf; from tasks.train import build_model; "
+            f"build_model(OmegaConf.create({{'name': 'test-tiny', 'overrides': {{}}, 'image_pretrain': "
+            f"{{'root': {str(root)!r}, 'epochs': 2, 'batch_size': 16}}}}), 300)")
+    env = {**os.environ, "TORCHELASTIC_RUN_ID": "t", "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    assert sum("pretraining the image backbone" in log for log in logs) == 1, logs
+    assert len(list((root / "backbones").glob("*.safetensors"))) == 1
