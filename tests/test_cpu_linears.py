@@ -7,6 +7,7 @@ import zoo
 from zoo import cpu_linears
 from zoo.cpu_linears import onednn_available, packed_linears
 from zoo.generation import generate
+from zoo.layers import FeedForward
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no packed oneDNN linears")]
@@ -20,17 +21,19 @@ def _model():
 def test_packed_layers_match_f_linear_and_are_restored_after_the_block():
     model = _model()
     x = torch.randn(3, 5, model.cfg.d_model)
-    layer = model.decoder[0].ffn.fc1 if hasattr(model.decoder[0], "ffn") else next(
-        m for m in model.modules() if isinstance(m, nn.Linear))
+    ffn = model.decoder[0].ffn
+    assert isinstance(ffn, FeedForward)
+    layer = ffn.fc1
     with torch.inference_mode():
-        ref, ref_logits = layer(x), model.logits(x)
+        ref, ref_ffn, ref_logits = layer(x), ffn(x), model.logits(x)
         with packed_linears(model):
-            assert "forward" in layer.__dict__ and model.packed_output is not None
-            out, logits = layer(x), model.logits(x)
+            assert "forward" in layer.__dict__ and "forward" in ffn.__dict__ and model.packed_output is not None
+            out, out_ffn, logits = layer(x), ffn(x), model.logits(x)  # the FFN fuses its GELU into fc1's GEMM
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_ffn, ref_ffn, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-4)
-    assert out.shape == ref.shape and logits.shape == ref_logits.shape
-    assert "forward" not in layer.__dict__ and model.packed_output is None
+    assert out.shape == ref.shape and out_ffn.shape == ref_ffn.shape and logits.shape == ref_logits.shape
+    assert "forward" not in layer.__dict__ and "forward" not in ffn.__dict__ and model.packed_output is None
 
 
 def test_packed_weights_follow_in_place_updates():
