@@ -113,7 +113,9 @@ def packed_linears(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     layers = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in m.__dict__]
     for m in layers:
         m.forward = _packed_forward(m, cache.setdefault(id(m), _Packed()))  # type: ignore[method-assign]
-    ffns = [m for m in model.modules() if type(m) is FeedForward and "forward" not in m.__dict__]
+    # only plain fc1 layers: a LoRA-wrapped or quantized fc1 must run its own forward
+    ffns = [m for m in model.modules() if type(m) is FeedForward and type(m.fc1) is nn.Linear
+            and "forward" not in m.__dict__]
     for m in ffns:
         m.forward = _packed_ffn_forward(m, cache.setdefault(id(m.fc1), _Packed()))  # type: ignore[method-assign]
     layers += ffns
