@@ -106,6 +106,15 @@ def test_time_budget_sets_the_step_total_and_the_schedule_decays_within_it(tiny_
     assert lrs[-1] < 0.2 * max(lrs)  # the cosine decay completed inside the budget
 
 
+def _fake_trainer(num_training_batches: int):
+    """What TimeBudget reads of a single-process Lightning trainer."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(global_step=0, num_training_batches=num_training_batches, accumulate_grad_batches=1,
+                           is_global_zero=False, strategy=SimpleNamespace(broadcast=lambda x, src=0: x),
+                           fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(max_steps=-1)))
+
+
 def test_time_budget_whole_epochs_rounds_the_total_down_to_epochs(monkeypatch):
     from types import SimpleNamespace
 
@@ -116,9 +125,7 @@ def test_time_budget_whole_epochs_rounds_the_total_down_to_epochs(monkeypatch):
     for whole, expected in ((False, 120), (True, 100)):  # 10 steps in 10 s, 110 s left: 120 steps = 4.8 epochs
         clock = iter([0.0, 0.0, 10.0])  # fit start, timing start, then after step 10
         budget = callbacks.TimeBudget(minutes=2.0, start=0, window=10, whole_epochs=whole)
-        trainer = SimpleNamespace(global_step=0, num_training_batches=25, accumulate_grad_batches=1, is_global_zero=False,
-                                  strategy=SimpleNamespace(broadcast=lambda x, src=0: x),
-                                  fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(max_steps=-1)))
+        trainer = _fake_trainer(num_training_batches=25)
         module = SimpleNamespace()
         budget.on_train_start(trainer, module)
         budget.on_train_batch_start(trainer, module, None, 0)
@@ -135,9 +142,7 @@ def test_time_budget_re_estimates_when_steps_slow_down(monkeypatch):
     now = [0.0]
     monkeypatch.setattr(callbacks.time, "perf_counter", lambda: now[0])
     budget = callbacks.TimeBudget(minutes=2.0, start=0, window=10, rechecks=(0.25, 0.5))
-    trainer = SimpleNamespace(global_step=0, num_training_batches=1000, accumulate_grad_batches=1, is_global_zero=False,
-                              strategy=SimpleNamespace(broadcast=lambda x, src=0: x),
-                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(max_steps=-1)))
+    trainer = _fake_trainer(num_training_batches=1000)
     module = SimpleNamespace()
     budget.on_train_start(trainer, module)
     budget.on_train_batch_start(trainer, module, None, 0)

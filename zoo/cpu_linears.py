@@ -65,12 +65,18 @@ def release_packed(model: nn.Module) -> None:
     _PACKED.pop(model, None)
 
 
+def packed_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight.T`` runs on the packed kernel: plain fp32 CPU tensors, outside autograd."""
+    return (type(weight) in _PLAIN and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)))
+
+
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: _Packed,
                   gelu_tanh: bool = False) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` (then ``F.gelu(approximate="tanh")`` with ``gelu_tanh``), through the packed
     oneDNN kernel where it applies (CPU fp32, no grad); the GELU is then fused into the GEMM."""
-    if (type(weight) not in _PLAIN or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
-            or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))):
+    if not packed_applies(x, weight):
         y = F.linear(x, weight, bias)
         return F.gelu(y, approximate="tanh") if gelu_tanh else y
     # single rows too: in a decoding loop the weights stream from memory rather than cache, and the packed

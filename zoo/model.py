@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from modalities.image import ImageConfig, ImageEmbedder
 from zoo.config import MODALITY_TYPES, ModelConfig
-from zoo.cpu_linears import packed_linear
+from zoo.cpu_linears import packed_applies, packed_linear
 from zoo.layers import DecoderLayer, EncoderLayer, KVCache, causal_allowed
 from zoo.vocab import PAD_ID
 
@@ -193,8 +193,8 @@ class UnifiedSeq2Seq(nn.Module):
                        for layer in self.decoder]
         cache.memory_allowed = None if bool(memory_mask.all()) else memory_mask[:, None, None, :]
         cache.rows_per_source = rows_per_source
-        packed = (self.__dict__.get("packed_output") is not None and memory.device.type == "cpu"
-                  and memory.dtype == torch.float32)  # logits() then runs on oneDNN's packed copy (faster still)
+        # inside packed_linears, logits() runs on oneDNN's packed copy (faster still)
+        packed = self.__dict__.get("packed_output") is not None and packed_applies(memory, self.embed_tokens.weight)
         if rows <= SMALL_DECODE_ROWS and not torch.is_grad_enabled() and not packed:
             # a few rows per step: one [d, V] contiguous copy of the tied output weight makes the per-token
             # projection a plain GEMV (measured 4x faster than F.linear's transposed read on the CPU)
