@@ -218,14 +218,14 @@ def vq_ceiling(probe: AttributeProbe, vq_folder: str | Path, root: str | Path, s
                batch_size: int = 100) -> dict[str, float]:
     """PSNR and probe scores of a split's real images after a round trip through a VQ tokenizer folder."""
     from modalities.image_codes import ImageCodeTokenizer
+    from tasks.vq import psnr
 
     tok = ImageCodeTokenizer.from_pretrained(vq_folder).eval()
     images, labels = split_data(root, split)
     x = images.float() / 255
     with torch.no_grad():
         rec = torch.cat([tok.decode(tok.encode(c)) for c in x.split(batch_size)])
-    psnr = float((-10 * torch.log10(((rec - x) ** 2).mean((1, 2, 3)).clamp(min=1e-10))).mean())
-    return {"psnr": psnr, **score_attributes(probe.predict(rec), labels)}
+    return {"psnr": float(psnr(rec, x).mean()), **score_attributes(probe.predict(rec), labels)}
 
 
 if __name__ == "__main__":
