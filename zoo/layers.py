@@ -58,6 +58,7 @@ class KVCache:
         self.memory_allowed: torch.Tensor | None = None  # [B,1,1,S]
         self.out_weight_t: torch.Tensor | None = None  # [d, V] output projection for small batches (inference)
         self.rows_per_source = 1  # >1: consecutive rows (beams) share one source row's cross K/V
+        self.fast_step: Any = None  # zoo.fast_decode.FastDecodeStep: single-token steps on the CPU's packed path
         self.length = 0
         self.max_len = max_len
 

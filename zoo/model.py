@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from modalities.image import ImageConfig, ImageEmbedder
 from zoo.config import MODALITY_TYPES, ModelConfig
 from zoo.cpu_linears import packed_applies, packed_linear
+from zoo.fast_decode import FastDecodeStep
 from zoo.layers import DecoderLayer, EncoderLayer, KVCache, causal_allowed
 from zoo.vocab import PAD_ID
 
@@ -199,6 +200,8 @@ class UnifiedSeq2Seq(nn.Module):
             # a few rows per step: one [d, V] contiguous copy of the tied output weight makes the per-token
             # projection a plain GEMV (measured 4x faster than F.linear's transposed read on the CPU)
             cache.out_weight_t = self.embed_tokens.weight.t().contiguous()
+        if packed:  # plain decoders skip the module dispatch per token (same kernels, same numbers)
+            cache.fast_step = FastDecodeStep.build(self, memory)
         return cache
 
     def decode_hidden(self, tgt_in: torch.Tensor, memory: torch.Tensor | None = None,
@@ -235,6 +238,8 @@ class UnifiedSeq2Seq(nn.Module):
 
     def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor | None = None,
                memory_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        if cache is not None and cache.fast_step is not None and tgt_in.shape[1] == 1:
+            return cache.fast_step(tgt_in, cache)
         hidden = self.decode_hidden(tgt_in, memory, memory_mask, cache)
         if cache is not None and cache.out_weight_t is not None:  # start_cache: small batches, no packed weights
             return hidden @ cache.out_weight_t
