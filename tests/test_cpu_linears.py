@@ -13,13 +13,14 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no packed oneDNN linears")]
 
 
-def _model():
+def _model(**overrides):
     torch.manual_seed(0)
-    return zoo.create_model("test-tiny").eval()
+    return zoo.create_model("test-tiny", **overrides).eval()
 
 
-def test_packed_layers_match_f_linear_and_are_restored_after_the_block():
-    model = _model()
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_packed_layers_match_f_linear_and_are_restored_after_the_block(activation):
+    model = _model(activation=activation)
     x = torch.randn(3, 5, model.cfg.d_model)
     ffn = model.decoder[0].ffn
     assert isinstance(ffn, FeedForward)

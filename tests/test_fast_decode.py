@@ -29,9 +29,9 @@ def _source(model, rows: int = 3, padded: bool = True):
     return src, mask
 
 
-@pytest.mark.parametrize("rows_per_source", [1, 3])
-def test_step_logits_are_bit_identical_to_the_module_path(rows_per_source):
-    model = _model()
+@pytest.mark.parametrize("rows_per_source,activation", [(1, "gelu"), (3, "gelu"), (1, "gelu_tanh")])
+def test_step_logits_are_bit_identical_to_the_module_path(rows_per_source, activation):
+    model = _model(activation=activation)
     src, mask = _source(model)
     with torch.inference_mode(), packed_linears(model):
         memory, mmask = model.encode({"text": (src, mask)})
@@ -102,6 +102,11 @@ def test_not_built_where_the_module_path_must_run():
     assert FastDecodeStep.build(model, memory) is None  # no packed weights outside packed_linears
     with torch.enable_grad(), packed_linears(model):
         assert FastDecodeStep.build(model, memory) is None
+    # bf16 autocast (bf16-mixed validation): activations change dtype between kernels; generation still runs
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16), packed_linears(model):
+        assert FastDecodeStep.build(model, memory) is None
+        out = generate(model, {"text": (src, torch.ones_like(src, dtype=torch.bool))}, max_new_tokens=4)
+    assert out.shape[0] == len(src)
 
 
 def test_not_built_for_layer_variants():

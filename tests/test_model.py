@@ -214,3 +214,26 @@ def test_patch_image_stem():
         zoo.create_model("test-tiny", modalities={"image": {"backbone": "patch:7"}})
     with pytest.raises(ValueError, match="no pretrained weights"):
         zoo.create_model("test-tiny", modalities={"image": {"backbone": "patch:8", "pretrained": "x.safetensors"}})
+
+
+def test_ffn_activation_exact_gelu_by_default_and_legacy_configs_keep_tanh():
+    from zoo.config import ModelConfig
+    from zoo.layers import FeedForward
+
+    cfg = zoo.model_config("test-tiny")
+    assert cfg.activation == "gelu"
+    x = torch.randn(4, cfg.d_model) * 3
+    for activation, approximate in (("gelu", "none"), ("gelu_tanh", "tanh")):
+        torch.manual_seed(0)
+        ffn = FeedForward(ModelConfig.from_dict({**cfg.to_dict(), "activation": activation}))
+        want = ffn.fc2(torch.nn.functional.gelu(ffn.fc1(x), approximate=approximate))
+        torch.testing.assert_close(ffn(x), want)
+    exact, tanh = (FeedForward(ModelConfig.from_dict({**cfg.to_dict(), "activation": a})) for a in ("gelu", "gelu_tanh"))
+    tanh.load_state_dict(exact.state_dict())
+    assert not torch.equal(exact(x), tanh(x))  # the two forms really differ
+    # a config.json written before the field existed was trained with the tanh form
+    legacy = {k: v for k, v in cfg.to_dict().items() if k != "activation"}
+    assert ModelConfig.from_dict(legacy).activation == "gelu_tanh"
+    assert ModelConfig.from_dict(cfg.to_dict()).activation == "gelu"
+    with pytest.raises(ValueError, match="activation"):
+        ModelConfig.from_dict({**cfg.to_dict(), "activation": "relu"})

@@ -9,6 +9,8 @@ from zoo.vocab import VocabLayout
 MODALITY_TYPES = ("text", "image", "image_codes", "sensor")
 FFN_KINDS = ("dense", "multiway", "moe")
 ATTENTION_KINDS = ("standard", "lfa")
+#: feed-forward activation → ``F.gelu``'s ``approximate``: exact (erf) GELU, as HF Bart, or the tanh approximation
+ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
 
 
 @dataclass
@@ -21,6 +23,8 @@ class ModelConfig:
     enc_layers: int = 4
     dec_layers: int = 4
     ffn_dim: int = 1024
+    # FFN activation: gelu (exact; bf16 forward+backward 2.3x faster on the CPU than the tanh form) | gelu_tanh
+    activation: str = "gelu"
     dropout: float = 0.0
     attn_dropout: float = 0.0
     max_positions: int = 256
@@ -43,6 +47,8 @@ class ModelConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.attn_impl not in ("auto", "sdpa", "math"):
             raise ValueError(f"attn_impl must be auto|sdpa|math, got {self.attn_impl!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         if self.ffn not in FFN_KINDS:
             raise ValueError(f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
         if self.attention not in ATTENTION_KINDS:
@@ -72,4 +78,10 @@ class ModelConfig:
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown model config keys {sorted(unknown)}")
-        return cls(**d)
+        # configs saved before ``activation`` existed were trained with the tanh approximation
+        return cls(**{"activation": "gelu_tanh", **d})
+
+    @property
+    def gelu_approximate(self) -> str:
+        """``F.gelu``'s ``approximate`` argument for :attr:`activation`."""
+        return ACTIVATIONS[self.activation]

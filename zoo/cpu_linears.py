@@ -73,16 +73,16 @@ def packed_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: _Packed,
-                  gelu_tanh: bool = False) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` (then ``F.gelu(approximate="tanh")`` with ``gelu_tanh``), through the packed
-    oneDNN kernel where it applies (CPU fp32, no grad); the GELU is then fused into the GEMM."""
+                  gelu: str | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` (then ``F.gelu(approximate=gelu)`` when ``gelu`` is ``"none"`` or ``"tanh"``),
+    through the packed oneDNN kernel where it applies (CPU fp32, no grad); the GELU is then fused into the GEMM."""
     if not packed_applies(x, weight):
         y = F.linear(x, weight, bias)
-        return F.gelu(y, approximate="tanh") if gelu_tanh else y
+        return y if gelu is None else F.gelu(y, approximate=gelu)
     # single rows too: in a decoding loop the weights stream from memory rather than cache, and the packed
     # layout streams faster (batch-1 greedy 9 % faster than with MKL for the small layers, although MKL wins
     # cache-hot microbenchmarks of those)
-    act, alg = ("gelu", "tanh") if gelu_tanh else ("none", "")
+    act, alg = ("none", "") if gelu is None else ("gelu", gelu)
     out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed.get(weight), bias, act, [], alg)
     return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -95,9 +95,9 @@ def _packed_forward(layer: nn.Linear, packed: _Packed):
 
 
 def _packed_ffn_forward(ffn: nn.Module, packed: _Packed):
-    """``fc2(gelu_tanh(fc1(x)))`` with the GELU fused into fc1's GEMM (fc1's own hooks are not called)."""
+    """``fc2(gelu(fc1(x)))`` with the GELU fused into fc1's GEMM (fc1's own hooks are not called)."""
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return ffn.fc2(packed_linear(x, ffn.fc1.weight, ffn.fc1.bias, packed, gelu_tanh=True))
+        return ffn.fc2(packed_linear(x, ffn.fc1.weight, ffn.fc1.bias, packed, gelu=ffn.approximate))
 
     return forward
 

@@ -8,7 +8,7 @@ token's kernels take about as long as that Python overhead, so batch-1 greedy de
 third faster (``benchmarks/generate.py``).
 
 Models it does not cover run the module path: other layer types (attention or FFN variants, LoRA or
-quantized linears), forward hooks, training mode, autograd, or tensors the packed kernels refuse.
+quantized linears), forward hooks, training mode, autograd, autocast, or tensors the packed kernels refuse.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ class FastDecodeStep:
         for layer in model.decoder:
             sa, ca, ff = layer.self_attn, layer.cross_attn, layer.ffn
             self.layers.append((layer.ln1, layer.ln2, layer.ln3, w(sa.qkv), w(sa.out), w(ca.q), w(ca.out),
-                                w(ff.fc1), w(ff.fc2)))
+                                w(ff.fc1), w(ff.fc2), ff.approximate))
         self.out_weight = model.__dict__["packed_output"].get(model.embed_tokens.weight)
 
     @classmethod
@@ -71,6 +71,8 @@ class FastDecodeStep:
         if cfg.ffn != "dense" or cfg.attention != "standard" or cfg.grad_checkpointing:
             return None
         if not packed_applies(memory, model.embed_tokens.weight) or torch.is_grad_enabled():
+            return None
+        if torch.is_autocast_enabled(memory.device.type):  # activations change dtype between the kernels
             return None
         if not all(_plain_layer(layer) for layer in model.decoder) or _global_hooks():
             return None
@@ -104,7 +106,7 @@ class FastDecodeStep:
         x = x.view(b, d)
         bm = cache.cross[0][0].shape[0]
         g = b // bm  # rows (beams) per source row
-        for i, (ln1, ln2, ln3, qkv, out, cq, cout, fc1, fc2) in enumerate(self.layers):
+        for i, (ln1, ln2, ln3, qkv, out, cq, cout, fc1, fc2, gelu) in enumerate(self.layers):
             # self-attention over the cache
             y = F.layer_norm(x, (d,), ln1.weight, ln1.bias, ln1.eps)
             q, k, v = lin(y, qkv).view(b, 1, 3, h, dh).permute(2, 0, 3, 1, 4)
@@ -120,7 +122,7 @@ class FastDecodeStep:
             x = x + lin(y.transpose(1, 2).reshape(b, d), cout)
             # feed-forward, the GELU fused into the first GEMM
             y = F.layer_norm(x, (d,), ln3.weight, ln3.bias, ln3.eps)
-            x = x + lin(lin(y, fc1, "gelu", "tanh"), fc2)
+            x = x + lin(lin(y, fc1, "gelu", gelu), fc2)
         cache.length += 1
         x = F.layer_norm(x, (d,), model.dec_norm.weight, model.dec_norm.bias, model.dec_norm.eps)
         return _LINEAR(x, self.out_weight, None, "none", [], "").view(b, 1, -1)

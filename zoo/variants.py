@@ -94,6 +94,7 @@ class MoEFeedForward(nn.Module):
         self.router = nn.Linear(d, e, bias=False)
         self.w1 = nn.Parameter(torch.randn(e, d, f) * 0.02)
         self.w2 = nn.Parameter(torch.randn(e, f, d) * 0.02)
+        self.approximate = cfg.gelu_approximate
         self.aux_loss: torch.Tensor | None = None
         self.stats: dict[str, torch.Tensor] = {}
 
@@ -128,7 +129,7 @@ class MoEFeedForward(nn.Module):
         kept = pos < cap
         slot, src, gates = (exp_id * cap + pos)[kept], src[kept], gates[kept]
         buf = flat.new_zeros(e * cap, d).index_copy(0, slot, flat.index_select(0, src))
-        h = F.gelu(torch.bmm(buf.view(e, cap, d), self.w1), approximate="tanh")  # [E,C,f]
+        h = F.gelu(torch.bmm(buf.view(e, cap, d), self.w1), approximate=self.approximate)  # [E,C,f]
         y = torch.bmm(h, self.w2).view(e * cap, d)  # [E*C,d]
         y = y.index_select(0, slot) * gates.to(y.dtype)[:, None]
         out = y.new_zeros(n, d).index_add_(0, src, y)  # dropped tokens get 0 (the residual carries them)
