@@ -1,6 +1,6 @@
-"""dataloader: images/s the default caption datamodule delivers vs what the training step consumes.
+"""dataloader: images/s the captioning datamodule delivers vs what the training step consumes.
 
-Both are measured in this process on the default experiment's config (Shapes, batch 16 images with
+Both are measured in this process on ``experiment=caption_shapes`` (Shapes, batch 16 images with
 5 captions each, default workers): first the loader alone over N batches, then N training steps of
 ofa-tiny on batches already in memory.
 
@@ -32,10 +32,11 @@ def main() -> None:
     args = ap.parse_args()
     register_resolvers()
     with initialize_config_module(config_module="configs", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["paths.output_dir=/tmp/mmzoo-bench"])
+        # the captioning experiment: the default (multi-task) job's loader mixes four tasks' batches
+        cfg = compose(config_name="train", overrides=["experiment=caption_shapes", "paths.output_dir=/tmp/mmzoo-bench"])
     dm = instantiate(cfg.data)
     dm.prepare_data()
-    model = build_model(cfg.model, dm.load_tokenizer().vocab_size)
+    model = build_model(cfg.model, dm.load_tokenizer().vocab_size, dm.model_overrides())
     dm.bind(model.cfg, model.layout)
     dm.setup("fit")
     loader = dm.train_dataloader()
