@@ -96,6 +96,9 @@ def test_not_built_where_the_module_path_must_run():
     model.train()
     assert _build(model) is None
     model.eval()
+    model.decoder[0].drop.train()  # one submodule left in training mode: its dropout must run
+    assert _build(model) is None
+    model.eval()
     src, mask = _source(model, padded=False)
     with torch.no_grad():
         memory, _ = model.encode({"text": (src, mask)})

@@ -25,8 +25,9 @@ from zoo.layers import CrossAttention, DecoderLayer, FeedForward, KVCache, SelfA
 _LINEAR = torch.ops.mkldnn._linear_pointwise if hasattr(torch.ops.mkldnn, "_linear_pointwise") else None
 
 
-def _hooked(module: nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+def _hooked_or_training(module: nn.Module) -> bool:
+    """Whether any submodule has forward hooks or is in training mode (dropout would run)."""
+    return any(m._forward_hooks or m._forward_pre_hooks or m.training for m in module.modules())
 
 
 def _global_hooks() -> bool:
@@ -76,7 +77,7 @@ class FastDecodeStep:
             return None
         if not all(_plain_layer(layer) for layer in model.decoder) or _global_hooks():
             return None
-        if _hooked(model.decoder) or _hooked(model.dec_norm) or _hooked(model.embed_tokens) or _hooked(model.dec_pos):
+        if any(_hooked_or_training(m) for m in (model.decoder, model.dec_norm, model.embed_tokens, model.dec_pos)):
             return None
         packed = _PACKED.get(model)
         if packed is None:
