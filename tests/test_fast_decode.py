@@ -4,7 +4,6 @@ import torch
 from torch import nn
 
 import zoo
-from zoo import fast_decode
 from zoo.cpu_linears import onednn_available, packed_linears
 from zoo.fast_decode import FastDecodeStep
 from zoo.generation import generate
@@ -126,4 +125,3 @@ def test_too_long_decoding_raises():
         cache.length = model.cfg.max_positions
         with pytest.raises(ValueError, match="max_positions"):
             model.decode(torch.ones(len(src), 1, dtype=torch.long), cache=cache)
-    assert fast_decode._LINEAR is not None

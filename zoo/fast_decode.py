@@ -19,10 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as nn_module
 
-from zoo.cpu_linears import _PACKED, packed_applies
+from zoo.cpu_linears import _PACKED, onednn_linear, packed_applies
 from zoo.layers import CrossAttention, DecoderLayer, FeedForward, KVCache, SelfAttention, attend
-
-_LINEAR = torch.ops.mkldnn._linear_pointwise if hasattr(torch.ops.mkldnn, "_linear_pointwise") else None
 
 
 def _hooked_or_training(module: nn.Module) -> bool:
@@ -66,7 +64,7 @@ class FastDecodeStep:
     @classmethod
     def build(cls, model: nn.Module, memory: torch.Tensor) -> "FastDecodeStep | None":
         """The step for ``model`` decoding against ``memory``, or ``None`` when the module path must run."""
-        if _LINEAR is None or model.training or model.__dict__.get("packed_output") is None:
+        if model.training or model.__dict__.get("packed_output") is None:  # set only where oneDNN is available
             return None
         cfg = model.cfg
         if cfg.ffn != "dense" or cfg.attention != "standard" or cfg.grad_checkpointing:
@@ -89,14 +87,9 @@ class FastDecodeStep:
             return None
         return cls(model, packed)
 
-    @staticmethod
-    def _linear(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor | None], act: str = "none",
-                alg: str = "") -> torch.Tensor:
-        return _LINEAR(x, wb[0], wb[1], act, [], alg)
-
     def __call__(self, tgt_in: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits ``[B,1,V]`` of one new token per row ``tgt_in [B,1]``; extends ``cache``."""
-        model, h, dh, lin = self.model, self.h, self.dh, self._linear
+        model, h, dh, lin = self.model, self.h, self.dh, onednn_linear
         b = tgt_in.shape[0]
         start = cache.length
         if start + 1 > model.cfg.max_positions:
@@ -110,20 +103,20 @@ class FastDecodeStep:
         for i, (ln1, ln2, ln3, qkv, out, cq, cout, fc1, fc2, gelu) in enumerate(self.layers):
             # self-attention over the cache
             y = F.layer_norm(x, (d,), ln1.weight, ln1.bias, ln1.eps)
-            q, k, v = lin(y, qkv).view(b, 1, 3, h, dh).permute(2, 0, 3, 1, 4)
+            q, k, v = lin(y, *qkv).view(b, 1, 3, h, dh).permute(2, 0, 3, 1, 4)
             cache.k[i][:, :, start:start + 1] = k
             cache.v[i][:, :, start:start + 1] = v
             y = attend(q, cache.k[i][:, :, :start + 1], cache.v[i][:, :, :start + 1], None, self.impl)
-            x = x + lin(y.transpose(1, 2).reshape(b, d), out)
+            x = x + lin(y.transpose(1, 2).reshape(b, d), *out)
             # cross-attention on the source's cached K/V (beams folded into the query length)
             y = F.layer_norm(x, (d,), ln2.weight, ln2.bias, ln2.eps)
-            q = lin(y, cq).view(bm, g, h, dh).transpose(1, 2)
+            q = lin(y, *cq).view(bm, g, h, dh).transpose(1, 2)
             mk, mv = cache.cross[i]
             y = attend(q, mk, mv, cache.memory_allowed, self.impl)
-            x = x + lin(y.transpose(1, 2).reshape(b, d), cout)
+            x = x + lin(y.transpose(1, 2).reshape(b, d), *cout)
             # feed-forward, the GELU fused into the first GEMM
             y = F.layer_norm(x, (d,), ln3.weight, ln3.bias, ln3.eps)
-            x = x + lin(lin(y, fc1, "gelu", gelu), fc2)
+            x = x + lin(lin(y, *fc1, gelu), *fc2)
         cache.length += 1
         x = F.layer_norm(x, (d,), model.dec_norm.weight, model.dec_norm.bias, model.dec_norm.eps)
-        return _LINEAR(x, self.out_weight, None, "none", [], "").view(b, 1, -1)
+        return lin(x, self.out_weight, None).view(b, 1, -1)
