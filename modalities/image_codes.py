@@ -145,6 +145,48 @@ class ImageCodeTokenizer(nn.Module):
         z_q = self.vq.quantize.get_codebook_entry(codes.reshape(-1), (codes.shape[0], h, w, self.code_dim))
         return self.decode_latents(z_q).clamp(0, 1)
 
+    # --- codebook compaction ------------------------------------------------------------------
+    @torch.no_grad()
+    def code_usage(self, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """How often each code is chosen over images ``[N,3,H,W]`` (``uint8`` or ``[0,1]`` floats): ``[num_codes]``."""
+        counts = torch.zeros(self.num_codes, dtype=torch.long)
+        for chunk in pixels.split(batch_size):
+            chunk = chunk.float() / 255 if chunk.dtype == torch.uint8 else chunk.float()
+            counts += torch.bincount(self.encode(chunk).flatten().cpu(), minlength=self.num_codes)
+        return counts
+
+    @torch.no_grad()
+    def compacted(self, usage: torch.Tensor, min_distance: float) -> "ImageCodeTokenizer":
+        """A copy whose codebook keeps only codes at least ``min_distance`` apart (in code space).
+
+        Codes are visited from the most used; a code closer than ``min_distance`` to one already kept, or
+        never used, is dropped, and latents then snap to the nearest kept code. A trained codebook spends
+        many entries on near-copies of frequent content (plain backgrounds), so tiny pixel noise flips
+        codes from image to image; after compaction equal content gets equal codes, which makes the code
+        sequences far easier for a generator to model. The kept codes are renumbered ``0..k-1``.
+        """
+        if usage.shape != (self.num_codes,):
+            raise ValueError(f"usage must have shape ({self.num_codes},), got {tuple(usage.shape)}")
+        if min_distance < 0:
+            raise ValueError(f"min_distance must be >= 0, got {min_distance}")
+        weight = self.vq.quantize.embedding.weight.detach().float().cpu()
+        dist = torch.cdist(weight, weight)
+        keep: list[int] = []
+        for i in usage.argsort(descending=True, stable=True).tolist():
+            if usage[i] == 0:
+                break
+            if not keep or float(dist[i, keep].min()) >= min_distance:
+                keep.append(i)
+        if len(keep) < 2:
+            raise ValueError(f"min_distance={min_distance} keeps {len(keep)} code(s); use a smaller distance")
+        from diffusers import VQModel
+
+        vq = VQModel.from_config({**self.vq.config, "num_vq_embeddings": len(keep)})
+        state = self.vq.state_dict()
+        state["quantize.embedding.weight"] = state["quantize.embedding.weight"][keep]
+        vq.load_state_dict(state)
+        return type(self)(vq.to(weight.device).eval())
+
     # --- unified vocabulary -------------------------------------------------------------------
     def check_layout(self, layout: Any) -> None:
         """Raise unless the layout's image-code range holds this codebook."""

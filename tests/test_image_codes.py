@@ -111,3 +111,57 @@ def test_vq_task_learns_and_restarts_dead_codes(tiny_shapes):
     flat = task.tokenizer.encode_latents(x).detach().permute(0, 2, 3, 1).reshape(-1, h.shape[1])
     weight = task.tokenizer.vq.quantize.embedding.weight
     assert all(torch.isclose(flat, weight[i]).all(-1).any() for i in range(16))
+
+
+def test_compaction_drops_near_duplicate_and_unused_codes(tok):
+    weight = tok.vq.quantize.embedding.weight.detach()
+    dist = torch.cdist(weight, weight)
+    usage = torch.arange(tok.num_codes, 0, -1)  # code 0 most used, ...
+    usage[-1] = 0                               # the last code is never used
+    delta = float(dist[dist > 0].median())
+    small = tok.compacted(usage, delta)
+    assert 2 <= small.num_codes < tok.num_codes - 1
+    kept = small.vq.quantize.embedding.weight.detach()
+    # the kept codes are the most used ones that are >= delta apart, renumbered in order of use
+    assert torch.equal(kept[0], weight[0])
+    gaps = torch.cdist(kept, kept) + torch.eye(len(kept)) * 1e9
+    assert float(gaps.min()) >= delta
+    assert not any(torch.equal(weight[-1], k) for k in kept)
+    # the encoder and decoder are unchanged: latents snap to the nearest kept code
+    x = torch.rand(2, 3, 64, 64)
+    codes = small.encode(x)
+    assert int(codes.max()) < small.num_codes
+    h = small.encode_latents(x).permute(0, 2, 3, 1)
+    assert torch.equal(codes, torch.cdist(h.reshape(-1, h.shape[-1]), kept).argmin(1).view(codes.shape))
+    assert small.decode(codes).shape == (2, 3, 64, 64)
+    # distance 0 keeps every used code, in order of use
+    assert tok.compacted(usage, 0.0).num_codes == tok.num_codes - 1
+
+
+def test_compaction_bad_input(tok):
+    usage = torch.ones(tok.num_codes, dtype=torch.long)
+    with pytest.raises(ValueError, match="shape"):
+        tok.compacted(usage[:3], 0.1)
+    with pytest.raises(ValueError, match=">= 0"):
+        tok.compacted(usage, -1.0)
+    with pytest.raises(ValueError, match="keeps 1 code"):
+        tok.compacted(usage, 1e9)
+    counts = tok.code_usage(torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8))
+    assert counts.shape == (tok.num_codes,) and int(counts.sum()) == 3 * tok.num_tokens
+
+
+def test_vq_task_saves_the_compacted_tokenizer(tiny_shapes, tmp_path):
+    from tasks.vq import ensure_vq_tokenizer
+
+    spec = {"task": {"vq": TINY_VQ, "compact_distance": 0.0}, "max_steps": 2, "seed": 0, "precision": "32-true",
+            "data": {"root": str(tiny_shapes), "shapes": {"n_train": 64, "n_val": 16, "n_test": 16},
+                     "batch_size": 4}}
+    folder = ensure_vq_tokenizer(spec, tmp_path)
+    tok = ImageCodeTokenizer.from_pretrained(folder)
+    from tasks.data.shapes_images import load_images, read_split
+
+    images = load_images(read_split(tiny_shapes, "train")[1])
+    usage = tok.code_usage(images)
+    # distance 0 drops exactly the codes no training image uses: every saved code is used
+    assert 2 <= tok.num_codes <= TINY_VQ["num_codes"] and bool((usage > 0).all())
+    assert ensure_vq_tokenizer(spec, tmp_path) == folder  # cached: the spec's hash names the folder

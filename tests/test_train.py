@@ -27,7 +27,8 @@ def _experiment_data(experiment: str, shapes_root: Path, tmp_path: Path) -> list
         return [f"data.root={tmp_path}/motion", "data.motion.n_train=32", "data.motion.n_val=8", "data.motion.n_test=8"]
     if experiment.startswith("vq_shapes"):  # a narrow VQModel (as many blocks as the experiment's); no text
         blocks = "[8,8,8]" if experiment == "vq_shapes16" else "[8,8,8,8]"
-        return _data(shapes_root) + [f"task.vq.channels={blocks}", "task.vq.num_codes=16"]
+        # distance 0: a 1-step micro VQ has no codes 0.15 apart, but the compacted save still runs
+        return _data(shapes_root) + [f"task.vq.channels={blocks}", "task.vq.num_codes=16", "task.compact_distance=0.0"]
     if experiment == "t2i_shapes":  # trains a 2-step VQ tokenizer (cached under the data root) and a 1-epoch probe
         return _data(shapes_root) + ["+model.overrides.max_positions=80", "data.max_prompt_len=48",
                                      "data.vq.max_steps=2", "data.vq.task.vq.channels=[8,8,8,8]",
@@ -76,6 +77,12 @@ def test_experiment_fast_dev_run(experiment, tiny_shapes, tmp_path):
     metrics = train(cfg)
     assert (tmp_path / "metrics.json").is_file()
     assert any(k.startswith("test/") for k in metrics)
+    if experiment.startswith("vq_shapes"):  # the trained tokenizer is saved as a diffusers folder
+        from modalities.image_codes import ImageCodeTokenizer
+
+        saved = ImageCodeTokenizer.from_pretrained(tmp_path / "vq_tokenizer")
+        if experiment == "vq_shapes16":  # compacted: only used codes, and the saved codebook's own PSNR
+            assert saved.num_codes == metrics["export/num_codes"] <= 16 and metrics["export/val_psnr"] > 0
 
 
 def test_short_training_loss_drops_and_writes_artifacts(tiny_shapes, tmp_path):
