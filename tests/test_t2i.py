@@ -5,7 +5,9 @@ import torch
 import zoo
 from modalities.image_codes import ImageCodeTokenizer, VQConfig
 from zoo.generation import greedy_search
+from tasks.data.collate import pad_ids
 from zoo.guidance import guided_sample
+from zoo.vocab import BOS_ID
 from tests.conftest import T2I_CAPTIONS
 
 
@@ -101,6 +103,7 @@ def test_real_codes_score_exactly_the_vq_ceiling(tiny_shapes, tiny_vq, tmp_path)
                              vocab={"text_size": tok.vocab_size, "image_code_size": tiny_vq.num_codes})
     task = TextToImageTask(model, tok, probe_train={"epochs": 1})
     object.__setattr__(task, "_datamodule", dm)
+    dm.bind(model.cfg, model.layout, tok)
     object.__setattr__(task, "image_tokenizer", dm.load_image_tokenizer().eval())
     ids = [r.image_id for r in dm.eval_records("val")]
     real = dm.real_codes("val")
@@ -117,3 +120,87 @@ def test_real_codes_score_exactly_the_vq_ceiling(tiny_shapes, tiny_vq, tmp_path)
     # other codes are scored as themselves, against the same ceiling
     other = task.compute_metrics("val", dict(zip(ids, real.roll(1, 0).tolist())))
     assert other["vq_ceiling_all_acc"] == ceiling["all_acc"]
+
+
+def test_caption_gain_is_zero_without_text_and_positive_once_the_text_is_used(tiny_shapes, tiny_vq, tmp_path,
+                                                                               monkeypatch):
+    from modalities.text import TextTokenizer
+    from tasks.text_to_image import T2IDataModule, TextToImageTask
+    from zoo.instructions import t2i_prompt
+
+    dm = T2IDataModule(str(tiny_shapes), vq_path=str(tiny_vq.save_pretrained(tmp_path / "vq")), generate=None)
+    dm.prepare_data()
+    captions = [r.captions[0] for r in dm.eval_records("val")]
+    tok = TextTokenizer.train([t2i_prompt(c) for c in captions] * 5, vocab_size=300)
+    torch.manual_seed(0)
+    model = zoo.create_model("test-tiny", max_positions=80,
+                             vocab={"text_size": tok.vocab_size, "image_code_size": tiny_vq.num_codes})
+    task = TextToImageTask(model, tok)
+    object.__setattr__(task, "_datamodule", dm)
+    dm.bind(model.cfg, model.layout, tok)
+    model.eval()
+    # every record reads the same prompt: swapping prompts changes nothing
+    prompts = dm.eval_prompts("val")
+    with monkeypatch.context() as m:
+        m.setattr(dm, "eval_prompts", lambda stage: prompts[:1] * len(prompts))
+        assert task.caption_gain("val") == 0.0
+    # record i's image is code i everywhere: only the prompt tells the first code (the rest copy it), so a
+    # generator fitted to these pairs loses several nats on that code with another record's prompt
+    codes = torch.arange(len(prompts))[:, None].expand(-1, 64) % tiny_vq.num_codes
+    monkeypatch.setattr(dm, "real_codes", lambda stage: codes)
+    targets = model.layout.codes_to_unified(codes)
+    before = task.caption_gain("val")
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    ids, mask = pad_ids(prompts)
+    tgt_in = torch.cat([torch.full_like(targets[:, :1], BOS_ID), targets[:, :-1]], 1)
+    for _ in range(100):
+        logits = model.logits(model.decode_hidden(tgt_in, *model.encode({"text": (ids, mask)})))
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    after = task.caption_gain("val")
+    assert abs(before) < 0.01 and after > 0.02, (before, after)  # > 1.3 nats on the first of 64 codes
+
+
+def test_onset_codes_mark_where_new_content_starts():
+    from tasks.text_to_image import onset_codes
+
+    grid = torch.tensor([[[0, 0, 0, 0],
+                          [0, 5, 5, 0],
+                          [0, 5, 7, 0],
+                          [0, 0, 0, 0]]])
+    onset = onset_codes(grid.flatten(1), (4, 4)).view(4, 4)
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    expected[0, 0] = True   # no neighbours at all
+    expected[1, 1] = True   # 5 below 0 and right of 0
+    expected[2, 2] = True   # 7: differs from the 5 to its left and the 5 above
+    assert torch.equal(onset, expected)
+    with pytest.raises(ValueError, match="4×4 grid"):
+        onset_codes(torch.zeros(1, 15, dtype=torch.long), (4, 4))
+
+
+def test_onset_weight_reweights_the_code_loss(setup):
+    from tasks.text_to_image import TextToImageTask, onset_codes
+    from zoo.vocab import PAD_ID
+
+    model, vq, layout = setup[:3]
+    torch.manual_seed(0)
+    codes = torch.randint(0, 3, (2, 64))  # few distinct codes: many repeats, some onsets
+    labels = torch.cat([layout.codes_to_unified(codes), torch.full((2, 1), 2)], 1)
+    labels[1, -1] = PAD_ID  # padding is ignored
+    hidden = torch.randn(2, 65, model.cfg.d_model)
+    plain = TextToImageTask(model, None, onset_weight=0.0, label_smoothing=0.0)
+    weighted = TextToImageTask(model, None, onset_weight=4.0, label_smoothing=0.0)
+    for t in (plain, weighted):
+        object.__setattr__(t, "image_tokenizer", vq)
+    keep = labels != PAD_ID
+    ce = torch.nn.functional.cross_entropy(model.logits(hidden[keep]).float(), labels[keep], reduction="none")
+    w = torch.ones(labels.shape)
+    w[:, :64] += 4.0 * onset_codes(codes, (8, 8))
+    assert torch.allclose(plain.target_loss(hidden, labels), ce.mean())
+    assert torch.allclose(weighted.target_loss(hidden, labels), (ce * w[keep]).sum() / w[keep].sum())
+    with pytest.raises(ValueError, match=">= 0"):
+        TextToImageTask(model, None, onset_weight=-1.0)
