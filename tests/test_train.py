@@ -29,9 +29,11 @@ def _experiment_data(experiment: str, shapes_root: Path, tmp_path: Path) -> list
         blocks = "[8,8,8]" if experiment == "vq_shapes16" else "[8,8,8,8]"
         # distance 0: a 1-step micro VQ has no codes 0.15 apart, but the compacted save still runs
         return _data(shapes_root) + [f"task.vq.channels={blocks}", "task.vq.num_codes=16", "task.compact_distance=0.0"]
-    if experiment == "t2i_shapes":  # trains a 2-step VQ tokenizer (cached under the data root) and a 1-epoch probe
-        return _data(shapes_root) + ["+model.overrides.max_positions=80", "data.max_prompt_len=48",
-                                     "data.vq.max_steps=2", "data.vq.task.vq.channels=[8,8,8,8]",
+    if experiment.startswith("t2i_shapes"):  # a 2-step VQ tokenizer (cached under the data root), a 1-epoch probe
+        big = experiment == "t2i_shapes16"  # 256 codes; compacted at distance 0 (the micro VQ has no codes 0.15 apart)
+        extra = ["data.vq.task.compact_distance=0.0"] if big else []
+        return _data(shapes_root) + extra + [f"++model.overrides.max_positions={272 if big else 80}", "data.max_prompt_len=48",
+                                     "data.vq.max_steps=2", f"data.vq.task.vq.channels={'[8,8,8]' if big else '[8,8,8,8]'}",
                                      "data.vq.task.vq.num_codes=16", "data.vq.data.batch_size=4",
                                      "task.probe_train.epochs=1"]
     if experiment == "multitask":
