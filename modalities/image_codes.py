@@ -169,6 +169,7 @@ class ImageCodeTokenizer(nn.Module):
             raise ValueError(f"usage must have shape ({self.num_codes},), got {tuple(usage.shape)}")
         if min_distance < 0:
             raise ValueError(f"min_distance must be >= 0, got {min_distance}")
+        device = self.vq.quantize.embedding.weight.device
         weight = self.vq.quantize.embedding.weight.detach().float().cpu()
         dist = torch.cdist(weight, weight)
         keep: list[int] = []
@@ -185,7 +186,7 @@ class ImageCodeTokenizer(nn.Module):
         state = self.vq.state_dict()
         state["quantize.embedding.weight"] = state["quantize.embedding.weight"][keep]
         vq.load_state_dict(state)
-        return type(self)(vq.to(weight.device).eval())
+        return type(self)(vq.to(device).eval())
 
     # --- unified vocabulary -------------------------------------------------------------------
     def check_layout(self, layout: Any) -> None:

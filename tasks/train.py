@@ -74,6 +74,20 @@ def build_model(model_cfg: DictConfig, text_vocab_size: int, data_overrides: dic
     return model
 
 
+def save_final_last(trainer) -> None:
+    """Write ``last.ckpt`` at the final step when the step-interval checkpoint missed it (a run that ends at a
+    time budget or a step total off its interval, with no validation in the loop): the checkpoint then holds
+    the weights that the final metrics describe, and resuming from it finds the run complete."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath and trainer.global_step > 0:
+            path = Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
+            if getattr(cb, "_last_global_step_saved", -1) != trainer.global_step:
+                trainer.save_checkpoint(path)  # every rank: FSDP gathers shards collectively
+            return
+
+
 def write_metrics(path: Path, metrics: dict[str, float]) -> None:
     from tasks.callbacks import atomic_write_text
 
@@ -139,6 +153,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         t0 = time.perf_counter()
         trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
         metrics["train/fit_seconds"] = time.perf_counter() - t0
+        save_final_last(trainer)
         metrics["train/samples_per_sec"] = throughput.samples_per_sec
         metrics["train/steps"] = float(trainer.global_step)
         if not standalone and not any(k.startswith("val/") for k in task.final_metrics):

@@ -242,7 +242,7 @@ class VQTask(L.LightningModule):
                 self.tokenizer.save_pretrained(self.hparams.save_dir)
                 return
             small = self.export_tokenizer(dm.split("train")[1])
-            val = dm.split("val")[1].to(self.device)
+            val = dm.split("val")[1].to(small.vq.device)
             with torch.no_grad():  # the saved (compacted) tokenizer's own val PSNR; val/psnr is the full codebook's
                 rec = torch.cat([small.decode(small.encode(c.float() / 255)) for c in val.split(256)])
             self.final_metrics["export/val_psnr"] = float(psnr(rec, val.float() / 255).mean())

@@ -133,3 +133,19 @@ def test_resume_after_sigkill(tiny_shapes, tmp_path):
     final = torch.load(last, map_location="cpu", weights_only=False)
     assert final["global_step"] == 60
     assert "Restoring states from the checkpoint" in done.stdout + done.stderr
+
+
+def test_last_checkpoint_holds_the_final_step(tiny_shapes, tmp_path):
+    """A run that stops off its checkpoint interval, with no validation in the loop (as under a time budget),
+    still leaves last.ckpt at its final step: the weights its final metrics describe."""
+    import torch
+
+    from tasks.train import train
+
+    cfg = compose(["experiment=caption_shapes", *TINY, *_data(tiny_shapes), "trainer.max_steps=7",
+                   "trainer.max_epochs=-1", "trainer.check_val_every_n_epoch=null",
+                   "trainer.val_check_interval=100000", "callbacks.mid_epoch_checkpoint.every_n_train_steps=5"],
+                  tmp_path)
+    metrics = train(cfg)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert metrics["train/steps"] == 7 and ckpt["global_step"] == 7
