@@ -247,6 +247,27 @@ class TextToImageTask(Seq2SeqTask):
         self._ceiling: dict[str, dict[str, float]] = {}
         self._gen: torch.Generator | None = None
 
+    # --- zoo-eval ------------------------------------------------------------------------------
+    @classmethod
+    def eval_settings(cls, settings: dict[str, Any], checkpoint: dict[str, Any], where: str) -> dict[str, Any]:
+        """The saved settings plus the VQ tokenizer folder the checkpoint was trained with."""
+        from tasks.export import vq_folder_for
+
+        folder = vq_folder_for(checkpoint, where)
+        return {**settings, "vq_tokenizer": str(folder) if folder is not None else None}
+
+    @classmethod
+    def eval_data_config(cls, settings: dict[str, Any], data_dir: str) -> Any:
+        """The default Shapes text-to-image data, read with the checkpoint's VQ tokenizer (never a new one)."""
+        from tasks.evaluate import default_data_config
+
+        if not settings.get("vq_tokenizer"):
+            raise ValueError("the checkpoint names no VQ tokenizer folder; give data=shapes_t2i data.vq_path=<folder>")
+        data = default_data_config("shapes_t2i")
+        data.vq_path = settings["vq_tokenizer"]
+        data.pop("vq", None)
+        return data
+
     # --- wiring -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         dm = self.datamodule

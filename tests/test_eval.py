@@ -122,3 +122,25 @@ def test_zoo_eval_saved_model_folder(vqa_ckpt, tiny_shapes, tmp_path):
                                      "data.num_workers=0", "task.decoding=trie"], tmp_path / "eval"))
     assert "val/vqa_acc" in metrics
     assert all(set(r) == {"question_id", "answer"} for r in json.loads((tmp_path / "eval" / "predictions.json").read_text()))
+
+
+def test_zoo_eval_text_to_image_checkpoint(t2i_export, tiny_shapes, tmp_path):
+    """zoo-eval on a text-to-image checkpoint reads its data with the VQ tokenizer the checkpoint names, and
+    writes every generated image when task.image_dir is set."""
+    from tasks.evaluate import evaluate, load_for_eval
+    from tasks.text_to_image import TextToImageTask
+
+    ckpt = t2i_export[0].parent / "run" / "checkpoints" / "last.ckpt"
+    _, _, name, settings = load_for_eval(str(ckpt))
+    assert name == "text_to_image" and Path(settings["vq_tokenizer"]) == t2i_export[0].parent / "vq"
+    # no data= on the command line: the default Shapes data, with the checkpoint's tokenizer and no VQ training spec
+    data = TextToImageTask.eval_data_config(settings, "/data")
+    assert data.vq_path == settings["vq_tokenizer"] and "vq" not in data
+    with pytest.raises(ValueError, match="names no VQ tokenizer"):
+        TextToImageTask.eval_data_config({**settings, "vq_tokenizer": None}, "/data")
+    images = tmp_path / "images"
+    metrics = evaluate(compose_eval([f"ckpt={ckpt}", "data=shapes_t2i", f"data.root={tiny_shapes}", *SHAPES,
+                                     f"data.vq_path={settings['vq_tokenizer']}", "data.num_workers=0",
+                                     f"+task.image_dir={images}"], tmp_path))
+    assert {"val/all_acc", "val/caption_gain", "val/vq_ceiling_all_acc"} <= set(metrics)
+    assert len(list((images / "val").glob("*.png"))) == 16 and (tmp_path / "samples.png").is_file()
