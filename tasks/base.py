@@ -145,12 +145,20 @@ class Seq2SeqTask(L.LightningModule):
         keep = labels != PAD_ID
         logits = self.model.logits(hidden[keep])  # only real target positions: [N, V]
         smoothing = self.hparams.label_smoothing
-        if self.hparams.get("loss_average", "token") == "token":
+        extra = self.token_weights(labels)
+        if self.hparams.get("loss_average", "token") == "token" and extra is None:
             return F.cross_entropy(logits.float(), labels[keep], label_smoothing=smoothing)
         per_token = F.cross_entropy(logits.float(), labels[keep], label_smoothing=smoothing, reduction="none")
-        lengths = keep.sum(1, keepdim=True).clamp(min=1)  # [S,1]
-        weights = (keep / (lengths * labels.shape[0]))[keep]  # 1 / (len(target) * #targets) per real token
-        return (per_token * weights).sum()
+        weights = keep.float() if extra is None else extra * keep
+        if self.hparams.get("loss_average", "token") == "sequence":  # each target's weights sum to 1 / #targets
+            weights = weights / (weights.sum(1, keepdim=True).clamp(min=1e-12) * labels.shape[0])
+        else:
+            weights = weights / weights.sum()
+        return (per_token * weights[keep]).sum()
+
+    def token_weights(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """Relative loss weights ``[S,T]`` of the target tokens (``None``: all equal); tasks override it."""
+        return None
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)

@@ -304,13 +304,10 @@ class MultitaskTask(Seq2SeqTask):
 
         tasks: dict[str, Any] = {}
         for name in settings.get("tasks") or {}:
-            data = default_data_config(get_task(name).data_config)
-            if name == "text_to_image":
-                if not settings.get("vq_tokenizer"):
-                    raise ValueError("the checkpoint's text_to_image task names no VQ tokenizer folder")
-                data.vq_path = settings["vq_tokenizer"]
-                data.pop("vq", None)
-            tasks[name] = data
+            entry = get_task(name)
+            sub = entry.task_class()  # text_to_image: its own data config, with the checkpoint's VQ tokenizer
+            tasks[name] = (sub.eval_data_config(settings, data_dir) if hasattr(sub, "eval_data_config")
+                           else default_data_config(entry.data_config))
         return OmegaConf.create({"_target_": "tasks.multitask.MultitaskDataModule", "_recursive_": False,
                                  "root": f"{data_dir}/multitask", "tasks": tasks})
 

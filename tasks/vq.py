@@ -221,32 +221,30 @@ class VQTask(L.LightningModule):
         save_grid(list(s), ["original" if i % 2 == 0 else "reconstruction" for i in range(len(s))], path,
                   cols=8, cell=96, text_lines=1)
 
-    def export_tokenizer(self, images: torch.Tensor | None) -> ImageCodeTokenizer:
-        """The tokenizer to save: compacted (``compact_distance``) on the code usage of ``images``
-        (``uint8 [N,3,H,W]``, at most ``compact_images`` of them are read), else the trained one."""
+    def export_tokenizer(self, dm: ShapesImageDataModule) -> ImageCodeTokenizer:
+        """The tokenizer to save: compacted (``compact_distance``) on the code usage of ``dm``'s training images
+        (at most ``compact_images`` of them), else the trained one."""
         if self.hparams.compact_distance is None:
             return self.tokenizer
-        if images is None or not len(images):
-            raise ValueError("compact_distance needs training images to count code usage")
         tok = self.tokenizer.eval()
-        small = tok.compacted(tok.code_usage(images[: self.hparams.compact_images]), self.hparams.compact_distance)
+        images = dm.split("train")[1][: self.hparams.compact_images]
+        small = tok.compacted(tok.code_usage(images), self.hparams.compact_distance)
         print(f"[mmzoo] VQ codebook compacted: {tok.num_codes} → {small.num_codes} codes "
               f"(min distance {self.hparams.compact_distance})")
         self.final_metrics["export/num_codes"] = float(small.num_codes)
         return small
 
     def on_fit_end(self) -> None:
-        if self.hparams.save_dir and self.trainer.is_global_zero:
-            dm = self.trainer.datamodule
-            if self.hparams.compact_distance is None:
-                self.tokenizer.save_pretrained(self.hparams.save_dir)
-                return
-            small = self.export_tokenizer(dm.split("train")[1])
-            val = dm.split("val")[1].to(small.vq.device)
-            with torch.no_grad():  # the saved (compacted) tokenizer's own val PSNR; val/psnr is the full codebook's
-                rec = torch.cat([small.decode(small.encode(c.float() / 255)) for c in val.split(256)])
+        if not (self.hparams.save_dir and self.trainer.is_global_zero):
+            return
+        dm = self.trainer.datamodule
+        tok = self.export_tokenizer(dm)
+        if tok is not self.tokenizer:  # the saved (compacted) tokenizer's own val PSNR; val/psnr is the full codebook's
+            val = dm.split("val")[1].to(tok.vq.device)
+            with torch.no_grad():
+                rec = torch.cat([tok.decode(tok.encode(c.float() / 255)) for c in val.split(256)])
             self.final_metrics["export/val_psnr"] = float(psnr(rec, val.float() / 255).mean())
-            small.save_pretrained(self.hparams.save_dir)
+        tok.save_pretrained(self.hparams.save_dir)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["mmzoo"] = {"task": self.name, "vq_config": self.vq_config.to_dict()}
@@ -290,8 +288,7 @@ def ensure_vq_tokenizer(spec: Mapping[str, Any], cache_dir: str | Path) -> Path:
                         enable_progress_bar=False)
     trainer.fit(task, datamodule=dm)
     tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}")
-    task.export_tokenizer(dm.split("train")[1] if task.hparams.compact_distance is not None else None
-                          ).save_pretrained(tmp)
+    task.export_tokenizer(dm).save_pretrained(tmp)
     (tmp / "mmzoo_vq_spec.json").write_text(json.dumps(spec, indent=1, sort_keys=True))
     try:
         os.replace(tmp, folder)
