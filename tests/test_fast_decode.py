@@ -28,9 +28,10 @@ def _source(model, rows: int = 3, padded: bool = True):
     return src, mask
 
 
-@pytest.mark.parametrize("rows_per_source,activation", [(1, "gelu"), (3, "gelu"), (1, "gelu_tanh")])
-def test_step_logits_are_bit_identical_to_the_module_path(rows_per_source, activation):
-    model = _model(activation=activation)
+@pytest.mark.parametrize("rows_per_source,activation,dec_grid",
+                         [(1, "gelu", None), (3, "gelu", None), (1, "gelu_tanh", None), (1, "gelu", [2, 2])])
+def test_step_logits_are_bit_identical_to_the_module_path(rows_per_source, activation, dec_grid):
+    model = _model(activation=activation, dec_grid=dec_grid)  # a 2×2 grid: 4 grid positions, then plain ones
     src, mask = _source(model)
     with torch.inference_mode(), packed_linears(model):
         memory, mmask = model.encode({"text": (src, mask)})

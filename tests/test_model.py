@@ -76,6 +76,29 @@ def test_cached_decoding_matches_uncached(model):
     assert torch.equal(greedy_search(model, memory, mm, 12), greedy_search(model, memory, mm, 12, use_cache=False))
 
 
+def test_dec_grid_adds_row_and_column_embeddings_to_the_grid_positions():
+    torch.manual_seed(0)
+    m = zoo.create_model("test-tiny", dec_grid=[2, 3]).eval()  # 6 grid positions of max_positions
+    pos = m.decoder_positions(0, 8)
+    torch.testing.assert_close(pos[4], m.dec_pos.weight[4] + m.dec_row.weight[1] + m.dec_col.weight[1])
+    torch.testing.assert_close(pos[6:], m.dec_pos.weight[6:8])  # past the grid: the plain 1-D positions
+    torch.testing.assert_close(m.decoder_positions(5, 3), pos[5:8])  # an offset window (the KV cache's) agrees
+    # the grid changes the logits, and cached decoding still matches uncached decoding
+    plain = zoo.create_model("test-tiny").eval()
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith(("dec_row", "dec_col"))})
+    px, ids, mask = _inputs(m, b=2)
+    memory, mm = m.encode({"image": px, "text": (ids, mask)})
+    seq = torch.cat([torch.full((2, 1), BOS_ID), torch.randint(4, 100, (2, 7))], 1)
+    full = m.decode(seq, memory, mm)
+    assert not torch.allclose(full, plain.decode(seq, memory, mm))
+    cache = m.start_cache(memory, mm, max_len=8)
+    steps = [m.decode(seq[:, i:i + 1], cache=cache) for i in range(8)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
+    for bad in ([0, 3], [2], [100, 100]):
+        with pytest.raises(ValueError, match="dec_grid"):
+            zoo.create_model("test-tiny", dec_grid=bad)
+
+
 def test_beams_sharing_one_source_match_a_repeated_source(model):
     """rows_per_source=k (beam search's cache) gives the logits of k explicit copies of the source, also
     after reordering rows within each source's beams and with a padded source."""

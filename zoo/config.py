@@ -28,6 +28,9 @@ class ModelConfig:
     dropout: float = 0.0
     attn_dropout: float = 0.0
     max_positions: int = 256
+    # [rows, cols]: factorised row + column embeddings added to the first rows*cols decoder positions, so
+    # an image-code target (raster order) starts with its 2-D layout instead of learning it from 1-D positions
+    dec_grid: list[int] | None = None
     norm_eps: float = 1e-5
     attn_impl: str = "auto"  # auto | sdpa | math  (auto: sdpa on CUDA, explicit math on CPU)
     grad_checkpointing: bool = False
@@ -45,6 +48,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.dec_grid is not None:
+            self.dec_grid = [int(n) for n in self.dec_grid]
+            if len(self.dec_grid) != 2 or min(self.dec_grid) < 1:
+                raise ValueError(f"dec_grid must be [rows, cols] of positive ints, got {self.dec_grid}")
+            if self.dec_grid[0] * self.dec_grid[1] > self.max_positions:
+                raise ValueError(f"dec_grid {self.dec_grid} has more cells than max_positions={self.max_positions}")
         if self.attn_impl not in ("auto", "sdpa", "math"):
             raise ValueError(f"attn_impl must be auto|sdpa|math, got {self.attn_impl!r}")
         if self.activation not in ACTIVATIONS:

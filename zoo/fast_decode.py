@@ -75,7 +75,7 @@ class FastDecodeStep:
             return None
         if not all(_plain_layer(layer) for layer in model.decoder) or _global_hooks():
             return None
-        if any(_hooked_or_training(m) for m in (model.decoder, model.dec_norm, model.embed_tokens, model.dec_pos)):
+        if any(_hooked_or_training(m) for m in (model.decoder, model.dec_norm, model.embed_tokens, model.dec_pos, *(getattr(model, n) for n in ("dec_row", "dec_col") if hasattr(model, n)))):
             return None
         packed = _PACKED.get(model)
         if packed is None:
@@ -95,7 +95,7 @@ class FastDecodeStep:
         if start + 1 > model.cfg.max_positions:
             raise ValueError(f"decoder length {start + 1} exceeds max_positions={model.cfg.max_positions}")
         x = F.embedding(tgt_in, model.embed_tokens.weight, model.embed_tokens.padding_idx) \
-            + model.dec_pos.weight[start:start + 1]  # [B,1,d]
+            + model.decoder_positions(start, 1)  # [B,1,d]
         d = x.shape[-1]
         x = x.view(b, d)
         bm = cache.cross[0][0].shape[0]

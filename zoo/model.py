@@ -48,6 +48,9 @@ class UnifiedSeq2Seq(nn.Module):
         self.embed_tokens = nn.Embedding(self.layout.size, d, padding_idx=PAD_ID)
         self.enc_pos = nn.Embedding(cfg.max_positions, d)
         self.dec_pos = nn.Embedding(cfg.max_positions, d)
+        if cfg.dec_grid is not None:
+            self.dec_row = nn.Embedding(cfg.dec_grid[0], d)
+            self.dec_col = nn.Embedding(cfg.dec_grid[1], d)
         self.type_embed = nn.Embedding(len(MODALITY_TYPES), d)
         self.embedders = nn.ModuleDict({n: build_embedder(n, m, d) for n, m in cfg.modalities.items()})
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
@@ -204,6 +207,23 @@ class UnifiedSeq2Seq(nn.Module):
             cache.fast_step = FastDecodeStep.build(self, memory)
         return cache
 
+    def decoder_positions(self, start: int, t: int) -> torch.Tensor:
+        """Position embeddings ``[t, d]`` of decoder positions ``start .. start+t-1``.
+
+        With ``cfg.dec_grid = [H, W]``, position ``p < H*W`` (whose output predicts code ``p`` of a raster-order
+        grid) also gets ``row[p // W] + col[p % W]``.
+        """
+        pos = self.dec_pos.weight[start:start + t]
+        if self.cfg.dec_grid is None:
+            return pos
+        h, w = self.cfg.dec_grid
+        end = min(start + t, h * w)
+        if end <= start:
+            return pos
+        cells = torch.arange(start, end, device=pos.device)
+        grid = self.dec_row.weight[cells // w] + self.dec_col.weight[cells % w]
+        return torch.cat([pos[:end - start] + grid, pos[end - start:]])
+
     def decode_hidden(self, tgt_in: torch.Tensor, memory: torch.Tensor | None = None,
                       memory_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """Decoder hidden states ``[B,T,d]`` for input ids ``[B,T]``; extends ``cache`` if given."""
@@ -211,8 +231,7 @@ class UnifiedSeq2Seq(nn.Module):
         start = cache.length if cache is not None else 0
         if start + t > self.cfg.max_positions:
             raise ValueError(f"decoder length {start + t} exceeds max_positions={self.cfg.max_positions}")
-        pos = torch.arange(start, start + t, device=tgt_in.device)
-        x = self.drop(self.embed_tokens(tgt_in) + self.dec_pos(pos))
+        x = self.drop(self.embed_tokens(tgt_in) + self.decoder_positions(start, t))
         self_allowed = None if (cache is not None and t == 1) else causal_allowed(t, start, x.device)
         if cache is None:
             mem_allowed = None if bool(memory_mask.all()) else memory_mask[:, None, None, :]
