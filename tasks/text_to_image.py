@@ -153,6 +153,10 @@ class T2IDataModule(CaptionDataModule):
         if model_cfg.max_positions < max(need, self.max_prompt_len):
             raise ValueError(f"the model's max_positions={model_cfg.max_positions} is too short for {tok.num_tokens} "
                              f"image codes + BOS and prompts of {self.max_prompt_len} tokens")
+        grid = getattr(model_cfg, "dec_grid", None)
+        if grid is not None and list(grid) != list(tok.grid):
+            raise ValueError(f"the model's dec_grid={list(grid)} does not match the VQ tokenizer's {list(tok.grid)} code "
+                             f"grid ({self.vq_path}); set model.overrides.dec_grid={list(tok.grid)} or null")
         self.layout = layout
         if tokenizer is not None:
             self.tokenizer = tokenizer

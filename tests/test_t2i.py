@@ -103,6 +103,8 @@ def test_real_codes_score_exactly_the_vq_ceiling(tiny_shapes, tiny_vq, tmp_path)
                              vocab={"text_size": tok.vocab_size, "image_code_size": tiny_vq.num_codes})
     task = TextToImageTask(model, tok, probe_train={"epochs": 1})
     object.__setattr__(task, "_datamodule", dm)
+    with pytest.raises(ValueError, match=r"dec_grid=\[16, 16\] does not match the VQ tokenizer's \[8, 8\]"):
+        dm.bind(zoo.create_model("test-tiny", max_positions=256, dec_grid=[16, 16]).cfg, model.layout, tok)
     dm.bind(model.cfg, model.layout, tok)
     object.__setattr__(task, "image_tokenizer", dm.load_image_tokenizer().eval())
     ids = [r.image_id for r in dm.eval_records("val")]
