@@ -107,6 +107,19 @@ def test_save_load_same_logits_and_tokens(saved, bundle):
     assert loaded.caption(px) == bundle.caption(px) and isinstance(loaded.caption(px[0]), str)
 
 
+def test_dec_grid_model_round_trips(bundle, tmp_path):
+    """A model with grid position embeddings saves them and loads them back (config and weights)."""
+    torch.manual_seed(1)
+    model = zoo.create_model("test-tiny", vocab=bundle.model.cfg.vocab, dec_grid=[4, 4]).eval()
+    folder = Pretrained(model, bundle.tokenizer, tasks={}).save_pretrained(tmp_path / "grid")
+    loaded = zoo.load(folder).model
+    assert loaded.cfg.dec_grid == [4, 4]
+    torch.testing.assert_close(loaded.dec_row.weight, model.dec_row.weight, rtol=0, atol=0)
+    inputs, tgt = _inputs(model), torch.randint(4, 200, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(model(inputs, tgt), loaded(inputs, tgt))
+
+
 def test_save_over_existing_folder_is_atomic_replace(bundle, tmp_path):
     folder = tmp_path / "m"
     bundle.save_pretrained(folder)

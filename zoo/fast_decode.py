@@ -75,7 +75,8 @@ class FastDecodeStep:
             return None
         if not all(_plain_layer(layer) for layer in model.decoder) or _global_hooks():
             return None
-        if any(_hooked_or_training(m) for m in (model.decoder, model.dec_norm, model.embed_tokens, model.dec_pos, *(getattr(model, n) for n in ("dec_row", "dec_col") if hasattr(model, n)))):
+        if any(_hooked_or_training(m) for m in (model.decoder, model.dec_norm, model.embed_tokens,
+                                                  *model.decoder_position_tables())):
             return None
         packed = _PACKED.get(model)
         if packed is None:

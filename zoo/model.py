@@ -207,6 +207,10 @@ class UnifiedSeq2Seq(nn.Module):
             cache.fast_step = FastDecodeStep.build(self, memory)
         return cache
 
+    def decoder_position_tables(self) -> list[nn.Embedding]:
+        """The embeddings :meth:`decoder_positions` reads: ``dec_pos``, plus the grid's row and column tables."""
+        return [self.dec_pos] + ([self.dec_row, self.dec_col] if self.cfg.dec_grid is not None else [])
+
     def decoder_positions(self, start: int, t: int) -> torch.Tensor:
         """Position embeddings ``[t, d]`` of decoder positions ``start .. start+t-1``.
 
