@@ -110,6 +110,14 @@ class Seq2SeqTask(L.LightningModule):
         """zoo-eval: the constructor settings to rebuild this task from a training checkpoint."""
         return settings
 
+    @classmethod
+    def eval_data_config(cls, settings: dict[str, Any], data_dir: str) -> Any:
+        """zoo-eval without ``data=``: the data config this task evaluates on by default (its registry entry's)."""
+        from tasks.evaluate import default_data_config
+        from tasks.registry import get_task
+
+        return default_data_config(get_task(cls.name).data_config)
+
     # --- what subclasses define -------------------------------------------------------------
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
@@ -146,11 +154,12 @@ class Seq2SeqTask(L.LightningModule):
         logits = self.model.logits(hidden[keep])  # only real target positions: [N, V]
         smoothing = self.hparams.label_smoothing
         extra = self.token_weights(labels)
-        if self.hparams.get("loss_average", "token") == "token" and extra is None:
+        average = self.hparams.get("loss_average", "token")
+        if average == "token" and extra is None:
             return F.cross_entropy(logits.float(), labels[keep], label_smoothing=smoothing)
         per_token = F.cross_entropy(logits.float(), labels[keep], label_smoothing=smoothing, reduction="none")
         weights = keep.float() if extra is None else extra * keep
-        if self.hparams.get("loss_average", "token") == "sequence":  # each target's weights sum to 1 / #targets
+        if average == "sequence":  # each target's weights sum to 1 / #targets
             weights = weights / (weights.sum(1, keepdim=True).clamp(min=1e-12) * labels.shape[0])
         else:
             weights = weights / weights.sum()

@@ -96,8 +96,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     if cfg.get("data") is None:
         with open_dict(cfg):
-            cfg.data = (task_cls.eval_data_config(settings, cfg.paths.data_dir) if hasattr(task_cls, "eval_data_config")
-                        else default_data_config(entry.data_config))
+            cfg.data = task_cls.eval_data_config(settings, cfg.paths.data_dir)
     dm = instantiate(cfg.data)
     dm.bind(model.cfg, model.layout, tokenizer=tokenizer)  # the checkpoint's tokenizer, never retrained
     dm.prepare_data()

@@ -299,15 +299,11 @@ class MultitaskTask(Seq2SeqTask):
         """Each trained task's default data config, with the VQ tokenizer the checkpoint names (never a new one)."""
         from omegaconf import OmegaConf
 
-        from tasks.evaluate import default_data_config
         from tasks.registry import get_task
 
-        tasks: dict[str, Any] = {}
-        for name in settings.get("tasks") or {}:
-            entry = get_task(name)
-            sub = entry.task_class()  # text_to_image: its own data config, with the checkpoint's VQ tokenizer
-            tasks[name] = (sub.eval_data_config(settings, data_dir) if hasattr(sub, "eval_data_config")
-                           else default_data_config(entry.data_config))
+        # each subtask's own eval data (text_to_image: with the checkpoint's VQ tokenizer)
+        tasks = {name: get_task(name).task_class().eval_data_config(settings, data_dir)
+                 for name in settings.get("tasks") or {}}
         return OmegaConf.create({"_target_": "tasks.multitask.MultitaskDataModule", "_recursive_": False,
                                  "root": f"{data_dir}/multitask", "tasks": tasks})
 

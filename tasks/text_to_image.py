@@ -262,12 +262,9 @@ class TextToImageTask(Seq2SeqTask):
     @classmethod
     def eval_data_config(cls, settings: dict[str, Any], data_dir: str) -> Any:
         """The default Shapes text-to-image data, read with the checkpoint's VQ tokenizer (never a new one)."""
-        from tasks.evaluate import default_data_config
-        from tasks.registry import get_task
-
         if not settings.get("vq_tokenizer"):
             raise ValueError("the checkpoint names no VQ tokenizer folder; give data=shapes_t2i data.vq_path=<folder>")
-        data = default_data_config(get_task(cls.name).data_config)
+        data = super().eval_data_config(settings, data_dir)
         data.vq_path = settings["vq_tokenizer"]
         data.pop("vq", None)
         return data
