@@ -1,8 +1,10 @@
 """Training the VQ image tokenizer (``experiment=vq_shapes``) and caching trained tokenizers.
 
-Loss: pixel MSE + the VQ codebook/commitment terms. The codebook starts on encoder outputs of the
-first batch, and codes unused for ``restart_every`` steps are restarted on random encoder outputs of
-the current batch (keeps the codebook alive). Evaluation
+Loss: pixel MSE + the VQ codebook/commitment terms. With ``autoencode_steps`` the first steps train a
+plain autoencoder (no quantisation); the codebook then starts on encoder outputs of the next batch, and
+codes unused for ``restart_every`` steps are restarted on random encoder outputs of the current batch
+(keeps the codebook alive). Without the warm-up, a 4-block (8×8-code) encoder starts with near-constant
+latents, every code lands on the same point and training stalls at the mean image. Evaluation
 reports PSNR (per image, averaged), codebook perplexity and dead codes (codes no val image uses).
 With ``compact_distance`` the saved tokenizer keeps only codes that far apart
 (:meth:`ImageCodeTokenizer.compacted`): equal content then gets equal codes despite pixel noise.
@@ -106,7 +108,7 @@ class VQTask(L.LightningModule):
     def __init__(self, vq: dict[str, Any] | None = None, lr: float = 2e-3, weight_decay: float = 0.0,
                  warmup_steps: int = 100, min_lr_ratio: float = 0.05, restart_every: int = 50,
                  num_samples: int = 16, save_dir: str | None = None, compact_distance: float | None = None,
-                 compact_images: int = 2000):
+                 compact_images: int = 2000, autoencode_steps: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.vq_config = VQConfig(**(vq or {}))
@@ -129,6 +131,10 @@ class VQTask(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x = batch["image"]
+        if self.global_step < self.hparams.autoencode_steps:  # warm-up: a plain autoencoder, no codebook yet
+            rec_loss = F.mse_loss(self.tokenizer.decode_latents(self.tokenizer.encode_latents(x)), x)
+            self.log("train/rec_loss", rec_loss, prog_bar=True, batch_size=len(x))
+            return rec_loss
         if not bool(self.codebook_initialised):
             self._init_codebook(x)
         rec, vq_loss, codes, h = self(x)
@@ -142,7 +148,7 @@ class VQTask(L.LightningModule):
 
     @torch.no_grad()
     def _init_codebook(self, pixels: torch.Tensor) -> None:
-        """Data-dependent init: every code starts on a random encoder output of the first batch
+        """Data-dependent init: every code starts on a random encoder output of the first quantised batch
         (diffusers initialises codes near 0, far from the latents, which stalls early training)."""
         h = self.tokenizer.encode_latents(pixels).float()
         flat = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])  # [B*h*w, c]
@@ -251,8 +257,12 @@ class VQTask(L.LightningModule):
 
     # --- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
+        total = self.trainer.estimated_stepping_batches
+        if self.hparams.autoencode_steps >= total:
+            raise ValueError(f"task.autoencode_steps={self.hparams.autoencode_steps} leaves none of the {total} training "
+                             f"steps for the codebook; use fewer warm-up steps (0 turns the warm-up off)")
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        return warmup_cosine(opt, self.trainer.estimated_stepping_batches, self.hparams.warmup_steps,
+        return warmup_cosine(opt, total, self.hparams.warmup_steps,
                              self.hparams.min_lr_ratio)
 
 

@@ -1,5 +1,6 @@
 """The VQ image tokenizer: round trip, code range, unified ids, save/load, training step, dead-code restart."""
 import json
+import types
 
 import pytest
 import torch
@@ -111,6 +112,40 @@ def test_vq_task_learns_and_restarts_dead_codes(tiny_shapes):
     flat = task.tokenizer.encode_latents(x).detach().permute(0, 2, 3, 1).reshape(-1, h.shape[1])
     weight = task.tokenizer.vq.quantize.embedding.weight
     assert all(torch.isclose(flat, weight[i]).all(-1).any() for i in range(16))
+
+
+def test_vq_autoencoder_warmup_then_codebook_starts_on_trained_latents(tiny_shapes):
+    from tasks.data.shapes_images import load_images, read_split
+    from tasks.vq import VQTask
+
+    torch.manual_seed(0)
+    _, paths, _ = read_split(tiny_shapes, "train")
+    x = load_images(paths[:8]).float() / 255
+    task = VQTask(vq=TINY_VQ, autoencode_steps=2)
+    task.log = task.log_dict = lambda *a, **k: None
+    codebook = task.tokenizer.vq.quantize.embedding.weight
+    before = codebook.detach().clone()
+    # warm-up (global_step 0 < 2): plain reconstruction, the codebook neither used nor initialised
+    loss = task.training_step({"image": x}, 0)
+    loss.backward()
+    assert codebook.grad is None and not bool(task.codebook_initialised)
+    assert task.tokenizer.vq.encoder.conv_in.weight.grad.abs().sum() > 0
+    assert torch.equal(codebook.detach(), before)
+    expected = torch.nn.functional.mse_loss(task.tokenizer.decode_latents(task.tokenizer.encode_latents(x)), x)
+    assert torch.isclose(loss, expected)
+    # past the warm-up the first quantised batch initialises the codebook on its latents
+    task.hparams.autoencode_steps = 0
+    task.zero_grad()
+    task.training_step({"image": x}, 1).backward()
+    assert bool(task.codebook_initialised) and codebook.grad is not None
+    with torch.no_grad():
+        flat = task.tokenizer.encode_latents(x).permute(0, 2, 3, 1).reshape(-1, codebook.shape[1])
+    assert all(torch.isclose(flat, codebook[i].detach(), atol=1e-5).all(-1).any() for i in range(len(codebook)))
+    # a warm-up as long as the run would save an untrained codebook: refused before training starts
+    task.hparams.autoencode_steps = 5
+    task._trainer = types.SimpleNamespace(estimated_stepping_batches=5)
+    with pytest.raises(ValueError, match="autoencode_steps=5 leaves none of the 5"):
+        task.configure_optimizers()
 
 
 def test_compaction_drops_near_duplicate_and_unused_codes(tok):

@@ -28,13 +28,14 @@ def _experiment_data(experiment: str, shapes_root: Path, tmp_path: Path) -> list
     if experiment.startswith("vq_shapes"):  # a narrow VQModel (as many blocks as the experiment's); no text
         blocks = "[8,8,8]" if experiment == "vq_shapes16" else "[8,8,8,8]"
         # distance 0: a 1-step micro VQ has no codes 0.15 apart, but the compacted save still runs
-        return _data(shapes_root) + [f"task.vq.channels={blocks}", "task.vq.num_codes=16", "task.compact_distance=0.0"]
+        return _data(shapes_root) + [f"task.vq.channels={blocks}", "task.vq.num_codes=16", "task.compact_distance=0.0",
+                                     "task.autoencode_steps=0"]
     if experiment.startswith("t2i_shapes"):  # a 2-step VQ tokenizer (cached under the data root), a 1-epoch probe
         big = experiment == "t2i_shapes16"  # 256 codes; compacted at distance 0 (the micro VQ has no codes 0.15 apart)
         extra = ["data.vq.task.compact_distance=0.0"] if big else []
         return _data(shapes_root) + extra + [f"++model.overrides.max_positions={272 if big else 80}", "data.max_prompt_len=48",
                                      "data.vq.max_steps=2", f"data.vq.task.vq.channels={'[8,8,8]' if big else '[8,8,8,8]'}",
-                                     "data.vq.task.vq.num_codes=16", "data.vq.data.batch_size=4",
+                                     "data.vq.task.vq.num_codes=16", "data.vq.data.batch_size=4", "data.vq.task.autoencode_steps=1",
                                      "task.probe_train.epochs=1"]
     if experiment == "multitask":
         return multitask_overrides(shapes_root, tmp_path)
@@ -54,7 +55,7 @@ def multitask_overrides(shapes_root: Path, tmp_path: Path) -> list[str]:
                 f"data.tasks.{t}.shapes.n_val=16", f"data.tasks.{t}.shapes.n_test=16"]
     vq = "data.tasks.text_to_image.vq"
     out += ["data.tasks.text_to_image.max_prompt_len=48", f"{vq}.max_steps=2", f"{vq}.task.vq.channels=[8,8,8,8]",
-            f"{vq}.task.vq.num_codes=16", f"{vq}.data.batch_size=4"]
+            f"{vq}.task.vq.num_codes=16", f"{vq}.data.batch_size=4", f"{vq}.task.autoencode_steps=1"]
     out += [f"data.tasks.sensor_to_text.root={tmp_path}/motion", "data.tasks.sensor_to_text.motion.n_train=32",
             "data.tasks.sensor_to_text.motion.n_val=8", "data.tasks.sensor_to_text.motion.n_test=8"]
     return out
