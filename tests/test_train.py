@@ -33,7 +33,8 @@ def _experiment_data(experiment: str, shapes_root: Path, tmp_path: Path) -> list
     if experiment.startswith("t2i_shapes"):  # a 2-step VQ tokenizer (cached under the data root), a 1-epoch probe
         big = experiment == "t2i_shapes16"  # 256 codes
         # compacted at distance 0: the micro VQ has no codes the configured distance apart
-        return _data(shapes_root) + ["data.vq.task.compact_distance=0.0", f"++model.overrides.max_positions={272 if big else 80}", "data.max_prompt_len=48",
+        return _data(shapes_root) + ["data.vq.task.compact_distance=0.0",
+                                     f"++model.overrides.max_positions={272 if big else 80}", "data.max_prompt_len=48",
                                      "data.vq.max_steps=2", f"data.vq.task.vq.channels={'[8,8,8]' if big else '[8,8,8,8]'}",
                                      "data.vq.task.vq.num_codes=16", "data.vq.data.batch_size=4", "data.vq.task.autoencode_steps=1",
                                      "task.probe_train.epochs=1"]
