@@ -18,6 +18,9 @@ from torch import nn
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+#: :meth:`ImageCodeTokenizer.encode` / ``decode`` run on the CPU this many images at a time: on the 2-core CPU, 16 at
+#: a time encoded 2.7× and decoded 4.6× faster than 256 (the activations stay in cache), with the same codes
+CPU_CHUNK = 16
 
 
 @dataclass
@@ -126,10 +129,15 @@ class ImageCodeTokenizer(nn.Module):
         """Pixels ``[B,3,H,W]`` (unclamped, ~[0,1]) from quantized latents."""
         return (self.vq.decode(z_q, force_not_quantize=True).sample + 1) / 2
 
+    @staticmethod
+    def _chunks(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return x.split(CPU_CHUNK) if x.device.type == "cpu" and len(x) > CPU_CHUNK else (x,)
+
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Code ids ``[B,h,w]`` (long, in ``[0, num_codes)``) of pixels ``[B,3,H,W]`` in ``[0,1]``."""
-        return self.quantize(self.encode_latents(pixels))[2]
+        self._check_pixels(pixels)
+        return torch.cat([self.quantize(self.encode_latents(c))[2] for c in self._chunks(pixels)])
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -143,7 +151,7 @@ class ImageCodeTokenizer(nn.Module):
         if lo < 0 or hi >= self.num_codes:
             raise ValueError(f"code ids must lie in [0, {self.num_codes}), got [{lo}, {hi}]")
         z_q = self.vq.quantize.get_codebook_entry(codes.reshape(-1), (codes.shape[0], h, w, self.code_dim))
-        return self.decode_latents(z_q).clamp(0, 1)
+        return torch.cat([self.decode_latents(z).clamp(0, 1) for z in self._chunks(z_q)])
 
     # --- codebook compaction ------------------------------------------------------------------
     @torch.no_grad()

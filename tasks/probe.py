@@ -67,7 +67,7 @@ class AttributeProbe(nn.Module):
         return split_dense_logits(self.head(self._body(x)))
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
+    def predict(self, x: torch.Tensor, batch_size: int = 64) -> dict[str, torch.Tensor]:
         """Predicted image labels (colour/shape multi-hot, count index) of images in ``[0,1]`` or ``uint8``."""
         outs = [grid_to_sets(**self(_as_float(chunk))) for chunk in x.split(batch_size)]
         return {k: torch.cat([o[k] for o in outs]) for k in ATTRIBUTES}
@@ -92,7 +92,7 @@ def score_attributes(pred: dict[str, torch.Tensor], target: dict[str, torch.Tens
 
 
 @torch.no_grad()
-def probe_features(probe: AttributeProbe, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def probe_features(probe: AttributeProbe, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     return torch.cat([probe.features(_as_float(c)) for c in images.split(batch_size)]).double()
 
 

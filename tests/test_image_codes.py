@@ -32,6 +32,16 @@ def test_round_trip_shapes_and_code_range(tok):
     assert torch.equal(tok.decode(codes.flatten(1)), img)  # [B, h*w] rows are accepted too
 
 
+def test_chunked_cpu_inference_equals_one_batch(tok, monkeypatch):
+    import modalities.image_codes as image_codes
+
+    x = torch.rand(7, 3, 64, 64)
+    codes, img = tok.encode(x), tok.decode(tok.encode(x))
+    monkeypatch.setattr(image_codes, "CPU_CHUNK", 3)  # 7 images → chunks of 3, 3, 1
+    assert torch.equal(tok.encode(x), codes)
+    assert torch.allclose(tok.decode(codes), img, atol=1e-6)
+
+
 def test_bad_inputs_raise(tok):
     with pytest.raises(ValueError, match="64x64"):
         tok.encode(torch.rand(1, 3, 32, 32))
