@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ["train_step", "caption_step", "generate", "dataloader", "memory"]
+NAMES = ["train_step", "caption_step", "generate", "dataloader", "memory", "vq_inference"]
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or NAMES:
