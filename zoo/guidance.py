@@ -20,7 +20,7 @@ def _pad_memory(memory: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[
 
 
 @torch.no_grad()
-def guided_sample(model, cond: dict, num_tokens: int, uncond: dict | None = None, guidance_scale: float = 1.0,
+def guided_sample(model, cond: dict, num_tokens: int, *, uncond: dict | None = None, guidance_scale: float = 1.0,
                   allowed: torch.Tensor | None = None, do_sample: bool = True, temperature: float = 1.0,
                   top_k: int = 0, top_p: float = 1.0, use_cache: bool = True,
                   generator: torch.Generator | None = None) -> torch.Tensor:
