@@ -19,7 +19,8 @@ from torch import nn
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 #: :meth:`ImageCodeTokenizer.encode` / ``decode`` run on the CPU this many images at a time: on the 2-core CPU, 16 at
-#: a time encoded 2.7× and decoded 4.6× faster than 256 (the activations stay in cache), with the same codes
+#: a time encoded 3.1× and decoded 4.4× faster than 256 (the activations stay in cache), with the same codes
+#: (``python -m benchmarks.vq_inference``)
 CPU_CHUNK = 16
 
 
