@@ -35,6 +35,7 @@ class VQConfig:
     num_codes: int = 512
     norm_num_groups: int = 8
     beta: float = 0.25  # commitment weight (diffusers' VectorQuantizer uses 0.25)
+    local_encoder: bool = False  # each code reads only its neighbourhood (see localise_encoder)
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
@@ -71,12 +72,67 @@ def build_vqmodel(cfg: VQConfig) -> nn.Module:
     from diffusers import VQModel
 
     n = len(cfg.channels)
-    return VQModel(
+    vq = VQModel(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
         up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=cfg.channels,
         layers_per_block=cfg.layers_per_block, latent_channels=cfg.latent_channels, sample_size=cfg.image_size,
         num_vq_embeddings=cfg.num_codes, norm_num_groups=cfg.norm_num_groups, vq_embed_dim=cfg.latent_channels,
+        mid_block_add_attention=not cfg.local_encoder,
     )
+    return localise_encoder(vq) if cfg.local_encoder else vq
+
+
+#: ``config.json`` key (beside diffusers' own) that marks a tokenizer built by :func:`localise_encoder`
+LOCAL_ENCODER_KEY = "mmzoo_local_encoder"
+
+
+def localise_encoder(vq: nn.Module) -> nn.Module:
+    """Make ``vq``'s codes local, in place: a code then depends on its own neighbourhood, not the whole image.
+
+    diffusers' encoder normalises every feature map over the whole image (GroupNorm) and, with
+    ``mid_block_add_attention``, attends across it, so one object changes codes everywhere, the image border
+    included (and the border comes first in raster order). Here the encoder's GroupNorms become BatchNorms
+    (batch statistics in training, fixed running statistics when encoding) and its convolutions, the strided
+    ones included, pad by replicating the edge, so a plain background gets the same code at the border as
+    inside. (A per-pixel LayerNorm also makes codes local but lost shape detail; no normalisation collapsed
+    the codebook.) :data:`LOCAL_ENCODER_KEY` in the config tells :meth:`ImageCodeTokenizer.from_pretrained`
+    to redo this before loading the weights.
+    """
+    if getattr(vq.encoder.mid_block, "attentions", [None])[0] is not None:
+        raise ValueError("a local encoder needs a VQModel built with mid_block_add_attention=False")
+    from diffusers.models.downsampling import Downsample2D
+
+    for module in vq.encoder.modules():
+        if isinstance(module, Downsample2D) and module.use_conv and module.padding == 0:
+            module.padding = 1  # pad on all sides, not zeros on the right and bottom only
+            module.conv = _replicate_padded(module.conv, 1)
+    for parent in list(vq.encoder.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.GroupNorm):
+                norm = nn.BatchNorm2d(child.num_channels, eps=child.eps).to(child.weight.device)
+                norm.load_state_dict(child.state_dict(), strict=False)
+                setattr(parent, name, norm)
+            elif isinstance(child, nn.Conv2d) and child.padding != (0, 0) and child.padding_mode == "zeros":
+                setattr(parent, name, _replicate_padded(child, child.padding))
+    vq.register_to_config(**{LOCAL_ENCODER_KEY: True})
+    return vq
+
+
+def _replicate_padded(conv: nn.Conv2d, padding: int | tuple[int, int]) -> nn.Conv2d:
+    """A copy of ``conv`` (same weights) that pads by ``padding`` replicating the edge."""
+    new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding, conv.dilation,
+                    conv.groups, conv.bias is not None, padding_mode="replicate")
+    new.load_state_dict(conv.state_dict())
+    return new.to(conv.weight.device, conv.weight.dtype)
+
+
+def vqmodel_from_config(config: dict[str, Any]) -> nn.Module:
+    """A fresh ``diffusers.VQModel`` for a saved ``config.json`` (localised when it carries :data:`LOCAL_ENCODER_KEY`)."""
+    from diffusers import VQModel
+
+    local = bool(config.get(LOCAL_ENCODER_KEY, False))
+    vq = VQModel.from_config({k: v for k, v in config.items() if k != LOCAL_ENCODER_KEY})
+    return localise_encoder(vq) if local else vq
 
 
 class ImageCodeTokenizer(nn.Module):
@@ -189,9 +245,7 @@ class ImageCodeTokenizer(nn.Module):
                 keep.append(i)
         if len(keep) < 2:
             raise ValueError(f"min_distance={min_distance} keeps {len(keep)} code(s); use a smaller distance")
-        from diffusers import VQModel
-
-        vq = VQModel.from_config({**self.vq.config, "num_vq_embeddings": len(keep)})
+        vq = vqmodel_from_config({**self.vq.config, "num_vq_embeddings": len(keep)})
         state = self.vq.state_dict()
         state["quantize.embedding.weight"] = state["quantize.embedding.weight"][keep]
         vq.load_state_dict(state)
@@ -234,13 +288,14 @@ class ImageCodeTokenizer(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "ImageCodeTokenizer":
         """Load a saved folder; only ``config.json`` and safetensors are read (no pickle, no code)."""
-        from diffusers import VQModel
-
         folder = Path(folder)
         if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"{folder} is not a VQ tokenizer folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
         cfg = json.loads((folder / CONFIG_FILE).read_text())
         if cfg.get("_class_name") != "VQModel":
             raise ValueError(f"{folder}/{CONFIG_FILE} describes {cfg.get('_class_name')!r}, not a VQModel")
-        vq = VQModel.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
+        from safetensors.torch import load_file
+
+        vq = vqmodel_from_config(cfg)
+        vq.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
         return cls(vq.eval())

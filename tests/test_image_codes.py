@@ -92,6 +92,37 @@ def test_save_load_equality(tok, tmp_path):
         ImageCodeTokenizer.from_pretrained(tmp_path / "bad")
 
 
+def test_local_encoder_codes_depend_on_their_neighbourhood(tmp_path):
+    torch.manual_seed(0)
+    cfg = dict(channels=(8, 8, 8, 8), latent_channels=4, num_codes=16, norm_num_groups=4)
+    local = ImageCodeTokenizer.from_config(VQConfig(**cfg, local_encoder=True)).eval()
+    default = ImageCodeTokenizer.from_config(VQConfig(**cfg)).eval()
+    flat = torch.tensor([0.3, 0.5, 0.2])[None, :, None, None].expand(1, 3, 64, 64)
+    z = local.encode_latents(flat)
+    assert torch.equal(z, z[..., :1, :1].expand_as(z))  # a plain image: the same latent at the border as inside
+    assert not torch.allclose(default.encode_latents(flat), default.encode_latents(flat)[..., :1, :1])
+
+    def far_change(tok: ImageCodeTokenizer) -> float:  # latents 5+ cells from a changed 16-px corner
+        x = torch.rand(2, 3, 64, 64)
+        y = x.clone()
+        y[:, :, :16, :16] = 0
+        with torch.no_grad():
+            d = (tok.encode_latents(x) - tok.encode_latents(y)).abs()
+        return float(d[..., 6:, 6:].max() / d[..., :2, :2].max())
+
+    assert far_change(local) < 0.1 < far_change(default)  # the global GroupNorm statistics reach everywhere
+    with torch.no_grad():  # training-mode batches move the running statistics, which save/load must keep
+        local.train().encode_latents(torch.rand(4, 3, 64, 64))
+    local.eval()
+    back = ImageCodeTokenizer.from_pretrained(local.save_pretrained(tmp_path / "vq"))
+    assert json.loads((tmp_path / "vq" / "config.json").read_text())["mmzoo_local_encoder"] is True
+    x = torch.rand(2, 3, 64, 64)
+    assert torch.equal(back.encode_latents(x), local.encode_latents(x))
+    assert torch.equal(back.encode(x), local.encode(x))
+    kept = local.compacted(torch.ones(16), 0.0)  # a rebuilt tokenizer stays local
+    assert torch.equal(kept.encode_latents(x), local.encode_latents(x))
+
+
 def test_vq_task_learns_and_restarts_dead_codes(tiny_shapes):
     from tasks.data.shapes_images import load_images, read_split
     from tasks.vq import VQTask, psnr
