@@ -3,7 +3,9 @@
 The tokenizer works on pixels in ``[0, 1]`` (``[B,3,H,W]``); codes are raw codebook ids in
 ``[0, num_codes)`` (``[B,h,w]``), mapped into the unified vocabulary's image-code range with
 :meth:`ImageCodeTokenizer.to_unified`. A tokenizer is saved as a plain diffusers folder
-(``config.json`` + ``diffusion_pytorch_model.safetensors``); loading reads only those two files.
+(``config.json`` + ``diffusion_pytorch_model.safetensors``); loading reads only those two files. A tokenizer built
+with ``VQConfig.local_encoder`` adds one key to ``config.json`` (:data:`LOCAL_ENCODER_KEY`), which mmzoo's loader
+honours and plain ``diffusers`` ignores.
 """
 from __future__ import annotations
 
