@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -165,9 +166,10 @@ class T2IDataModule(CaptionDataModule):
         if self.layout is None:
             raise RuntimeError("T2IDataModule.bind(model_cfg, layout) must be called before setup()")
         self.load_tokenizer()
-        self.uncond_ids = self._prompts([""])[0]
+        self.uncond_ids = self.encode_prompts([""])[0]
 
-    def _prompts(self, captions: list[str]) -> list[list[int]]:
+    def encode_prompts(self, captions: list[str]) -> list[list[int]]:
+        """The unified-vocabulary instruction ids of each caption."""
         assert self.tokenizer is not None and self.layout is not None
         off = self.layout.text_start
         texts = [t2i_prompt(c) for c in captions]
@@ -192,7 +194,7 @@ class T2IDataModule(CaptionDataModule):
     # --- loaders ------------------------------------------------------------------------------
     def train_dataloader(self):
         recs = self._read("train")
-        flat = iter(self._prompts([c for r in recs for c in r.captions]))
+        flat = iter(self.encode_prompts([c for r in recs for c in r.captions]))
         prompts = [[next(flat) for _ in r.captions] for r in recs]
         codes = self.layout.codes_to_unified(self.split_codes("train"))
         ds = T2ITrainSet(prompts, codes, [r.image_id for r in recs], self.uncond_ids, self.uncond_prob)
@@ -200,7 +202,7 @@ class T2IDataModule(CaptionDataModule):
 
     def eval_prompts(self, stage: str) -> list[list[int]]:
         """The prompt ids of the evaluated records: each one's first caption (order of :meth:`eval_records`)."""
-        return self._prompts([r.captions[0] for r in self.eval_records(stage)])
+        return self.encode_prompts([r.captions[0] for r in self.eval_records(stage)])
 
     def _eval_loader(self, stage: str):
         if not self.files.get(stage):
@@ -240,10 +242,15 @@ class TextToImageTask(Seq2SeqTask):
     def __init__(self, *args: Any, guidance_scale: float = 3.0, do_sample: bool = True, temperature: float = 1.0,
                  top_k: int = 32, top_p: float = 1.0, use_cache: bool = True, seed: int = 0,
                  probe_path: str | None = None, probe_train: dict[str, Any] | None = None,
-                 image_dir: str | None = None, onset_weight: float = 0.0, **kwargs: Any):
+                 image_dir: str | None = None, onset_weight: float = 0.0,
+                 attribute_words: dict[str, list[str]] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if onset_weight < 0:
             raise ValueError(f"onset_weight must be >= 0, got {onset_weight}")
+        for name, words in (attribute_words or {}).items():  # see word_gain
+            single = all(isinstance(w, str) and re.fullmatch(r"\w+", w) for w in words)
+            if not single or len(set(words)) < 2 or len(set(words)) != len(words):
+                raise ValueError(f"attribute_words.{name} must list >= 2 distinct single words, got {words}")
         self.probe_path = probe_path
         object.__setattr__(self, "image_tokenizer", None)  # ImageCodeTokenizer, set in setup()
         self._probe: Any = None
@@ -366,6 +373,8 @@ class TextToImageTask(Seq2SeqTask):
         metrics["vq_ceiling_all_acc"] = self.vq_ceiling(stage)["all_acc"]
         if len(ids) >= 2:
             metrics["caption_gain"] = self.caption_gain(stage)
+        for name, words in (self.hparams.attribute_words or {}).items():
+            metrics[f"{name}_gain"] = self.word_gain(stage, words)
         if self.hparams.image_dir and self.trainer.is_global_zero:
             self._save_images(Path(self.hparams.image_dir) / stage, ids, fake)
         return metrics
@@ -380,22 +389,41 @@ class TextToImageTask(Seq2SeqTask):
         if len(prompts) < 2:
             raise ValueError(f"caption_gain needs at least 2 {stage} records, got {len(prompts)}")
         targets = self.layout.codes_to_unified(dm.real_codes(stage)).to(self.device)
-        own = self._code_nats(prompts, targets, batch_size)
-        other = self._code_nats(prompts[1:] + prompts[:1], targets, batch_size)
-        return other - own
+        own = self._record_nats(prompts, targets, batch_size)
+        other = self._record_nats(prompts[1:] + prompts[:1], targets, batch_size)
+        return float((other - own).mean())
 
-    def _code_nats(self, prompts: list[list[int]], targets: torch.Tensor, batch_size: int) -> float:
-        """Mean cross-entropy (nats per code) of ``targets [N, h*w]`` given ``prompts``, teacher-forced."""
-        total = 0.0
+    @torch.no_grad()
+    def word_gain(self, stage: str, words: list[str], batch_size: int = 64) -> float:
+        """How much the generator reads one attribute: the teacher-forced loss (nats per code) of the real codes
+        when each of ``words`` in a record's caption is replaced by the next one (cyclically; e.g. circle →
+        square, ..., cross → circle), minus the loss with the true caption, over the records that name one of
+        them. Near 0, the generator ignores that attribute whatever the other words do."""
+        dm = self.datamodule
+        captions = [r.captions[0] for r in dm.eval_records(stage)]
+        pattern = re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b")
+        swapped = [pattern.sub(lambda m: words[(words.index(m.group(1)) + 1) % len(words)], c) for c in captions]
+        keep = [i for i, (a, b) in enumerate(zip(captions, swapped)) if a != b]
+        if not keep:
+            raise ValueError(f"no {stage} caption names any of {words}")
+        targets = self.layout.codes_to_unified(dm.real_codes(stage)[keep]).to(self.device)
+        own = self._record_nats(dm.encode_prompts([captions[i] for i in keep]), targets, batch_size)
+        other = self._record_nats(dm.encode_prompts([swapped[i] for i in keep]), targets, batch_size)
+        return float((other - own).mean())
+
+    def _record_nats(self, prompts: list[list[int]], targets: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Each record's mean cross-entropy ``[N]`` (nats per code) of ``targets [N, h*w]`` given ``prompts``,
+        teacher-forced."""
+        out = []
         for start in range(0, len(prompts), batch_size):
             ids, mask = pad_ids(prompts[start: start + batch_size])
             tgt = targets[start: start + batch_size]
             tgt_in = torch.cat([torch.full_like(tgt[:, :1], BOS_ID), tgt[:, :-1]], 1)
             memory, memory_mask = self.model.encode({"text": (ids.to(self.device), mask.to(self.device))})
             logits = self.model.logits(self.model.decode_hidden(tgt_in, memory, memory_mask))
-            total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(),
-                                                             reduction="sum"))
-        return total / targets.numel()
+            out.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), tgt, reduction="none")
+                       .mean(1).cpu())
+        return torch.cat(out)
 
     def vq_ceiling(self, stage: str) -> dict[str, float]:
         """The probe's scores of the real images after a VQ round trip: what a perfect generator could reach

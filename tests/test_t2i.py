@@ -124,6 +124,9 @@ def test_real_codes_score_exactly_the_vq_ceiling(tiny_shapes, tiny_vq, tmp_path)
     assert other["vq_ceiling_all_acc"] == ceiling["all_acc"]
 
 
+SHAPE_WORDS = ["circle", "square", "triangle", "diamond", "cross"]
+
+
 def test_caption_gain_is_zero_without_text_and_positive_once_the_text_is_used(tiny_shapes, tiny_vq, tmp_path,
                                                                                monkeypatch):
     from modalities.text import TextTokenizer
@@ -152,6 +155,7 @@ def test_caption_gain_is_zero_without_text_and_positive_once_the_text_is_used(ti
     monkeypatch.setattr(dm, "real_codes", lambda stage: codes)
     targets = model.layout.codes_to_unified(codes)
     before = task.caption_gain("val")
+    shape_before = task.word_gain("val", SHAPE_WORDS)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     ids, mask = pad_ids(prompts)
@@ -165,6 +169,14 @@ def test_caption_gain_is_zero_without_text_and_positive_once_the_text_is_used(ti
     model.eval()
     after = task.caption_gain("val")
     assert abs(before) < 0.01 and after > 0.02, (before, after)  # > 1.3 nats on the first of 64 codes
+    # swapping only the shape words (circle → square, ...) also changes what the fitted generator expects
+    shape_after = task.word_gain("val", SHAPE_WORDS)
+    assert abs(shape_before) < 0.01 and shape_after > 0.02, (shape_before, shape_after)
+    with pytest.raises(ValueError, match="names any of"):
+        task.word_gain("val", ["zebra", "okapi"])
+    for bad in (["circle"], ["circle", "circle"], ["red circle", "square"]):
+        with pytest.raises(ValueError, match="attribute_words.shape must list"):
+            TextToImageTask(model, tok, attribute_words={"shape": bad})
 
 
 def test_onset_codes_mark_where_new_content_starts():
