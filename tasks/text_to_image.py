@@ -371,34 +371,45 @@ class TextToImageTask(Seq2SeqTask):
             metrics["probe_fd"] = frechet_distance(probe_features(probe, fake), probe_features(probe, real))
         metrics["probe_real_all_acc"] = real_acc["all_acc"]
         metrics["vq_ceiling_all_acc"] = self.vq_ceiling(stage)["all_acc"]
+        own = self.true_caption_nats(stage)  # shared by the gains below
         if len(ids) >= 2:
-            metrics["caption_gain"] = self.caption_gain(stage)
+            metrics["caption_gain"] = self.caption_gain(stage, own=own)
         for name, words in (self.hparams.attribute_words or {}).items():
-            metrics[f"{name}_gain"] = self.word_gain(stage, words)
+            metrics[f"{name}_gain"] = self.word_gain(stage, words, own=own)
         if self.hparams.image_dir and self.trainer.is_global_zero:
             self._save_images(Path(self.hparams.image_dir) / stage, ids, fake)
         return metrics
 
+    def _eval_targets(self, stage: str) -> torch.Tensor:
+        return self.layout.codes_to_unified(self.datamodule.real_codes(stage)).to(self.device)
+
     @torch.no_grad()
-    def caption_gain(self, stage: str, batch_size: int = 64) -> float:
+    def true_caption_nats(self, stage: str, batch_size: int = 64) -> torch.Tensor:
+        """Each evaluated record's teacher-forced loss ``[N]`` (nats per code) of its real codes given its own
+        prompt: the reference of :meth:`caption_gain` and :meth:`word_gain`."""
+        return self._record_nats(self.datamodule.eval_prompts(stage), self._eval_targets(stage), batch_size)
+
+    @torch.no_grad()
+    def caption_gain(self, stage: str, batch_size: int = 64, own: torch.Tensor | None = None) -> float:
         """How much the caption helps the generator: the teacher-forced loss (nats per code) of the real codes
         when every record reads the next record's prompt, minus the loss with its own prompt. Near 0, the
-        generator draws plausible images but ignores the text; the probe scores then stay at chance."""
-        dm = self.datamodule
-        prompts = dm.eval_prompts(stage)
+        generator draws plausible images but ignores the text; the probe scores then stay at chance.
+        ``own``: :meth:`true_caption_nats` when already computed."""
+        prompts = self.datamodule.eval_prompts(stage)
         if len(prompts) < 2:
             raise ValueError(f"caption_gain needs at least 2 {stage} records, got {len(prompts)}")
-        targets = self.layout.codes_to_unified(dm.real_codes(stage)).to(self.device)
-        own = self._record_nats(prompts, targets, batch_size)
-        other = self._record_nats(prompts[1:] + prompts[:1], targets, batch_size)
+        own = self.true_caption_nats(stage, batch_size) if own is None else own
+        other = self._record_nats(prompts[1:] + prompts[:1], self._eval_targets(stage), batch_size)
         return float((other - own).mean())
 
     @torch.no_grad()
-    def word_gain(self, stage: str, words: list[str], batch_size: int = 64) -> float:
+    def word_gain(self, stage: str, words: list[str], batch_size: int = 64, own: torch.Tensor | None = None
+                  ) -> float:
         """How much the generator reads one attribute: the teacher-forced loss (nats per code) of the real codes
         when each of ``words`` in a record's caption is replaced by the next one (cyclically; e.g. circle →
         square, ..., cross → circle), minus the loss with the true caption, over the records that name one of
-        them. Near 0, the generator ignores that attribute whatever the other words do."""
+        them. Near 0, the generator ignores that attribute whatever the other words do. ``own``:
+        :meth:`true_caption_nats` when already computed."""
         dm = self.datamodule
         captions = [r.captions[0] for r in dm.eval_records(stage)]
         pattern = re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b")
@@ -406,10 +417,10 @@ class TextToImageTask(Seq2SeqTask):
         keep = [i for i, (a, b) in enumerate(zip(captions, swapped)) if a != b]
         if not keep:
             raise ValueError(f"no {stage} caption names any of {words}")
-        targets = self.layout.codes_to_unified(dm.real_codes(stage)[keep]).to(self.device)
-        own = self._record_nats(dm.encode_prompts([captions[i] for i in keep]), targets, batch_size)
-        other = self._record_nats(dm.encode_prompts([swapped[i] for i in keep]), targets, batch_size)
-        return float((other - own).mean())
+        own = self.true_caption_nats(stage, batch_size) if own is None else own
+        other = self._record_nats(dm.encode_prompts([swapped[i] for i in keep]), self._eval_targets(stage)[keep],
+                                  batch_size)
+        return float((other - own[keep]).mean())
 
     def _record_nats(self, prompts: list[list[int]], targets: torch.Tensor, batch_size: int) -> torch.Tensor:
         """Each record's mean cross-entropy ``[N]`` (nats per code) of ``targets [N, h*w]`` given ``prompts``,
