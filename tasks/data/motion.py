@@ -24,9 +24,6 @@ split sizes. Subjects of val/test are disjoint from train ones.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +32,7 @@ import numpy as np
 
 from modalities.sensor import IMU_CHANNELS
 from tasks.data.sensor_formats import write_csv, write_manifest
-from tasks.data.shapes import _acquire  # the same lock protocol as Shapes
+from tasks.data.generated import ensure_generated
 
 __all__ = ["FORMAT_VERSION", "ACTIVITIES", "SPLITS", "MotionConfig", "generate_recording", "write_motion",
            "ensure_motion"]
@@ -345,13 +342,6 @@ def _marker(cfg: MotionConfig) -> dict[str, Any]:
     return {"dataset": "motion", "version": FORMAT_VERSION, "config": asdict(cfg)}
 
 
-def _marker_matches(root: Path, cfg: MotionConfig) -> bool:
-    try:
-        return json.loads((root / "motion.json").read_text(encoding="utf-8")) == _marker(cfg)
-    except (OSError, ValueError):
-        return False
-
-
 def ensure_motion(root: str | Path, cfg: MotionConfig | None = None, timeout_s: float = 1800.0) -> Path:
     """Return ``root`` holding the Motion dataset for ``cfg``, generating it on first use.
 
@@ -360,33 +350,5 @@ def ensure_motion(root: str | Path, cfg: MotionConfig | None = None, timeout_s: 
     without a ``motion.json`` marker is not ours and raises :class:`FileExistsError`.
     """
     cfg = cfg or MotionConfig()
-    root = Path(root).expanduser().absolute()
-    if _marker_matches(root, cfg):
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    lock = root.with_name(root.name + ".lock")
-    _acquire(lock, timeout_s)
-    try:
-        if _marker_matches(root, cfg):
-            return root
-        if root.exists() and not (root / "motion.json").exists() and any(root.iterdir()):
-            raise FileExistsError(f"{root} exists, is not empty and has no motion.json marker; "
-                                  "refusing to overwrite it with the Motion dataset")
-        for stale in root.parent.glob(root.name + ".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
-            write_motion(tmp, cfg)
-            old = None
-            if root.exists():
-                old = root.with_name(f"{root.name}.tmp-old-{uuid.uuid4().hex[:8]}")
-                os.replace(root, old)
-            os.replace(tmp, root)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return root
-    finally:
-        lock.unlink(missing_ok=True)
+    return ensure_generated(root, "motion.json", _marker(cfg), lambda folder: write_motion(folder, cfg), "Motion",
+                            timeout_s)

@@ -20,17 +20,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import socket
-import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from tasks.data.generated import ensure_generated
 
 __all__ = [
     "FORMAT_VERSION", "SHAPES", "COLOURS", "SIZES", "SPLITS", "ShapesConfig",
@@ -345,52 +342,6 @@ def _dump(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, separators=(",", ":")), encoding="utf-8")
 
 
-def _marker_matches(root: Path, cfg: ShapesConfig) -> bool:
-    try:
-        with open(root / "shapes.json", encoding="utf-8") as f:
-            return json.load(f) == _marker(cfg)
-    except (OSError, ValueError):
-        return False
-
-
-def _lock_is_stale(lock: Path, max_age_s: float) -> bool:
-    try:
-        info = lock.read_text().split()
-        age = time.time() - lock.stat().st_mtime
-    except OSError:
-        return False  # vanished or unreadable: just retry
-    if len(info) >= 2 and info[0] == socket.gethostname():
-        try:
-            os.kill(int(info[1]), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, ValueError):
-            pass
-        return False
-    return age > max_age_s  # another host (shared file system) or a half-written lock
-
-
-def _acquire(lock: Path, timeout_s: float, max_age_s: float = 3600.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            if _lock_is_stale(lock, max_age_s):
-                try:
-                    lock.unlink()
-                except FileNotFoundError:
-                    pass
-                continue
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"waited {timeout_s:.0f}s for {lock}; delete it if no generation is running")
-            time.sleep(0.2)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{socket.gethostname()} {os.getpid()}\n")
-        return
-
-
 def ensure_shapes(root: str | Path, cfg: ShapesConfig | None = None, timeout_s: float = 1800.0) -> Path:
     """Return ``root`` holding the Shapes dataset for ``cfg``, generating it on first use.
 
@@ -403,37 +354,5 @@ def ensure_shapes(root: str | Path, cfg: ShapesConfig | None = None, timeout_s: 
     :class:`FileExistsError` is raised instead.
     """
     cfg = cfg or ShapesConfig()
-    root = Path(root).expanduser().absolute()
-    if _marker_matches(root, cfg):
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    lock = root.with_name(root.name + ".lock")
-    _acquire(lock, timeout_s)
-    try:
-        if _marker_matches(root, cfg):
-            return root
-        if root.exists() and not (root / "shapes.json").exists() and any(root.iterdir()):
-            raise FileExistsError(f"{root} exists, is not empty and has no shapes.json marker; "
-                                  "refusing to overwrite it with the Shapes dataset")
-        # We hold the lock, so leftover temp dirs belong to killed generations.
-        for stale in root.parent.glob(root.name + ".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
-            write_shapes(tmp, cfg)
-            old = None
-            if root.exists():
-                old = root.with_name(f"{root.name}.tmp-old-{uuid.uuid4().hex[:8]}")
-                os.replace(root, old)
-            os.replace(tmp, root)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return root
-    finally:
-        try:
-            lock.unlink()
-        except FileNotFoundError:
-            pass
+    return ensure_generated(root, "shapes.json", _marker(cfg), lambda folder: write_shapes(folder, cfg), "Shapes",
+                            timeout_s)
