@@ -23,6 +23,7 @@ from tasks.base import Seq2SeqTask, strip_after_eos
 from tasks.data.collate import Seq2SeqCollator
 from tasks.data.motion import ACTIVITIES
 from tasks.data.sensor_formats import ManifestRecord, read_manifest, read_recording
+from zoo.atomic import atomic_file
 from zoo.instructions import SENSOR_PROMPT
 from zoo.vocab import VocabLayout
 
@@ -323,7 +324,6 @@ class SensorToTextTask(Seq2SeqTask):
 def plot_recordings(values: torch.Tensor, valid: torch.Tensor, texts: Sequence[str], path: str | Path,
                     cols: int = 2, size: tuple[int, int] = (360, 120)) -> Path:
     """A PIL grid: each recording's normalised channels as lines, its text below."""
-    import os
     import textwrap
 
     from PIL import Image, ImageDraw, ImageFont
@@ -347,9 +347,6 @@ def plot_recordings(values: torch.Tensor, valid: torch.Tensor, texts: Sequence[s
         draw.rectangle([x0 + 2, y0 + 2, x0 + w - 3, y0 + h - 3], outline=(180, 180, 180))
         for j, line in enumerate(textwrap.wrap(str(text), w // 6)[:3]):
             draw.text((x0 + 4, y0 + h + 2 + j * 12), line, fill="black", font=font)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    with atomic_file(path, "wb") as f:
+        canvas.save(f, format="PNG")
+    return Path(path)

@@ -89,7 +89,7 @@ def save_final_last(trainer) -> None:
 
 
 def write_metrics(path: Path, metrics: dict[str, float]) -> None:
-    from tasks.callbacks import atomic_write_text
+    from zoo.atomic import atomic_write_text
 
     atomic_write_text(path, json.dumps(dict(sorted(metrics.items())), indent=2))
 

@@ -1,7 +1,6 @@
 """Sample grids a person can look at: images with their generated text underneath."""
 from __future__ import annotations
 
-import os
 import textwrap
 from pathlib import Path
 from typing import Sequence
@@ -9,6 +8,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from zoo.atomic import atomic_file
 
 
 def _to_pil(img: torch.Tensor | Image.Image) -> Image.Image:
@@ -37,9 +38,6 @@ def save_grid(images: Sequence[torch.Tensor | Image.Image], texts: Sequence[str]
         lines = textwrap.wrap(str(text), width_chars)[:text_lines]
         for j, line in enumerate(lines):
             draw.text((x + 4, y + cell + j * line_h), line, fill="black", font=font)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    with atomic_file(path, "wb") as f:
+        canvas.save(f, format="PNG")
+    return Path(path)

@@ -31,8 +31,6 @@ ignore)::
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -41,6 +39,7 @@ import numpy as np
 
 from tasks.data.grounding import shapes_refs
 from tasks.data.shapes import COLOURS, SHAPES, SPLITS, ShapesConfig, ensure_shapes
+from zoo.atomic import atomic_file
 
 __all__ = ["FAMILIES", "VQA_VERSION", "questions_for_scene", "build_split", "write_shapes_vqa",
            "ensure_shapes_vqa", "vqa_files", "refs_file"]
@@ -145,10 +144,8 @@ def build_split(scenes: list[dict[str, Any]], seed: int, split_index: int, image
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_file(path) as f:
         json.dump(obj, f, separators=(",", ":"))
-    os.replace(tmp, path)
 
 
 def _info(cfg: ShapesConfig, split: str) -> dict[str, Any]:
