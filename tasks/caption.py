@@ -7,15 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from modalities.image import ImageConfig, ImagePreprocessor
+from modalities.image import ImagePreprocessor
 from modalities.text import TextTokenizer
 from tasks.base import Seq2SeqTask, strip_after_eos
 from tasks.data.coco import CaptionRecord, read_coco_captions
 from tasks.data.collate import Seq2SeqCollator
+from tasks.data_module import TextDataModule, image_preprocessor
 from zoo.instructions import CAPTION_PROMPT
 from zoo.vocab import VocabLayout
 
@@ -58,7 +58,7 @@ class ImageEvalSet(Dataset):
         return {"image": self.preprocess(r.path), "prompt": self.prompt, "id": r.image_id}
 
 
-class CaptionDataModule(L.LightningDataModule):
+class CaptionDataModule(TextDataModule):
     """COCO-captions data (``captions_{split}.json`` + images); generates Shapes on first use.
 
     Call :meth:`prepare_data` (dataset and tokenizer), then :meth:`bind` with the model's image config
@@ -144,17 +144,8 @@ class CaptionDataModule(L.LightningDataModule):
         self.ensure_data()
         return [self.prompt_text, *(c for r in self._read("train") for c in r.captions)]
 
-    def load_tokenizer(self) -> TextTokenizer:
-        """The text tokenizer: a given file, or a BPE trained on :meth:`training_texts` (cached)."""
-        if self.tokenizer is None:
-            from tasks.data.tokenizer import load_or_train_bpe
-
-            if self.tokenizer_path:
-                self.tokenizer = load_or_train_bpe(self.tokenizer_path, None, self.vocab_size)
-            else:
-                path = self.root / f"tokenizer-{self.tokenizer_kind}bpe{self.vocab_size}.json"
-                self.tokenizer = load_or_train_bpe(path, self.training_texts, self.vocab_size)
-        return self.tokenizer
+    def tokenizer_file(self) -> Path:
+        return self.root / f"tokenizer-{self.tokenizer_kind}bpe{self.vocab_size}.json"
 
     def model_overrides(self) -> dict[str, Any]:
         """Model-config entries this data dictates (none for images: the model's image config rules)."""
@@ -162,26 +153,14 @@ class CaptionDataModule(L.LightningDataModule):
 
     def bind(self, model_cfg: Any, layout: VocabLayout, tokenizer: TextTokenizer | None = None) -> None:
         """Attach the model's image preprocessing and vocabulary (and optionally a pretrained tokenizer)."""
-        image_cfg = model_cfg.modalities.get("image") if hasattr(model_cfg, "modalities") else model_cfg
-        if image_cfg is None:
-            raise ValueError("this model has no image modality; captioning needs one")
-        if isinstance(image_cfg, dict):
-            image_cfg = ImageConfig(**image_cfg)
-        self.preprocess = ImagePreprocessor(image_cfg)
-        self.layout = layout
-        if tokenizer is not None:
-            self.tokenizer = tokenizer
-
-    def _encode(self, texts: list[str]) -> list[list[int]]:
-        assert self.tokenizer is not None and self.layout is not None
-        offset = self.layout.text_start
-        return [[t + offset for t in ids] for ids in self.tokenizer.encode_batch(texts, self.max_target_len)]
+        self.preprocess = image_preprocessor(model_cfg, "captioning")
+        self.attach(layout, tokenizer)
 
     def setup(self, stage: str | None = None) -> None:
         if self.preprocess is None or self.layout is None:
             raise RuntimeError("CaptionDataModule.bind(image_cfg, layout) must be called before setup()")
         self.load_tokenizer()
-        self.prompt_ids = self._encode([self.prompt_text])[0]
+        self.prompt_ids = self.encode_text([self.prompt_text], self.max_target_len)[0]
 
     # --- datasets -----------------------------------------------------------------------------
     def references(self, stage: str) -> dict[Any, list[str]]:
@@ -191,14 +170,9 @@ class CaptionDataModule(L.LightningDataModule):
         records = self._read(stage)
         return records[: self.val_limit] if self.val_limit else records
 
-    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=self.collate, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available(), drop_last=shuffle)
-
     def train_dataloader(self) -> DataLoader:
         recs = self._read("train")
-        flat = iter(self._encode([c for r in recs for c in r.captions]))  # one batched tokenizer call
+        flat = iter(self.encode_text([c for r in recs for c in r.captions], self.max_target_len))  # one batched tokenizer call
         targets = [[next(flat) for _ in r.captions] for r in recs]
         ds = CaptionTrainSet([r.path for r in recs], [r.image_id for r in recs], targets, self.prompt_ids,
                              self.preprocess, self.captions_per_image)

@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -21,6 +20,7 @@ from modalities.sensor import IMU_CHANNELS, SensorConfig, SensorRecording, Senso
 from modalities.text import TextTokenizer
 from tasks.base import Seq2SeqTask, strip_after_eos
 from tasks.data.collate import Seq2SeqCollator
+from tasks.data_module import TextDataModule
 from tasks.data.motion import ACTIVITIES
 from tasks.data.sensor_formats import ManifestRecord, read_manifest, read_recording
 from zoo.atomic import atomic_file
@@ -106,7 +106,7 @@ class SensorEvalSet(Dataset):
         return {"sensor": self.tokenizer(self.recordings[i]), "prompt": self.prompt, "id": self.ids[i]}
 
 
-class SensorTextDataModule(L.LightningDataModule):
+class SensorTextDataModule(TextDataModule):
     """Sensor recordings listed in JSONL manifests (``manifest_{split}.jsonl``); Motion on first use.
 
     :meth:`prepare_data` makes the data, the text tokenizer and the per-channel statistics (fitted on
@@ -199,16 +199,6 @@ class SensorTextDataModule(L.LightningDataModule):
         self.ensure_data()
         return [self.prompt_text, *(d for r in self._read("train") for d in r.descriptions)]
 
-    def load_tokenizer(self) -> TextTokenizer:
-        """The text tokenizer: a given file, or a BPE trained on :meth:`training_texts` (cached)."""
-        if self.tokenizer is None:
-            from tasks.data.tokenizer import load_or_train_bpe
-
-            path = self.tokenizer_path or self.root / f"tokenizer-bpe{self.vocab_size}.json"
-            self.tokenizer = load_or_train_bpe(path, None if self.tokenizer_path else self.training_texts,
-                                               self.vocab_size)
-        return self.tokenizer
-
     def model_overrides(self) -> dict[str, Any]:
         """The fitted sensor config, saved with the model as ``modalities.sensor``."""
         if self.sensor_cfg is None:
@@ -228,20 +218,13 @@ class SensorTextDataModule(L.LightningDataModule):
             self._recs.clear()  # read the model's channels
         self.sensor_cfg = cfg
         self.sensor_tokenizer = SensorTokenizer(cfg)
-        self.layout = layout
-        if tokenizer is not None:
-            self.tokenizer = tokenizer
-
-    def _encode(self, texts: list[str]) -> list[list[int]]:
-        assert self.tokenizer is not None and self.layout is not None
-        offset = self.layout.text_start
-        return [[t + offset for t in ids] for ids in self.tokenizer.encode_batch(texts, self.max_target_len)]
+        self.attach(layout, tokenizer)
 
     def setup(self, stage: str | None = None) -> None:
         if self.sensor_tokenizer is None or self.layout is None:
             raise RuntimeError("SensorTextDataModule.bind(model_cfg, layout) must be called before setup()")
         self.load_tokenizer()
-        self.prompt_ids = self._encode([self.prompt_text])[0]
+        self.prompt_ids = self.encode_text([self.prompt_text], self.max_target_len)[0]
 
     # --- ground truth -------------------------------------------------------------------------
     def references(self, stage: str) -> dict[str, list[str]]:
@@ -253,14 +236,9 @@ class SensorTextDataModule(L.LightningDataModule):
                 for r in self._read(stage)}
 
     # --- loaders ------------------------------------------------------------------------------
-    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=self.collate, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available(), drop_last=shuffle)
-
     def train_dataloader(self) -> DataLoader:
         recs = self._read("train")
-        flat = iter(self._encode([d for r in recs for d in r.descriptions]))
+        flat = iter(self.encode_text([d for r in recs for d in r.descriptions], self.max_target_len))
         targets = [[next(flat) for _ in r.descriptions] for r in recs]
         ds = SensorTrainSet(self.recordings("train"), [r.id for r in recs], targets, self.prompt_ids,
                             self.sensor_tokenizer, self.k)

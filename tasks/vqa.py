@@ -17,15 +17,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from modalities.image import ImageConfig, ImagePreprocessor
+from modalities.image import ImagePreprocessor
 from modalities.text import TextTokenizer
 from tasks.base import Seq2SeqTask, strip_after_eos
 from tasks.data.collate import Seq2SeqCollator, pad_ids
+from tasks.data_module import TextDataModule, image_preprocessor
 from tasks.data.formats import VQARecord, read_imagefolder, read_jsonl, read_vqa
 from tasks.data.validate import Problems, filter_records
 from zoo.generation import PrefixTrie
@@ -104,7 +104,7 @@ class VQAGroupCollator:
         return batch
 
 
-class VQADataModule(L.LightningDataModule):
+class VQADataModule(TextDataModule):
     """VQA data in the VQAv2, JSONL or imagefolder format; generates Shapes VQA on first use.
 
     ``splits`` maps ``train``/``val``/``test`` to the split's files: ``{questions, annotations}`` for
@@ -225,29 +225,17 @@ class VQADataModule(L.LightningDataModule):
             texts += [grounding_prompt(r.sentence) for r in read_grounding(self.root / self.aux_grounding, self.image_root)]
         return texts
 
-    def load_tokenizer(self) -> TextTokenizer:
-        """A given tokenizer file, or a BPE trained on :meth:`training_texts`, cached next to the data."""
-        if self.tokenizer is None:
-            from tasks.data.tokenizer import load_or_train_bpe
-
-            kind = "vqa" + ("-cap" if self.aux_captions else "") + ("-ground" if self.aux_grounding else "")
-            path = self.tokenizer_path or self.root / f"tokenizer-{kind}-bpe{self.vocab_size}.json"
-            self.tokenizer = load_or_train_bpe(path, None if self.tokenizer_path else self.training_texts,
-                                               self.vocab_size)
-        return self.tokenizer
+    def tokenizer_file(self) -> Path:
+        kind = "vqa" + ("-cap" if self.aux_captions else "") + ("-ground" if self.aux_grounding else "")
+        return self.root / f"tokenizer-{kind}-bpe{self.vocab_size}.json"
 
     def model_overrides(self) -> dict[str, Any]:
         return {}
 
     def bind(self, model_cfg: Any, layout: VocabLayout, tokenizer: TextTokenizer | None = None) -> None:
         """Attach the model's image preprocessing and vocabulary (and optionally a pretrained tokenizer)."""
-        image_cfg = model_cfg.modalities.get("image") if hasattr(model_cfg, "modalities") else model_cfg
-        if image_cfg is None:
-            raise ValueError("this model has no image modality; VQA needs one")
-        self.preprocess = ImagePreprocessor(ImageConfig(**image_cfg) if isinstance(image_cfg, dict) else image_cfg)
-        self.layout = layout
-        if tokenizer is not None:
-            self.tokenizer = tokenizer
+        self.preprocess = image_preprocessor(model_cfg, "VQA")
+        self.attach(layout, tokenizer)
 
     def setup(self, stage: str | None = None) -> None:
         if self.preprocess is None or self.layout is None:
@@ -255,12 +243,6 @@ class VQADataModule(L.LightningDataModule):
         self.load_tokenizer()
         for split in self.splits:
             self.read(split)
-
-    def encode_text(self, texts: list[str], max_len: int) -> list[list[int]]:
-        """Unified ids of ``texts`` (one batched tokenizer call)."""
-        assert self.tokenizer is not None and self.layout is not None
-        off = self.layout.text_start
-        return [[t + off for t in ids] for ids in self.tokenizer.encode_batch(texts, max_len)]
 
     # --- answers / references -----------------------------------------------------------------
     def answer_candidates(self) -> list[str]:
@@ -283,11 +265,6 @@ class VQADataModule(L.LightningDataModule):
         prompts = self.encode_text([r.question for r in recs], self.max_question_len)
         targets = self.encode_text([r.answer for r in recs], self.max_answer_len) if train else None
         return VQASet([r.path for r in recs], [r.question_id for r in recs], prompts, targets, self.preprocess)
-
-    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool, collate: Any = None) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=collate or self.collate, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available(), drop_last=shuffle)
 
     def train_dataloader(self) -> DataLoader:
         """Batches of ``batch_size`` images, each with its questions (see :class:`VQAImageGroups`)."""

@@ -25,7 +25,6 @@ rank and the dispatch buffer keeps every expert in the graph, so no parameter is
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
