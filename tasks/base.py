@@ -123,10 +123,15 @@ class Seq2SeqTask(L.LightningModule):
         raise NotImplementedError
 
     def allowed_tokens(self) -> torch.Tensor | None:
-        return None
+        """The vocabulary mask generation may emit: the text range (tasks that write text)."""
+        if not hasattr(self, "_allowed"):
+            self._allowed = self.layout.allowed_mask("text")
+        return self._allowed
 
     def decode_outputs(self, tokens: torch.Tensor) -> list[Any]:
-        raise NotImplementedError
+        """Generated ids ``[B, T]`` → texts (up to EOS, text tokens only)."""
+        lo, hi = self.layout.ranges()["text"]
+        return self.tokenizer.decode_batch([[t - lo for t in row if lo <= t < hi] for row in strip_after_eos(tokens)])
 
     def compute_metrics(self, stage: str, predictions: dict[Any, Any]) -> dict[str, float]:
         raise NotImplementedError

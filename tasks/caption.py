@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from modalities.image import ImagePreprocessor
 from modalities.text import TextTokenizer
-from tasks.base import Seq2SeqTask, strip_after_eos
+from tasks.base import Seq2SeqTask
 from tasks.data.coco import CaptionRecord, read_coco_captions
 from tasks.data.collate import Seq2SeqCollator
 from tasks.data_module import TextDataModule, image_preprocessor
@@ -197,16 +197,6 @@ class CaptionTask(Seq2SeqTask):
 
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {"image": batch["image"], "text": (batch["prompt_ids"], batch["prompt_mask"])}
-
-    def allowed_tokens(self) -> torch.Tensor:
-        if not hasattr(self, "_allowed"):
-            self._allowed = self.layout.allowed_mask("text")
-        return self._allowed
-
-    def decode_outputs(self, tokens: torch.Tensor) -> list[str]:
-        lo, hi = self.layout.ranges()["text"]
-        rows = [[t - lo for t in row if lo <= t < hi] for row in strip_after_eos(tokens)]
-        return self.tokenizer.decode_batch(rows)
 
     def compute_metrics(self, stage: str, predictions: dict[Any, str]) -> dict[str, float]:
         from tasks.metrics import caption_scores

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from modalities.sensor import IMU_CHANNELS, SensorConfig, SensorRecording, SensorTokenizer
 from modalities.text import TextTokenizer
-from tasks.base import Seq2SeqTask, strip_after_eos
+from tasks.base import Seq2SeqTask
 from tasks.data.collate import Seq2SeqCollator
 from tasks.data_module import TextDataModule
 from tasks.data.motion import ACTIVITIES
@@ -266,15 +266,6 @@ class SensorToTextTask(Seq2SeqTask):
 
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {"sensor": batch["sensor"], "text": (batch["prompt_ids"], batch["prompt_mask"])}
-
-    def allowed_tokens(self) -> torch.Tensor:
-        if not hasattr(self, "_allowed"):
-            self._allowed = self.layout.allowed_mask("text")
-        return self._allowed
-
-    def decode_outputs(self, tokens: torch.Tensor) -> list[str]:
-        lo, hi = self.layout.ranges()["text"]
-        return self.tokenizer.decode_batch([[t - lo for t in row if lo <= t < hi] for row in strip_after_eos(tokens)])
 
     def compute_metrics(self, stage: str, predictions: dict[Any, str]) -> dict[str, float]:
         from tasks.metrics import caption_scores

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from modalities.image import ImagePreprocessor
 from modalities.text import TextTokenizer
-from tasks.base import Seq2SeqTask, strip_after_eos
+from tasks.base import Seq2SeqTask
 from tasks.data.collate import Seq2SeqCollator, pad_ids
 from tasks.data_module import TextDataModule, image_preprocessor
 from tasks.data.formats import VQARecord, read_imagefolder, read_jsonl, read_vqa
@@ -378,11 +378,6 @@ class VQATask(Seq2SeqTask):
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {"image": batch["image"], "text": (batch["prompt_ids"], batch["prompt_mask"])}
 
-    def allowed_tokens(self) -> torch.Tensor:
-        if not hasattr(self, "_allowed"):
-            self._allowed = self.layout.allowed_mask("text")
-        return self._allowed
-
     @torch.no_grad()
     def generate_tokens(self, batch: dict[str, Any], **overrides: Any) -> torch.Tensor:
         if self.decoding == "allcand":
@@ -421,11 +416,6 @@ class VQATask(Seq2SeqTask):
         """The best candidate per question as generated-style tokens ``[B, L]`` (answer + EOS)."""
         best = self.candidate_scores(batch).argmax(-1)
         return self.candidate_tensors()["labels"].to(best.device)[best]
-
-    def decode_outputs(self, tokens: torch.Tensor) -> list[str]:
-        lo, hi = self.layout.ranges()["text"]
-        rows = [[t - lo for t in row if lo <= t < hi] for row in strip_after_eos(tokens)]
-        return self.tokenizer.decode_batch(rows)
 
     def compute_metrics(self, stage: str, predictions: dict[Any, str]) -> dict[str, float]:
         from tasks.metrics import vqa_scores
