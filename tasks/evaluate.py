@@ -81,7 +81,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     from hydra.utils import instantiate
 
     from tasks.registry import get_task
-    from tasks.train import write_metrics
+    from tasks.train import report_metrics
 
     if cfg.split not in ("val", "test"):
         raise ValueError(f"split must be val or test, got {cfg.split!r}")
@@ -113,13 +113,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     metrics = dict(task.final_metrics)
     if trainer.is_global_zero:
         task.write_artifacts(out, cfg.split)
-        write_metrics(out / "metrics.json", metrics)
-        if hasattr(task, "report"):
-            print(f"[mmzoo] summary:\n{task.report()}")
-        print(f"[mmzoo] predictions and samples → {out}")
-        for k, v in sorted(metrics.items()):
-            print(f"  {k:28s} {v:.4f}")
-        print(f"[mmzoo] run directory: {out}")
+        report_metrics(task, metrics, out, f"predictions and samples → {out}")
     return metrics
 
 

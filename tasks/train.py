@@ -94,6 +94,17 @@ def write_metrics(path: Path, metrics: dict[str, float]) -> None:
     atomic_write_text(path, json.dumps(dict(sorted(metrics.items())), indent=2))
 
 
+def report_metrics(task: Any, metrics: dict[str, float], out: Path, title: str) -> None:
+    """Write ``out/metrics.json`` and print the task's summary table (multi-task), then every metric."""
+    write_metrics(out / "metrics.json", metrics)
+    if hasattr(task, "report"):
+        print(f"[mmzoo] summary:\n{task.report()}")
+    print(f"[mmzoo] {title}:")
+    for k, v in sorted(metrics.items()):
+        print(f"  {k:28s} {v:.4f}")
+    print(f"[mmzoo] run directory: {out}")
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit and test the configured task; writes ``metrics.json`` into the run directory."""
     import lightning as L
@@ -169,13 +180,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.test(task, datamodule=dm, ckpt_path=ckpt)
     metrics.update(task.final_metrics)
     if trainer.is_global_zero:
-        write_metrics(out / "metrics.json", metrics)
-        if hasattr(task, "report"):
-            print(f"[mmzoo] summary:\n{task.report()}")
-        print("[mmzoo] final metrics:")
-        for k, v in sorted(metrics.items()):
-            print(f"  {k:28s} {v:.4f}")
-        print(f"[mmzoo] run directory: {out}")
+        report_metrics(task, metrics, out, "final metrics")
     return metrics
 
 
