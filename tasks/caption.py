@@ -172,7 +172,7 @@ class CaptionDataModule(TextDataModule):
 
     def train_dataloader(self) -> DataLoader:
         recs = self._read("train")
-        flat = iter(self.encode_text([c for r in recs for c in r.captions], self.max_target_len))  # one batched tokenizer call
+        flat = iter(self.encode_text([c for r in recs for c in r.captions], self.max_target_len))  # one tokenizer call
         targets = [[next(flat) for _ in r.captions] for r in recs]
         ds = CaptionTrainSet([r.path for r in recs], [r.image_id for r in recs], targets, self.prompt_ids,
                              self.preprocess, self.captions_per_image)

@@ -20,9 +20,9 @@ from modalities.sensor import IMU_CHANNELS, SensorConfig, SensorRecording, Senso
 from modalities.text import TextTokenizer
 from tasks.base import Seq2SeqTask
 from tasks.data.collate import Seq2SeqCollator
-from tasks.data_module import TextDataModule
 from tasks.data.motion import ACTIVITIES
 from tasks.data.sensor_formats import ManifestRecord, read_manifest, read_recording
+from tasks.data_module import TextDataModule
 from zoo.atomic import atomic_file
 from zoo.instructions import SENSOR_PROMPT
 from zoo.vocab import VocabLayout

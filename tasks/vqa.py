@@ -25,9 +25,9 @@ from modalities.image import ImagePreprocessor
 from modalities.text import TextTokenizer
 from tasks.base import Seq2SeqTask
 from tasks.data.collate import Seq2SeqCollator, pad_ids
-from tasks.data_module import TextDataModule, image_preprocessor
 from tasks.data.formats import VQARecord, read_imagefolder, read_jsonl, read_vqa
 from tasks.data.validate import Problems, filter_records
+from tasks.data_module import TextDataModule, image_preprocessor
 from zoo.generation import PrefixTrie
 from zoo.vocab import BOS_ID, EOS_ID, PAD_ID, VocabLayout
 
