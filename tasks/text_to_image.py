@@ -24,6 +24,7 @@ from tasks.base import Seq2SeqTask
 from tasks.caption import CaptionDataModule
 from tasks.data.collate import pad_ids
 from tasks.data.shapes_images import load_images, scene_labels
+from zoo.atomic import atomic_file
 from zoo.guidance import guided_sample
 from zoo.instructions import t2i_prompt
 from zoo.vocab import BOS_ID, VocabLayout
@@ -123,7 +124,7 @@ class T2IDataModule(CaptionDataModule):
     def split_codes(self, split: str) -> torch.Tensor:
         """Raw codes ``[N, h*w]`` of the split's images (row order of the split), cached on disk."""
         if split not in self.codes:
-            from safetensors.torch import load_file, save_file
+            from safetensors.torch import load_file, save
 
             tok = self.load_image_tokenizer()
             key = file_digest(Path(self.vq_path) / "diffusion_pytorch_model.safetensors")
@@ -135,10 +136,8 @@ class T2IDataModule(CaptionDataModule):
                 images = load_images([r.path for r in recs])
                 tok.eval()
                 codes = torch.cat([tok.encode(c.float() / 255).flatten(1) for c in images.split(self.encode_batch_size)])
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.name + ".tmp")
-                save_file({"ids": ids, "codes": codes.to(torch.int16)}, str(tmp))
-                tmp.replace(path)
+                with atomic_file(path, "wb") as f:  # concurrent writers each write their own temp file
+                    f.write(save({"ids": ids, "codes": codes.to(torch.int16)}))
                 cached = {"ids": ids, "codes": codes}
             self.codes[split] = cached["codes"].long()
         return self.codes[split]
@@ -158,9 +157,7 @@ class T2IDataModule(CaptionDataModule):
         if grid is not None and list(grid) != list(tok.grid):
             raise ValueError(f"the model's dec_grid={list(grid)} does not match the VQ tokenizer's {list(tok.grid)} code "
                              f"grid ({self.vq_path}); set model.overrides.dec_grid={list(tok.grid)} or null")
-        self.layout = layout
-        if tokenizer is not None:
-            self.tokenizer = tokenizer
+        self.attach(layout, tokenizer)
 
     def setup(self, stage: str | None = None) -> None:
         if self.layout is None:
@@ -170,10 +167,7 @@ class T2IDataModule(CaptionDataModule):
 
     def encode_prompts(self, captions: list[str]) -> list[list[int]]:
         """The unified-vocabulary instruction ids of each caption."""
-        assert self.tokenizer is not None and self.layout is not None
-        off = self.layout.text_start
-        texts = [t2i_prompt(c) for c in captions]
-        return [[t + off for t in ids] for ids in self.tokenizer.encode_batch(texts, self.max_prompt_len)]
+        return self.encode_text([t2i_prompt(c) for c in captions], self.max_prompt_len)
 
     # --- data for the task's metrics ----------------------------------------------------------
     def eval_records(self, stage: str) -> list[Any]:
