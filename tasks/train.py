@@ -88,15 +88,11 @@ def save_final_last(trainer) -> None:
             return
 
 
-def write_metrics(path: Path, metrics: dict[str, float]) -> None:
-    from zoo.atomic import atomic_write_text
-
-    atomic_write_text(path, json.dumps(dict(sorted(metrics.items())), indent=2))
-
-
 def report_metrics(task: Any, metrics: dict[str, float], out: Path, title: str) -> None:
     """Write ``out/metrics.json`` and print the task's summary table (multi-task), then every metric."""
-    write_metrics(out / "metrics.json", metrics)
+    from zoo.atomic import atomic_write_text
+
+    atomic_write_text(out / "metrics.json", json.dumps(dict(sorted(metrics.items())), indent=2))
     if hasattr(task, "report"):
         print(f"[mmzoo] summary:\n{task.report()}")
     print(f"[mmzoo] {title}:")
