@@ -33,7 +33,7 @@ def load_for_eval(source: str, task_type: str | None = None, unsafe_pickle: bool
                   ) -> tuple[Any, Any, str, dict[str, Any]]:
     """``(model, tokenizer, task name, task settings)`` from a ``.ckpt`` or a model folder / hub id."""
     path = Path(source)
-    if path.is_file():
+    if path.is_file() or path.suffix == ".ckpt":  # a missing .ckpt: read_checkpoint says what the folder holds
         from tasks.export import bundle_from_checkpoint, read_checkpoint
         from tasks.registry import get_task
 

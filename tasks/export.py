@@ -37,7 +37,9 @@ def read_checkpoint(path: str | Path, unsafe_pickle: bool = False) -> dict[str, 
     """Load a training checkpoint, refusing arbitrary objects unless ``unsafe_pickle``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        near = sorted(p.name for p in path.parent.glob("*.ckpt")) if path.parent.is_dir() else []
+        raise FileNotFoundError(f"checkpoint {path} does not exist"
+                                + (f"; {path.parent} holds {', '.join(near)}" if near else ""))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001

@@ -88,6 +88,25 @@ def save_final_last(trainer) -> None:
             return
 
 
+def save_final_best(trainer) -> None:
+    """Write the monitored checkpoint (``best.ckpt``) after the one validation of a run that never validated in its
+    loop (a time budget, a step total off the validation interval): that validation scored the final weights, so
+    they are the best the run has seen. Without it such a run would leave no ``best.ckpt`` for zoo-eval/zoo-export."""
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for cb in trainer.checkpoint_callbacks:
+        if not isinstance(cb, ModelCheckpoint) or not cb.monitor or cb.save_top_k == 0 or not cb.dirpath:
+            continue
+        score = trainer.callback_metrics.get(cb.monitor)
+        if cb.best_model_path or score is None:
+            continue
+        path = cb.format_checkpoint_name({**trainer.callback_metrics, "epoch": torch.tensor(trainer.current_epoch),
+                                          "step": torch.tensor(trainer.global_step)})
+        trainer.save_checkpoint(path)  # every rank: FSDP gathers shards collectively
+        cb.best_model_path, cb.best_model_score, cb.best_k_models = path, score, {path: score}
+
+
 def report_metrics(task: Any, metrics: dict[str, float], out: Path, title: str) -> None:
     """Write ``out/metrics.json`` and print the task's summary table (multi-task), then every metric."""
     from zoo.atomic import atomic_write_text
@@ -165,6 +184,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics["train/steps"] = float(trainer.global_step)
         if not standalone and not any(k.startswith("val/") for k in task.final_metrics):
             trainer.validate(task, datamodule=dm, verbose=False)  # the loop never validated (e.g. a time budget)
+            save_final_best(trainer)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))})
     if cfg.get("test", True):
         ckpt = None

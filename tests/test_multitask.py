@@ -42,7 +42,7 @@ def test_multitask_trains_every_task_then_evaluates_and_exports_as_one(tiny_shap
 
     # zoo-eval on the multitask checkpoint evaluates every task it was trained on
     ev = tmp_path / "eval"
-    eval_cfg = compose_eval([f"ckpt={run}/checkpoints/last.ckpt", f"paths.output_dir={ev}", "split=val"], ev)
+    eval_cfg = compose_eval([f"ckpt={run}/checkpoints/best.ckpt", f"paths.output_dir={ev}", "split=val"], ev)
     with_data = multitask_eval_data(cfg, eval_cfg)
     m = evaluate(with_data)
     for name in names:
@@ -56,7 +56,7 @@ def test_multitask_trains_every_task_then_evaluates_and_exports_as_one(tiny_shap
     import zoo
     from tasks.export import export
 
-    out = export(f"{run}/checkpoints/last.ckpt", tmp_path / "exported")
+    out = export(f"{run}/checkpoints/best.ckpt", tmp_path / "exported")
     bundle = zoo.load(str(out))
     assert set(names) <= set(bundle.tasks)
     assert bundle.image_tokenizer is not None

@@ -151,3 +151,12 @@ def test_last_checkpoint_holds_the_final_step(tiny_shapes, tmp_path):
     metrics = train(cfg)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert metrics["train/steps"] == 7 and ckpt["global_step"] == 7
+    # the one validation after the loop scored these weights: they are best.ckpt, which zoo-eval reads
+    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert best["global_step"] == 7
+    for key, value in ckpt["state_dict"].items():
+        assert torch.equal(best["state_dict"][key], value), key
+    from tasks.evaluate import load_for_eval
+
+    with pytest.raises(FileNotFoundError, match=r"missing\.ckpt does not exist; .*holds best\.ckpt, last\.ckpt"):
+        load_for_eval(str(tmp_path / "checkpoints" / "missing.ckpt"), None, False)
