@@ -13,6 +13,19 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 TOKENIZER_FILE = "tokenizer.json"
 
 
+def read_text_file(path: str | Path, error: type[Exception] = ValueError) -> str:
+    """The UTF-8 text of ``path`` (a leading BOM is dropped); bytes that are not UTF-8 raise ``error`` naming
+    the file, the line and the column of the first bad byte."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise error(f"{path}: not UTF-8 text: byte 0x{data[e.start]:02x} at line {line}, column {col} "
+                    f"(byte offset {e.start}); save the file as UTF-8") from None
+
+
 class TextTokenizer:
     """Batched encode/decode around a ``tokenizers.Tokenizer``; trainable, saveable, loadable."""
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modalities.text import read_text_file
+
 
 class DataError(ValueError):
     """A dataset record is malformed; the message names the file and the record."""
@@ -24,11 +26,17 @@ def read_json(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    text = read_text_file(path, DataError)
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+
+
+def _describe(x: Any) -> str:
+    from tasks.data.validate import describe_value
+
+    return describe_value(x)
 
 
 def _raise(message: str) -> None:
@@ -50,11 +58,19 @@ def read_coco_captions(json_path: str | Path, image_root: str | Path | None = No
     data = read_json(json_path)
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise DataError(f"{json_path}: not a COCO captions file (needs 'images' and 'annotations' lists)")
+    for key in ("images", "annotations"):
+        if not isinstance(data[key], list):
+            raise DataError(f"{json_path}: '{key}' is {_describe(data[key])}, not a list")
     records: dict[Any, CaptionRecord] = {}
     skipped: set[Any] = set()
     for i, img in enumerate(data["images"]):
         if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
             fail(f"{json_path}: images[{i}] lacks 'id' or 'file_name': {img}")
+            continue
+        if not isinstance(img["file_name"], str) or not img["file_name"].strip():
+            fail(f"{json_path}: images[{i}] (id={img['id']}) has file_name {_describe(img['file_name'])}, "
+                 "not a file name")
+            skipped.add(img["id"])
             continue
         path = root / img["file_name"]
         if check_files and not path.is_file():
@@ -75,7 +91,11 @@ def read_coco_captions(json_path: str | Path, image_root: str | Path | None = No
         if image_id not in records:
             fail(f"{json_path}: annotations[{i}] (id={ann.get('id')}) points at unknown image_id {image_id!r}")
             continue
-        if not isinstance(caption, str) or not caption.strip():
+        if not isinstance(caption, str):
+            fail(f"{json_path}: annotations[{i}] (id={ann.get('id')}, image_id={image_id}) has caption "
+                 f"{_describe(caption)}, not a string")
+            continue
+        if not caption.strip():
             fail(f"{json_path}: annotations[{i}] (id={ann.get('id')}, image_id={image_id}) has an empty caption")
             continue
         records[image_id].captions.append(caption.strip())

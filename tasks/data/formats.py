@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modalities.text import read_text_file
 from tasks.data.coco import CaptionRecord, DataError, read_json
-from tasks.data.validate import Problems
+from tasks.data.validate import Problems, describe_value
 
 __all__ = ["CaptionRecord", "VQARecord", "read_karpathy", "read_vqa", "read_jsonl", "read_imagefolder",
            "VQAV2_IMAGE_PATTERN"]
@@ -82,7 +83,17 @@ def read_karpathy(json_path: str | Path, image_root: str | Path, split: str,
         if img["split"] not in wanted:
             continue
         image_id = img.get("cocoid", img.get("imgid", i))
-        caps = [s.get("raw", " ".join(s.get("tokens", []))) for s in img.get("sentences", []) if isinstance(s, dict)]
+        sentences = img.get("sentences", [])
+        if not isinstance(sentences, list):
+            problems.report(f"{json_path}: images[{i}] (id={image_id}) has 'sentences' {describe_value(sentences)}, "
+                            "not a list")
+            continue
+        caps = [s.get("raw", " ".join(map(str, s.get("tokens", [])))) for s in sentences if isinstance(s, dict)]
+        wrong = next((c for c in caps if not isinstance(c, str)), "")
+        if not isinstance(wrong, str):
+            problems.report(f"{json_path}: images[{i}] (id={image_id}) has a sentence 'raw' {describe_value(wrong)}, "
+                            "not a string")
+            continue
         caps = [c.strip() for c in caps if _nonempty(c)]
         if not caps:
             problems.report(f"{json_path}: images[{i}] (id={image_id}, {img['filename']}) has no non-empty sentence")
@@ -124,7 +135,14 @@ def read_vqa(questions_path: str | Path, annotations_path: str | Path | None, im
             if not isinstance(a, dict) or "question_id" not in a:
                 problems.report(f"{a_path}: annotations[{i}] lacks 'question_id'")
                 continue
-            answers = [x.get("answer") if isinstance(x, dict) else x for x in a.get("answers", [])]
+            answers = a.get("answers", [])
+            answers = [x.get("answer") if isinstance(x, dict) else x for x in answers] if isinstance(answers, list) \
+                else [answers]
+            wrong = next((x for x in answers if not isinstance(x, str)), "")
+            if not isinstance(wrong, str):
+                problems.report(f"{a_path}: annotations[{i}] (question_id={a['question_id']}) has an answer "
+                                f"{describe_value(wrong)}, not a string")
+                continue
             if not answers or not all(_nonempty(x) for x in answers):
                 problems.report(f"{a_path}: annotations[{i}] (question_id={a['question_id']}) has an empty answer")
                 continue
@@ -136,6 +154,9 @@ def read_vqa(questions_path: str | Path, annotations_path: str | Path | None, im
             continue
         qid, image_id = q["question_id"], q["image_id"]
         where = f"{q_path}: questions[{i}] (question_id={qid}, image_id={image_id})"
+        if not isinstance(q.get("question"), str):
+            problems.report(f"{where} has question {describe_value(q.get('question'))}, not a string")
+            continue
         if not _nonempty(q.get("question")):
             problems.report(f"{where} has an empty question")
             continue
@@ -167,19 +188,19 @@ def _jsonl_rows(path: Path, problems: Problems) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.report(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})")
-                continue
-            if not isinstance(row, dict):
-                problems.report(f"{path}:{lineno}: a line must be a JSON object")
-                continue
-            rows.append((lineno, row))
+    # decoded whole first: a byte that is not UTF-8 is named by its line and column
+    for lineno, line in enumerate(read_text_file(path, DataError).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.report(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(row, dict):
+            problems.report(f"{path}:{lineno}: a line must be a JSON object")
+            continue
+        rows.append((lineno, row))
     return rows
 
 
@@ -187,13 +208,24 @@ def _row_record(row: dict, lineno: int, path: Path, root: Path, image_key: str, 
                 problems: Problems) -> CaptionRecord | VQARecord | None:
     where = f"{path}:{lineno}"
     image = row.get(image_key)
+    if image is not None and not isinstance(image, str):
+        problems.report(f"{where}: '{image_key}' is {describe_value(image)}, not a file name")
+        return None
     if not _nonempty(image):
         problems.report(f"{where}: no '{image_key}'")
         return None
     image_path = root / image
     if kind == "caption":
         caps = row.get("captions", row.get("caption", row.get("text")))
+        key = next((k for k in ("captions", "caption", "text") if k in row), "captions")
         caps = [caps] if isinstance(caps, str) else caps
+        if caps is not None and not isinstance(caps, list):
+            problems.report(f"{where} ({image}): '{key}' is {describe_value(caps)}, not a string or a list of strings")
+            return None
+        wrong = next((c for c in caps or [] if not isinstance(c, str)), "")
+        if not isinstance(wrong, str):
+            problems.report(f"{where} ({image}): a caption in '{key}' is {describe_value(wrong)}, not a string")
+            return None
         if not isinstance(caps, list) or not caps or not all(_nonempty(c) for c in caps):
             problems.report(f"{where} ({image}): empty or missing caption(s)")
             return None
@@ -201,7 +233,15 @@ def _row_record(row: dict, lineno: int, path: Path, root: Path, image_key: str, 
     if kind == "vqa":
         question, answers = row.get("question"), row.get("answers", row.get("answer"))
         answers = [answers] if isinstance(answers, str) else (answers or [])
-        answers = [a.get("answer") if isinstance(a, dict) else a for a in answers]
+        answers = [a.get("answer") if isinstance(a, dict) else a for a in answers] if isinstance(answers, list) \
+            else [answers]
+        if question is not None and not isinstance(question, str):
+            problems.report(f"{where} ({image}): 'question' is {describe_value(question)}, not a string")
+            return None
+        wrong = next((a for a in answers if not isinstance(a, str)), "")
+        if not isinstance(wrong, str):
+            problems.report(f"{where} ({image}): an answer is {describe_value(wrong)}, not a string")
+            return None
         if not _nonempty(question):
             problems.report(f"{where} ({image}): empty or missing question")
             return None

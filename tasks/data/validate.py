@@ -5,10 +5,14 @@ JSON, annotation pointing at an unknown image) to a :class:`Problems` collector.
 one raises :class:`~tasks.data.coco.DataError` naming the file and the record; with
 ``skip_bad=True`` (``data.skip_bad=true``) bad records are dropped, and :meth:`Problems.log` says how
 many and which.
+
+Paths are confined to the data root: a record whose file resolves (``..``, an absolute path, a symlink)
+outside ``data.root`` / ``data.image_root`` is a bad record unless ``data.allow_outside_root=true``.
 """
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
@@ -18,7 +22,8 @@ from tasks.data.coco import DataError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-__all__ = ["DataError", "Problems", "check_image", "check_images", "filter_records"]
+__all__ = ["DataError", "Problems", "check_image", "check_images", "filter_records", "outside_roots", "describe_value",
+           "confine_roots"]
 
 
 class Problems:
@@ -47,6 +52,37 @@ class Problems:
                     self.source, len(self.messages), shown, more)
 
 
+def describe_value(x: Any) -> str:
+    """``x`` for an error message: its JSON type and (short) value, e.g. ``a number (42)``, ``null``."""
+    if x is None:
+        return "null"
+    kind = ("a boolean" if isinstance(x, bool) else "a number" if isinstance(x, (int, float))
+            else "a list" if isinstance(x, (list, tuple)) else "an object" if isinstance(x, dict)
+            else "a string" if isinstance(x, str) else f"a {type(x).__name__}")
+    text = repr(x)
+    return f"{kind} ({text if len(text) <= 60 else text[:57] + '...'})"
+
+
+def confine_roots(allow_outside_root: bool, *roots: str | Path | None) -> list[Path] | None:
+    """The folders record paths must stay inside (``None``: anywhere, ``data.allow_outside_root=true``)."""
+    if allow_outside_root:
+        return None
+    return [Path(r) for r in dict.fromkeys(str(r) for r in roots if r)]
+
+
+def outside_roots(path: str | Path, roots: Sequence[str | Path] | None) -> str | None:
+    """``None`` if ``path`` (symlinks and ``..`` resolved) lies inside one of ``roots``, else why not."""
+    if roots is None:
+        return None
+    real = Path(os.path.realpath(path))
+    for root in roots:
+        if real.is_relative_to(os.path.realpath(root)):
+            return None
+    shown = " or ".join(str(r) for r in roots)
+    return (f"path {str(path)!r} resolves to {real}, outside the data root {shown} "
+            "(set data.allow_outside_root=true to read files there)")
+
+
 def check_image(path: str | Path) -> str | None:
     """``None`` if ``path`` is a fully decodable image, else why not (missing, unreadable, truncated)."""
     from PIL import Image, UnidentifiedImageError
@@ -73,12 +109,22 @@ def check_images(paths: Iterable[str | Path], workers: int = 4) -> dict[Path, st
 
 
 def filter_records(records: Sequence[T], path_of: Callable[[T], Any], describe: Callable[[T], str],
-                   problems: Problems, check_files: str = "decode") -> list[T]:
-    """Drop (or raise on) records whose image is missing or undecodable.
+                   problems: Problems, check_files: str = "decode",
+                   roots: Sequence[str | Path] | None = None) -> list[T]:
+    """Drop (or raise on) records whose image lies outside ``roots`` (when given), or is missing or undecodable.
 
     ``check_files``: ``decode`` (open and decode every image once), ``exists`` (only stat it) or
     ``none``. ``describe(record)`` names the record in the message (file and record index/id).
     """
+    if roots is not None:
+        inside = []
+        for r in records:
+            why = outside_roots(path_of(r), roots)
+            if why is None:
+                inside.append(r)
+            else:
+                problems.report(f"{describe(r)}: {why}")
+        records = inside
     if check_files == "none":
         return list(records)
     if check_files == "exists":
