@@ -14,6 +14,7 @@ Nothing is unpickled (``allow_pickle=False``).
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Sequence
 
@@ -65,8 +66,9 @@ def read_csv(path: str | Path, channels: Sequence[str], timestamp_column: str | 
     """A CSV recording with the named ``channels`` (in that order) and optional timestamp column."""
     path = Path(path)
     src = str(path)
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f, delimiter=delimiter))
+    from modalities.text import read_text_file
+
+    rows = list(csv.reader(io.StringIO(read_text_file(path, SensorDataError), newline=""), delimiter=delimiter))
     if not rows:
         raise SensorDataError(f"{src}: empty file (no header row)")
     header = [h.strip() for h in rows[0]]
@@ -149,6 +151,25 @@ def read_recording(path: str | Path, channels: Sequence[str], rate: float | None
     if suffix == ".npy":
         return read_npy(path, rate)
     raise SensorDataError(f"{path}: unsupported recording format {suffix!r}; use .csv, .tsv, .npz or .npy")
+
+
+def recording_problem(rec: SensorRecording, channels: Sequence[str], min_samples: int = 2) -> str | None:
+    """``None`` if ``rec`` can be learnt from, else what is wrong: fewer than ``min_samples`` rows (a single
+    row has no time course), or a configured channel without one finite value (all NaN / empty)."""
+    values = np.asarray(rec.values)
+    if values.ndim != 2:
+        return f"expected values [channels, time], got shape {values.shape}"
+    if values.shape[1] < min_samples:
+        return (f"only {values.shape[1]} sample row(s); a recording needs at least {min_samples} "
+                "(a single row has no time course)")
+    names = [str(c) for c in rec.channels] if rec.channels is not None else list(channels)
+    rows = [names.index(c) for c in channels if c in names] if rec.channels is not None else range(len(names))
+    if values.dtype.kind in "biuf":
+        dead = [names[i] for i in rows if i < values.shape[0] and not np.isfinite(values[i]).any()]
+        if dead:
+            return (f"channel(s) {dead} hold no finite value (all NaN/inf/empty over {values.shape[1]} rows); "
+                    "drop the recording or fill the channel")
+    return None
 
 
 def write_csv(path: str | Path, values: np.ndarray, channels: Sequence[str], timestamps: np.ndarray,

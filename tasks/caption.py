@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader, Dataset
 from modalities.image import ImagePreprocessor
 from modalities.text import TextTokenizer
 from tasks.base import Seq2SeqTask
-from tasks.data.coco import CaptionRecord, read_coco_captions
+from tasks.data.coco import CaptionRecord, DataError, read_coco_captions
 from tasks.data.collate import Seq2SeqCollator
-from tasks.data_module import TextDataModule, image_preprocessor
+from tasks.data_module import SplitInfo, TextDataModule, empty_split_error, image_preprocessor
 from zoo.instructions import CAPTION_PROMPT
 from zoo.vocab import VocabLayout
 
@@ -85,6 +85,7 @@ class CaptionDataModule(TextDataModule):
         val_limit: int | None = None,
         skip_bad: bool = False,
         check_files: str = "decode",
+        allow_outside_root: bool = False,
     ):
         super().__init__()
         self.root = Path(root)
@@ -100,6 +101,8 @@ class CaptionDataModule(TextDataModule):
         self.num_workers, self.max_target_len, self.prompt_text = num_workers, max_target_len, prompt
         self.val_limit = val_limit
         self.skip_bad, self.check_files = skip_bad, check_files  # see tasks/data/validate.py
+        self.allow_outside_root = allow_outside_root
+        self.split_infos: dict[str, SplitInfo] = {}
         self.records: dict[str, list[CaptionRecord]] = {}
         self.tokenizer: TextTokenizer | None = None
         self.preprocess: ImagePreprocessor | None = None
@@ -110,16 +113,29 @@ class CaptionDataModule(TextDataModule):
     def _read(self, split: str) -> list[CaptionRecord]:
         """The split's records, validated up front (bad records raise, or are skipped with ``skip_bad``)."""
         if split not in self.records:
-            from tasks.data.validate import Problems, filter_records
+            from tasks.data.validate import Problems, confine_roots, filter_records
 
             path = self.root / self.files[split]
             problems = Problems(self.skip_bad, str(path))
             recs = read_coco_captions(path, self.image_root, problems=problems)
             recs = filter_records(recs, lambda r: r.path, lambda r: f"{path}: image id={r.image_id}",
-                                  problems, self.check_files)
+                                  problems, self.check_files,
+                                  confine_roots(self.allow_outside_root, self.root, self.image_root))
             problems.log()
+            self.split_infos[split] = info = SplitInfo(str(path), len(recs), list(problems.messages))
+            if split == "train" and not recs:
+                raise DataError(f"{empty_split_error(info, split)}: nothing to train on")
             self.records[split] = recs
         return self.records[split]
+
+    def split_info(self, split: str) -> SplitInfo | None:
+        if not self.files.get(split):
+            return None
+        recs = self._read(split)
+        info = self.split_infos[split]
+        if split == "train":
+            info.units, info.batches = len(recs), len(recs) // self.batch_size
+        return info
 
     def ensure_data(self) -> None:
         """Generate the embedded dataset on first use (``generate``)."""
@@ -172,7 +188,10 @@ class CaptionDataModule(TextDataModule):
 
     def train_dataloader(self) -> DataLoader:
         recs = self._read("train")
-        flat = iter(self.encode_text([c for r in recs for c in r.captions], self.max_target_len))  # one tokenizer call
+        flat = iter(self.encode_text([c for r in recs for c in r.captions], self.max_target_len,  # one tokenizer call
+                                     "training caption (data.max_target_len)",
+                                     [f"{self.split_infos['train'].source}: image id={r.image_id}"
+                                      for r in recs for _ in r.captions]))
         targets = [[next(flat) for _ in r.captions] for r in recs]
         ds = CaptionTrainSet([r.path for r in recs], [r.image_id for r in recs], targets, self.prompt_ids,
                              self.preprocess, self.captions_per_image)

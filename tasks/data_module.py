@@ -1,8 +1,10 @@
 """What the sequence-to-sequence datamodules share: the text tokenizer, unified-vocabulary ids, the loaders."""
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import torch
@@ -11,6 +13,29 @@ from torch.utils.data import DataLoader, Dataset
 from modalities.image import ImageConfig, ImagePreprocessor
 from modalities.text import TextTokenizer
 from zoo.vocab import VocabLayout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitInfo:
+    """What a split holds after validation: read by the pre-flight checks (:mod:`tasks.preflight`)."""
+
+    source: str  # the file(s) the split comes from
+    records: int  # usable records
+    skipped: list[str] = field(default_factory=list)  # why each record skipped under data.skip_bad was bad
+    batches: int | None = None  # training batches per epoch (train split), before DDP sharding
+    units: int | None = None  # items the training loader deals out (records, or images for grouped VQA)
+
+    def skip_note(self) -> str:
+        if not self.skipped:
+            return ""
+        return f" ({len(self.skipped)} bad record(s) skipped with data.skip_bad=true, e.g. {self.skipped[0]})"
+
+
+def empty_split_error(info: SplitInfo, split: str) -> str:
+    """The message for a split with no usable record."""
+    return f"{info.source}: the {split} split has no usable records{info.skip_note()}"
 
 
 class TextDataModule(L.LightningDataModule):
@@ -53,11 +78,29 @@ class TextDataModule(L.LightningDataModule):
         if tokenizer is not None:
             self.tokenizer = tokenizer
 
-    def encode_text(self, texts: list[str], max_len: int) -> list[list[int]]:
-        """Unified-vocabulary ids of ``texts``, each cut to ``max_len`` tokens (one batched tokenizer call)."""
+    def encode_text(self, texts: list[str], max_len: int, what: str | None = None,
+                    names: Sequence[str] | None = None) -> list[list[int]]:
+        """Unified-vocabulary ids of ``texts``, each cut to ``max_len`` tokens (one batched tokenizer call).
+
+        With ``what`` (e.g. ``"question (data.max_question_len)"``) a text longer than ``max_len`` tokens is
+        logged as a warning: how many were cut, and the longest with its token count and its record
+        (``names[i]``)."""
         assert self.tokenizer is not None and self.layout is not None
         off = self.layout.text_start
-        return [[t + off for t in ids] for ids in self.tokenizer.encode_batch(texts, max_len)]
+        ids = self.tokenizer.encode_batch(texts, None if what else max_len)
+        if what:
+            long = [i for i, x in enumerate(ids) if len(x) > max_len]
+            if long:
+                worst = max(long, key=lambda i: len(ids[i]))
+                who = f" ({names[worst]})" if names else ""
+                log.warning("%d of %d %ss exceed the limit of %d tokens and are cut to it; the longest%s has %d "
+                            "tokens", len(long), len(ids), what, max_len, who, len(ids[worst]))
+                ids = [x[:max_len] for x in ids]
+        return [[t + off for t in x] for x in ids]
+
+    def split_info(self, split: str) -> SplitInfo | None:
+        """The split's :class:`SplitInfo` (``None``: the split is not configured). Subclasses implement it."""
+        return None
 
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool, collate: Any = None) -> DataLoader:
         """Shuffled training batches drop the last partial one; evaluation keeps every record."""

@@ -179,7 +179,12 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path="pkg://configs", config_name="finetune")
     def _main(cfg: DictConfig) -> float | None:
-        metrics = finetune(cfg)
+        from tasks.data.coco import DataError
+
+        try:
+            metrics = finetune(cfg)
+        except DataError as e:  # bad data, or a run that would train nothing: the message, not a traceback
+            raise SystemExit(f"error: {e}") from None
         opt = cfg.get("optimized_metric")
         return metrics.get(opt) if opt else None
 

@@ -17,12 +17,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from modalities.sensor import IMU_CHANNELS, SensorConfig, SensorRecording, SensorTokenizer
+from modalities.sensor_io import recording_problem
 from modalities.text import TextTokenizer
 from tasks.base import Seq2SeqTask
 from tasks.data.collate import Seq2SeqCollator
 from tasks.data.motion import ACTIVITIES
 from tasks.data.sensor_formats import ManifestRecord, read_manifest, read_recording
-from tasks.data_module import TextDataModule
+from tasks.data.coco import DataError
+from tasks.data_module import SplitInfo, TextDataModule, empty_split_error
 from zoo.atomic import atomic_file
 from zoo.instructions import SENSOR_PROMPT
 from zoo.vocab import VocabLayout
@@ -139,6 +141,8 @@ class SensorTextDataModule(TextDataModule):
         max_target_len: int = 48,
         prompt: str = SENSOR_PROMPT,
         val_limit: int | None = None,
+        skip_bad: bool = False,
+        allow_outside_root: bool = False,
     ):
         super().__init__()
         self.root = Path(root)
@@ -153,6 +157,8 @@ class SensorTextDataModule(TextDataModule):
             raise ValueError(f"descriptions_per_recording must be >= 1, got {descriptions_per_recording}")
         self.batch_size, self.eval_batch_size, self.k = batch_size, eval_batch_size, descriptions_per_recording
         self.num_workers, self.max_target_len, self.prompt_text, self.val_limit = num_workers, max_target_len, prompt, val_limit
+        self.skip_bad, self.allow_outside_root = skip_bad, allow_outside_root
+        self.split_infos: dict[str, SplitInfo] = {}
         self.records: dict[str, list[ManifestRecord]] = {}
         self._recs: dict[str, list[SensorRecording]] = {}
         self.sensor_cfg: SensorConfig | None = None  # fitted on train (prepare_data) or the model's (bind)
@@ -163,20 +169,61 @@ class SensorTextDataModule(TextDataModule):
 
     # --- reading ------------------------------------------------------------------------------
     def _read(self, split: str) -> list[ManifestRecord]:
+        """The split's manifest records whose recordings read and hold usable data (checked up front: a bad
+        line or recording raises naming the manifest line and the file, or is skipped with ``skip_bad``)."""
         if split not in self.records:
+            from tasks.data.validate import Problems, confine_roots, outside_roots
+
             if not self.files.get(split):
                 raise ValueError(f"this dataset has no {split} split (data.{split}_file is null)")
-            records = read_manifest(self.root / self.files[split])
+            path = self.root / self.files[split]
+            problems = Problems(self.skip_bad, str(path))
+            records = read_manifest(path, problems=problems, allow_empty=True)
             if split != "train" and self.val_limit:
                 records = records[: self.val_limit]
-            self.records[split] = records
+            roots = confine_roots(self.allow_outside_root, self.root)
+            channels = (self.sensor_cfg or self.base_cfg).channels
+            kept, recordings = [], []
+            for r in records:
+                why = outside_roots(r.path, roots)
+                rec = None
+                if why is None:
+                    try:
+                        rec = read_recording(r.path, channels, r.rate, **self.read_kwargs)
+                    except (OSError, ValueError) as e:  # SensorDataError is a ValueError
+                        why = str(e)
+                    else:
+                        why = recording_problem(rec, channels)
+                        why = f"{r.path}: {why}" if why else None
+                if why is not None:
+                    problems.report(f"{r.where} (id={r.id}): {why}")
+                    continue
+                kept.append(r)
+                recordings.append(rec)
+            problems.log()
+            self.split_infos[split] = info = SplitInfo(str(path), len(kept), list(problems.messages))
+            if split == "train" and not kept:
+                raise DataError(f"{empty_split_error(info, split)}: nothing to train on")
+            self.records[split], self._recs[split] = kept, recordings
         return self.records[split]
+
+    def split_info(self, split: str) -> SplitInfo | None:
+        if not self.files.get(split):
+            return None
+        recs = self._read(split)
+        info = self.split_infos[split]
+        if split == "train":
+            info.units, info.batches = len(recs), len(recs) // self.batch_size
+        return info
 
     def recordings(self, split: str) -> list[SensorRecording]:
         """The split's recordings read through the format readers (kept in memory: they are small)."""
         if split not in self._recs:
-            channels = (self.sensor_cfg or self.base_cfg).channels
-            self._recs[split] = [read_recording(r.path, channels, r.rate, **self.read_kwargs) for r in self._read(split)]
+            self._read(split)
+            if split not in self._recs:  # read again for new channels (bind)
+                channels = (self.sensor_cfg or self.base_cfg).channels
+                self._recs[split] = [read_recording(r.path, channels, r.rate, **self.read_kwargs)
+                                     for r in self._read(split)]
         return self._recs[split]
 
     def ensure_data(self) -> None:
@@ -190,6 +237,10 @@ class SensorTextDataModule(TextDataModule):
 
     def prepare_data(self) -> None:
         self.ensure_data()
+        if self.sensor_tokenizer is None:  # training (zoo-eval binds first and reads only the split it scores)
+            for split, name in self.files.items():
+                if name:
+                    self._read(split)  # validate every split's manifest and recordings now, before the long run
         self.load_tokenizer()
         if self.sensor_cfg is None:
             self.sensor_cfg = SensorTokenizer(self.base_cfg).fit(self.recordings("train"))
@@ -238,7 +289,9 @@ class SensorTextDataModule(TextDataModule):
     # --- loaders ------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         recs = self._read("train")
-        flat = iter(self.encode_text([d for r in recs for d in r.descriptions], self.max_target_len))
+        flat = iter(self.encode_text([d for r in recs for d in r.descriptions], self.max_target_len,
+                                     "training description (data.max_target_len)",
+                                     [f"{r.where} (id={r.id})" for r in recs for _ in r.descriptions]))
         targets = [[next(flat) for _ in r.descriptions] for r in recs]
         ds = SensorTrainSet(self.recordings("train"), [r.id for r in recs], targets, self.prompt_ids,
                             self.sensor_tokenizer, self.k)

@@ -173,6 +173,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         print(f"[mmzoo] run directory: {out}\n[mmzoo] {what}: {n_params / 1e6:.2f}M parameters, "
               f"{vocab}precision {trainer.precision}")
 
+    from tasks.preflight import check_run
+
+    check_run(cfg, dm, trainer)  # 0 training steps, no validation or test data: refused before the run
     metrics: dict[str, float] = {}
     ckpt_path = resolve_ckpt_path(cfg)
     if cfg.get("train", True):
@@ -207,7 +210,12 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path="pkg://configs", config_name="train")
     def _main(cfg: DictConfig) -> float | None:
-        metrics = train(cfg)
+        from tasks.data.coco import DataError
+
+        try:
+            metrics = train(cfg)
+        except DataError as e:  # bad data, or a run that would train nothing: the message, not a traceback
+            raise SystemExit(f"error: {e}") from None
         opt = cfg.get("optimized_metric")
         return metrics.get(opt) if opt else None
 

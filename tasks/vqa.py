@@ -26,8 +26,9 @@ from modalities.text import TextTokenizer
 from tasks.base import Seq2SeqTask
 from tasks.data.collate import Seq2SeqCollator, pad_ids
 from tasks.data.formats import VQARecord, read_imagefolder, read_jsonl, read_vqa
-from tasks.data.validate import Problems, filter_records
-from tasks.data_module import TextDataModule, image_preprocessor
+from tasks.data.coco import DataError
+from tasks.data.validate import Problems, confine_roots, filter_records
+from tasks.data_module import SplitInfo, TextDataModule, empty_split_error, image_preprocessor
 from zoo.generation import PrefixTrie
 from zoo.vocab import BOS_ID, EOS_ID, PAD_ID, VocabLayout
 
@@ -135,6 +136,7 @@ class VQADataModule(TextDataModule):
         val_limit: int | None = None,
         aux_captions: str | None = None,
         aux_grounding: str | None = None,
+        allow_outside_root: bool = False,
     ):
         super().__init__()
         if format not in ("vqa2", "jsonl", "imagefolder"):
@@ -151,6 +153,8 @@ class VQADataModule(TextDataModule):
         self.max_question_len, self.max_answer_len = max_question_len, max_answer_len
         self.max_candidates, self.val_limit = max_candidates, val_limit
         self.aux_captions, self.aux_grounding = aux_captions, aux_grounding
+        self.allow_outside_root = allow_outside_root
+        self.split_infos: dict[str, SplitInfo] = {}
         self.records: dict[str, list[VQARecord]] = {}
         self.tokenizer: TextTokenizer | None = None
         self.preprocess: ImagePreprocessor | None = None
@@ -168,7 +172,8 @@ class VQADataModule(TextDataModule):
         if split not in self.splits:
             raise ValueError(f"no {split} split configured (data.splits.{split})")
         spec = self.splits[split]
-        problems = Problems(self.skip_bad, f"{split} split")
+        source = self._source(split)
+        problems = Problems(self.skip_bad, f"{split} split ({source})")
         if self.format == "vqa2":
             ann = spec.get("annotations")
             recs = read_vqa(self.root / spec["questions"], self.root / ann if ann else None, self.image_root,
@@ -181,16 +186,38 @@ class VQADataModule(TextDataModule):
         if split == "train":
             for r in recs:
                 if r.answer is None:
-                    problems.report(f"{split} question {r.question_id} ({r.path.name}) has no answer to train on")
+                    problems.report(f"{source}: {split} question {r.question_id} ({r.path.name}) has no answer "
+                                    "to train on")
             recs = [r for r in recs if r.answer is not None]
+        roots = confine_roots(self.allow_outside_root, self.root, self.image_root)
         recs = filter_records(recs, lambda r: r.path,
-                              lambda r: f"{split} question_id={r.question_id} (image_id={r.image_id})",
-                              problems, self.check_files)
+                              lambda r: f"{source}: {split} question_id={r.question_id} (image_id={r.image_id})",
+                              problems, self.check_files, roots)
         problems.log()
-        if not recs:
-            raise ValueError(f"the {split} split has no usable records ({len(problems)} skipped)")
+        self.split_infos[split] = info = SplitInfo(source, len(recs), list(problems.messages))
+        if not recs and split == "train":  # an empty val/test split is refused by tasks.preflight unless not used
+            raise DataError(f"{empty_split_error(info, split)}: nothing to train on")
         self.records[split] = recs
         return recs
+
+    def _source(self, split: str) -> str:
+        """The split's files, as named in messages."""
+        spec = self.splits[split]
+        if self.format == "vqa2":
+            return " + ".join(str(self.root / spec[k]) for k in ("questions", "annotations") if spec.get(k))
+        if self.format == "jsonl":
+            return str(self.root / spec["file"])
+        return str(self.root / spec["folder"] / "metadata.jsonl")
+
+    def split_info(self, split: str) -> SplitInfo | None:
+        if split not in self.splits:
+            return None
+        recs = self.read(split)
+        info = self.split_infos[split]
+        if split == "train":  # one training item per image (VQAImageGroups)
+            info.units = len({r.path for r in recs})
+            info.batches = info.units // self.batch_size
+        return info
 
     def ensure_data(self) -> None:
         """Generate the embedded dataset on first use (``generate``)."""
@@ -261,15 +288,20 @@ class VQADataModule(TextDataModule):
         return {r.question_id: r.question for r in self.eval_records(stage)}
 
     # --- loaders ------------------------------------------------------------------------------
+    def _questions(self, recs: list[VQARecord]) -> list[list[int]]:
+        """Tokenised questions; those over ``max_question_len`` are cut, with a warning naming the longest."""
+        return self.encode_text([r.question for r in recs], self.max_question_len, "question (data.max_question_len)",
+                                [f"question_id={r.question_id} (image {r.path.name})" for r in recs])
+
     def _dataset(self, recs: list[VQARecord], train: bool) -> VQASet:
-        prompts = self.encode_text([r.question for r in recs], self.max_question_len)
+        prompts = self._questions(recs)
         targets = self.encode_text([r.answer for r in recs], self.max_answer_len) if train else None
         return VQASet([r.path for r in recs], [r.question_id for r in recs], prompts, targets, self.preprocess)
 
     def train_dataloader(self) -> DataLoader:
         """Batches of ``batch_size`` images, each with its questions (see :class:`VQAImageGroups`)."""
         recs = self.read("train")
-        prompts = self.encode_text([r.question for r in recs], self.max_question_len)
+        prompts = self._questions(recs)
         targets = self.encode_text([r.answer for r in recs], self.max_answer_len)
         by_path: dict[Path, list[int]] = {}
         for i, r in enumerate(recs):
