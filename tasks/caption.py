@@ -189,7 +189,7 @@ class CaptionDataModule(TextDataModule):
     def train_dataloader(self) -> DataLoader:
         recs = self._read("train")
         flat = iter(self.encode_text([c for r in recs for c in r.captions], self.max_target_len,  # one tokenizer call
-                                     "training caption (data.max_target_len)",
+                                     "training captions (data.max_target_len)",
                                      [f"{self.split_infos['train'].source}: image id={r.image_id}"
                                       for r in recs for _ in r.captions]))
         targets = [[next(flat) for _ in r.captions] for r in recs]

@@ -82,7 +82,7 @@ class TextDataModule(L.LightningDataModule):
                     names: Sequence[str] | None = None) -> list[list[int]]:
         """Unified-vocabulary ids of ``texts``, each cut to ``max_len`` tokens (one batched tokenizer call).
 
-        With ``what`` (e.g. ``"question (data.max_question_len)"``) a text longer than ``max_len`` tokens is
+        With ``what`` (e.g. ``"questions (data.max_question_len)"``) a text longer than ``max_len`` tokens is
         logged as a warning: how many were cut, and the longest with its token count and its record
         (``names[i]``)."""
         assert self.tokenizer is not None and self.layout is not None
@@ -92,8 +92,8 @@ class TextDataModule(L.LightningDataModule):
             long = [i for i, x in enumerate(ids) if len(x) > max_len]
             if long:
                 worst = max(long, key=lambda i: len(ids[i]))
-                who = f" ({names[worst]})" if names else ""
-                log.warning("%d of %d %ss exceed the limit of %d tokens and are cut to it; the longest%s has %d "
+                who = f", {names[worst]}," if names else ""
+                log.warning("%d of %d %s exceed the limit of %d tokens and are cut to it; the longest%s has %d "
                             "tokens", len(long), len(ids), what, max_len, who, len(ids[worst]))
                 ids = [x[:max_len] for x in ids]
         return [[t + off for t in x] for x in ids]

@@ -60,9 +60,9 @@ def check_train_split(info: SplitInfo | None, prefix: str, batch_size: int, trai
     if batches == 0:
         on = f" per device ({world} devices)" if world > 1 else ""
         raise RunConfigError(
-            f"{info.source}: {units} training {what}{info.skip_note()} make 0 batches of {prefix}batch_size="
+            f"{info.source}: {units} training {what}{info.skip_note()} make 0 batches of {prefix}.batch_size="
             f"{batch_size}{on} (the last partial batch is dropped): the run would train 0 steps; lower "
-            f"{prefix}batch_size or add data")
+            f"{prefix}.batch_size or add data")
     if not trainer.fast_dev_run and _limited(batches, trainer.limit_train_batches) == 0:
         raise RunConfigError(
             f"{info.source}: trainer.limit_train_batches={trainer.limit_train_batches} of {batches} training "

@@ -290,7 +290,7 @@ class SensorTextDataModule(TextDataModule):
     def train_dataloader(self) -> DataLoader:
         recs = self._read("train")
         flat = iter(self.encode_text([d for r in recs for d in r.descriptions], self.max_target_len,
-                                     "training description (data.max_target_len)",
+                                     "training descriptions (data.max_target_len)",
                                      [f"{r.where} (id={r.id})" for r in recs for _ in r.descriptions]))
         targets = [[next(flat) for _ in r.descriptions] for r in recs]
         ds = SensorTrainSet(self.recordings("train"), [r.id for r in recs], targets, self.prompt_ids,

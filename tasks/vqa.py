@@ -290,7 +290,7 @@ class VQADataModule(TextDataModule):
     # --- loaders ------------------------------------------------------------------------------
     def _questions(self, recs: list[VQARecord]) -> list[list[int]]:
         """Tokenised questions; those over ``max_question_len`` are cut, with a warning naming the longest."""
-        return self.encode_text([r.question for r in recs], self.max_question_len, "question (data.max_question_len)",
+        return self.encode_text([r.question for r in recs], self.max_question_len, "questions (data.max_question_len)",
                                 [f"question_id={r.question_id} (image {r.path.name})" for r in recs])
 
     def _dataset(self, recs: list[VQARecord], train: bool) -> VQASet:

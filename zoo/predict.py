@@ -8,7 +8,10 @@
     zoo-predict pretrained=... task=sensor input=recordings/ out=descriptions.json
 
 Results print as JSON lines, or go to ``out`` (``output`` is the same; a ``.json`` file; a folder of PNG files
-for ``t2i``, whose JSON lines print).
+for ``t2i``, whose JSON lines print). An unreadable input file stops the run with an error naming it; with
+``skip_bad=true`` the readable files are still processed and each unreadable one gets a result
+``{"input": ..., "error": ...}`` (also listed on stderr). Option clashes (``precision=bf16 quantize=int8``,
+``device=cuda`` without CUDA) are refused before the model loads.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ SENSOR_EXTS = {".npy", ".npz", ".csv", ".tsv"}
 USAGE = __doc__.strip() + """
 
 arguments: pretrained= task= input= [question=] [text=] [out=|output=] [batch_size=32] [max_new_tokens=] [num_beams=]
-           [device=cpu] [revision=] [allow_pickle=false] [precision=fp32|bf16] [quantize=none|int8]
+           [device=cpu] [revision=] [allow_pickle=false] [precision=fp32|bf16] [quantize=none|int8] [skip_bad=false]
 t2i:           [guidance_scale=<saved, 3.0>] [seed=<saved, 0>]
 sensor files:  [timestamp_column=timestamp|null] [time_unit=s|ms|us|ns] [rate=<Hz, files without timestamps>]"""
 
@@ -47,17 +50,25 @@ def collect_files(spec: str, exts: set[str]) -> list[Path]:
 
 def read_vqa_records(path: Path) -> list[dict[str, Any]]:
     """``{"image", "question"}`` records from a JSON list or JSONL file (image paths relative to the file)."""
-    text = path.read_text(encoding="utf-8")
+    from modalities.text import read_text_file
+
+    text = read_text_file(path)
     try:
         rows = json.loads(text) if path.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON: {e}") from e
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a list of {{image, question}} records")
     out = []
     for i, r in enumerate(rows):
         if not isinstance(r, dict) or "image" not in r or "question" not in r:
             raise ValueError(f"{path}: record {i} needs 'image' and 'question' keys, got {r!r}")
+        if not isinstance(r["image"], str) or not isinstance(r["question"], str):
+            raise ValueError(f"{path}: record {i}: 'image' and 'question' must be strings, got {r!r}")
+        if not r["question"].strip():
+            raise ValueError(f"{path}: record {i} ({r['image']}) has a blank question")
         img = Path(r["image"])
-        out.append({"image": img if img.is_absolute() else path.parent / img, "question": str(r["question"])})
+        out.append({"image": img if img.is_absolute() else path.parent / img, "question": r["question"]})
     return out
 
 
@@ -71,36 +82,121 @@ def read_prompts(spec: str | None, text: str | None) -> list[str]:
     p = Path(spec)
     if not p.exists() and not glob.glob(spec) and not spec.endswith(".txt"):
         return [spec]  # a literal prompt
-    lines = [l.strip() for f in collect_files(spec, {".txt"}) for l in f.read_text(encoding="utf-8").splitlines()]
+    from modalities.text import read_text_file
+
+    lines = [l.strip() for f in collect_files(spec, {".txt"}) for l in read_text_file(f).splitlines()]
     return [l for l in lines if l]
+
+
+def check_options(precision: str = "fp32", quantize: str | None = "none", device: str | None = None) -> None:
+    """Refuse option values and clashes before any loading work, with the fix in the message."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    if quantize not in (None, "none", "int8"):
+        raise ValueError(f"quantize must be none or int8, got {quantize!r}")
+    if quantize == "int8" and precision == "bf16":
+        raise ValueError("precision=bf16 and quantize=int8 do not combine: int8 dynamic quantization computes in fp32 "
+                         "(choose one: quantize=int8 with precision=fp32, or precision=bf16 without quantize)")
+    if device:
+        import torch
+
+        try:
+            dev = torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"device={device!r} is not a device name (cpu, cuda, cuda:1, mps): {e}") from None
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device={device} but torch sees no CUDA GPU on this machine "
+                                 "(torch.cuda.is_available() is False); use device=cpu")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise ValueError(f"device={device} but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ValueError(f"device={device} but MPS is not available on this machine; use device=cpu")
+        if quantize == "int8" and dev.type != "cpu":
+            raise ValueError(f"quantize=int8 runs on the CPU only; drop quantize or use device=cpu (got device={device})")
+
+
+def _readable(items: list[Any], read: Any, skip_bad: bool, skipped: dict[str, str]) -> list[tuple[Any, Any]]:
+    """``(item, read(item))`` for each item that reads; a failure raises naming the file, or with ``skip_bad``
+    is recorded in ``skipped`` (file → why)."""
+    ok = []
+    for item in items:
+        path = item["image"] if isinstance(item, dict) else item
+        try:
+            ok.append((item, read(path)))
+        except Exception as e:  # unreadable, truncated, not an image / a recording: name the file
+            why = str(e) if str(path) in str(e) else f"{path}: {e}"
+            if not skip_bad:
+                raise ValueError(f"cannot read input {why} (skip_bad=true processes the readable files and lists "
+                                 "the rest)") from None
+            skipped[str(path)] = why
+    return ok
 
 
 def predict(bundle: Any, task: str, inputs: str | None, *, question: str | None = None, text: str | None = None,
             batch_size: int = 32, out: str | None = None, sensor_read: dict[str, Any] | None = None,
-            t2i: dict[str, Any] | None = None, **gen: Any) -> list[dict[str, Any]]:
+            t2i: dict[str, Any] | None = None, skip_bad: bool = False, **gen: Any) -> list[dict[str, Any]]:
     """Run ``task`` over the inputs; returns one JSON-able record per input. ``sensor_read`` holds
     :meth:`Pretrained.describe`'s file-reading options (``rate``, ``timestamp_column``, ``time_unit``),
-    ``t2i`` :meth:`Pretrained.generate_image`'s sampling options (``guidance_scale``, ``seed``, ...)."""
+    ``t2i`` :meth:`Pretrained.generate_image`'s sampling options (``guidance_scale``, ``seed``, ...).
+    Each input file is read in batches of ``batch_size``; an unreadable one raises naming it, or with
+    ``skip_bad`` gets ``{"input": file, "error": why}`` in place of its result."""
     gen = {k: v for k, v in gen.items() if v is not None}
-    if task == "caption":
-        files = collect_files(_need(inputs, task), IMAGE_EXTS)
-        caps = bundle.caption([str(f) for f in files], batch_size=batch_size, **gen)
-        return [{"input": str(f), "caption": c} for f, c in zip(files, caps)]
-    if task == "vqa":
-        src = _need(inputs, task)
-        if Path(src).suffix in (".json", ".jsonl") and Path(src).is_file():
-            recs = read_vqa_records(Path(src))
+    if task in ("caption", "vqa", "sensor"):
+        skipped: dict[str, str] = {}
+        if task == "caption":
+            items: list[Any] = collect_files(_need(inputs, task), IMAGE_EXTS)
+            read, key = bundle.preprocessor("image"), "caption"
+            run = lambda ok: bundle.caption([x for _, x in ok], batch_size=batch_size, **gen)  # noqa: E731
+            row = lambda it, r: {"input": str(it), "caption": r}  # noqa: E731
+        elif task == "vqa":
+            src = _need(inputs, task)
+            if Path(src).suffix in (".json", ".jsonl") and Path(src).is_file():
+                items = read_vqa_records(Path(src))
+            else:
+                if not question or not question.strip():
+                    raise ValueError("vqa needs question=... (not blank; or input=<.json/.jsonl with image and "
+                                     "question>)")
+                items = [{"image": f, "question": question} for f in collect_files(src, IMAGE_EXTS)]
+            read, key = bundle.preprocessor("image"), "answer"
+            run = lambda ok: bundle.answer([x for _, x in ok], [it["question"] for it, _ in ok],  # noqa: E731
+                                           batch_size=batch_size, **gen)
+            row = lambda it, r: {"input": str(it["image"]), "question": it["question"], "answer": r}  # noqa: E731
         else:
-            if not question:
-                raise ValueError("vqa needs question=... (or input=<.json/.jsonl with image and question>)")
-            recs = [{"image": f, "question": question} for f in collect_files(src, IMAGE_EXTS)]
-        answers = bundle.answer([str(r["image"]) for r in recs], [r["question"] for r in recs],
-                                batch_size=batch_size, **gen)
-        return [{"input": str(r["image"]), "question": r["question"], "answer": a} for r, a in zip(recs, answers)]
-    if task == "sensor":
-        files = collect_files(_need(inputs, task), SENSOR_EXTS)
-        descs = bundle.describe([str(f) for f in files], batch_size=batch_size, **(sensor_read or {}), **gen)
-        return [{"input": str(f), "description": d} for f, d in zip(files, descs)]
+            from zoo.pretrained import read_sensor_file
+
+            items = collect_files(_need(inputs, task), SENSOR_EXTS)
+            tok, opts = bundle.preprocessor("sensor"), dict(sensor_read or {})
+
+            def read(path: Any) -> Any:
+                from modalities.sensor_io import recording_problem
+
+                rec = read_sensor_file(path, tok.cfg.channels, **opts)
+                why = recording_problem(rec, tok.cfg.channels)  # a single row, a channel without one value
+                if why:
+                    raise ValueError(f"{path}: {why}")
+                tok(rec)  # the checks the model's tokenizer makes (channels, rate, length)
+                return rec
+
+            key = "description"
+            run = lambda ok: bundle.describe([x for _, x in ok], batch_size=batch_size, **gen)  # noqa: E731
+            row = lambda it, r: {"input": str(it), "description": r}  # noqa: E731
+        results: list[dict[str, Any]] = []
+        for i in range(0, len(items), batch_size):
+            chunk = items[i:i + batch_size]
+            ok = _readable(chunk, read, skip_bad, skipped)
+            answers = iter(run(ok) if ok else [])
+            done = {id(it) for it, _ in ok}
+            for it in chunk:
+                path = str(it["image"] if isinstance(it, dict) else it)
+                results.append(row(it, next(answers)) if id(it) in done else
+                               {"input": path, **({"question": it["question"]} if isinstance(it, dict) else {}),
+                                "error": skipped[path]})
+        if skipped:
+            listed = "\n  ".join(skipped.values())
+            print(f"[mmzoo] skipped {len(skipped)} unreadable input(s) of {len(items)} (skip_bad=true); "
+                  f"{len(items) - len(skipped)} {key}(s) made:\n  {listed}", file=sys.stderr)
+        return results
     if task == "t2i":
         prompts = read_prompts(inputs, text)
         images = bundle.generate_image(prompts, batch_size=batch_size,
@@ -144,9 +240,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                     {"pretrained": ..., "task": ..., "input": None, "question": None, "text": None, "out": None,
                      "batch_size": 32, "max_new_tokens": None, "num_beams": None, "device": None, "revision": None,
                      "allow_pickle": False, "precision": "fp32", "quantize": "none", "timestamp_column": "timestamp", "time_unit": "s",
-                     "rate": None, "guidance_scale": None, "seed": None, "output": None}, USAGE)
+                     "rate": None, "guidance_scale": None, "seed": None, "output": None, "skip_bad": False}, USAGE)
     if args["task"] not in TASKS:
         raise SystemExit(f"error: task must be one of {TASKS}, got {args['task']!r}")
+    try:
+        check_options(args["precision"], args["quantize"], args["device"])
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     from zoo.hub import load
 
     try:
@@ -164,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                        "rate": float(args["rate"]) if args["rate"] is not None else None}
         results = predict(bundle, args["task"], args["input"], question=args["question"], text=args["text"],
                           batch_size=args["batch_size"], out=args["out"] or args["output"], sensor_read=sensor_read,
-                          t2i=t2i, **gen)
+                          t2i=t2i, skip_bad=args["skip_bad"], **gen)
     except (OSError, ValueError, NotImplementedError) as e:
         raise SystemExit(f"error: {e}") from None
     out = args["out"] or args["output"]

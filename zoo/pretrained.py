@@ -234,6 +234,18 @@ def read_sensor_file(path: str | Path, channels: Sequence[str], rate: float | No
     return read_recording(path, channels, rate, timestamp_column=timestamp_column, time_unit=time_unit)
 
 
+#: inference tasks a saved model's "tasks" entry can list → the bundle method that runs each
+TASK_METHODS = {"caption": "caption", "vqa": "answer", "sensor_to_text": "describe", "text_to_image": "generate_image"}
+
+
+class UntrainedTaskError(ValueError):
+    """A task method was called on a model that was not trained for that task."""
+
+
+def _name(x: Any) -> str:
+    return str(x) if isinstance(x, (str, Path)) else type(x).__name__
+
+
 def _as_list(x: Any) -> tuple[list[Any], bool]:
     """``(items, single)``: wraps one input so every method is batched."""
     if isinstance(x, (list, tuple)):
@@ -460,10 +472,26 @@ class Pretrained:
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
+    def _require_task(self, task: str, method: str) -> None:
+        """Refuse a task the model was not trained for, when its config lists the tasks it was trained for."""
+        known = [t for t in self.tasks if t in TASK_METHODS]
+        if known and task not in self.tasks:
+            uses = ", ".join(f"{TASK_METHODS[t]}()" for t in known)
+            raise UntrainedTaskError(f"this model was not trained for {task} ({method}() was called); config.json "
+                                     f"lists the tasks {known}: use {uses}")
+
+    def _warn_long(self, texts: Sequence[str], limit: int, what: str) -> None:
+        """Warn about each text longer than ``limit`` tokens (it is cut): its index, token count and the limit."""
+        for i, ids in enumerate(self.tokenizer.encode_batch(list(texts))):
+            if len(ids) > limit:
+                warnings.warn(f"{what} {i} has {len(ids)} tokens, over this model's limit of {limit} "
+                              f"(max_positions); only its first {limit} tokens are read", stacklevel=3)
+
     # --- tasks --------------------------------------------------------------------------------
     def caption(self, images: Any, *, batch_size: int = 32, max_new_tokens: int | None = None,
                 num_beams: int | None = None, prompt: str = CAPTION_PROMPT) -> str | list[str]:
         """Caption one image or a list (paths, bytes, PIL images or preprocessed ``[3,H,W]`` tensors)."""
+        self._require_task("caption", "caption")
         items, single = _as_list(images)
         gen = self._gen_kwargs("caption", {"max_new_tokens": max_new_tokens, "num_beams": num_beams})
         out: list[str] = []
@@ -481,6 +509,11 @@ class Pretrained:
         qs = [questions] * len(items) if isinstance(questions, str) else list(questions)
         if len(qs) != len(items):
             raise ValueError(f"got {len(items)} images but {len(qs)} questions")
+        self._require_task("vqa", "answer")
+        blank = next((i for i, q in enumerate(qs) if not isinstance(q, str) or not q.strip()), None)
+        if blank is not None:
+            raise ValueError(f"question {blank} (for image {_name(items[blank])}) is blank: {qs[blank]!r}")
+        self._warn_long([q.strip() for q in qs], self.model.cfg.max_positions, "question")
         gen = self._gen_kwargs("vqa", {"max_new_tokens": max_new_tokens, "num_beams": num_beams})
         trie = self._answer_trie()
         if trie is not None:
@@ -502,6 +535,7 @@ class Pretrained:
         if "sensor" not in self.model.cfg.modalities:
             raise NotImplementedError("describe() needs a model with a 'sensor' modality; this one has "
                                       f"{['text', *self.model.cfg.modalities]} (train one with a sensor experiment)")
+        self._require_task("sensor_to_text", "describe")
         from modalities.sensor import SensorRecording, pad_sensor_batch
 
         tok = self.preprocessor("sensor")
@@ -549,7 +583,9 @@ class Pretrained:
             raise NotImplementedError("generate_image() needs a text-to-image model with an image_codes VQ tokenizer "
                                       "(an 'image_codes' folder in config.json); this one has none (its modalities: "
                                       f"{['text', *self.model.cfg.modalities]}); export a text_to_image run")
+        self._require_task("text_to_image", "generate_image")
         items, _ = _as_list(texts)
+        self._warn_long([t2i_prompt(str(t)) for t in items], self.model.cfg.max_positions, "prompt")
         hp = self._t2i_settings(dict(guidance_scale=guidance_scale, seed=seed, do_sample=do_sample,
                                      temperature=temperature, top_k=top_k, top_p=top_p, use_cache=use_cache))
         scale = float(hp.pop("guidance_scale"))
