@@ -69,11 +69,17 @@ def check_train_split(info: SplitInfo | None, prefix: str, batch_size: int, trai
             "batches is 0 batches: the run would train 0 steps")
 
 
-def check_eval_split(info: SplitInfo | None, split: str, prefix: str, why: str, fix: str) -> None:
+def check_eval_split(info: SplitInfo | None, split: str, prefix: str, why: str, fix: str,
+                     batch_size: int | None = None, limit: Any = None) -> None:
     if info is None:
         raise RunConfigError(f"{prefix}: no {split} split is configured: {why}; {fix}")
     if info.records == 0:
         raise RunConfigError(f"{empty_split_error(info, split)}: {why}; {fix}")
+    if batch_size and isinstance(limit, float) and 0.0 < limit < 1.0:
+        batches = math.ceil(info.records / batch_size)
+        if int(batches * limit) == 0:
+            raise RunConfigError(f"{info.source}: trainer.limit_{split}_batches={limit} of {batches} {split} batches "
+                                 f"is 0 batches: {why}; {fix}")
 
 
 def check_run(cfg: Any, dm: Any, trainer: Any) -> None:
@@ -92,7 +98,8 @@ def check_run(cfg: Any, dm: Any, trainer: Any) -> None:
         if validate:
             check_eval_split(sub.split_info("val"), "val", prefix,
                              "training would never validate (no val metrics, no best.ckpt)",
-                             "give validation data, or turn validation off explicitly with trainer.limit_val_batches=0")
+                             "give validation data, or turn validation off explicitly with trainer.limit_val_batches=0",
+                             getattr(sub, "eval_batch_size", None), trainer.limit_val_batches)
         if test:
             check_eval_split(sub.split_info("test"), "test", prefix, "test=true would test on nothing",
                              "give test data or set test=false")

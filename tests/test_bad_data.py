@@ -415,3 +415,23 @@ def test_predict_sensor_files_single_row_and_nan_channel(tmp_path, caption_model
     assert "description" in rows[0] and [r.get("error", "")[:0] for r in rows[1:]] == ["", ""]
     assert "only 1 sample row" in rows[1]["error"] and "channel(s) ['acc_y'] hold no finite value" in rows[2]["error"]
     assert "skipped 2 unreadable input(s) of 3" in capsys.readouterr().err
+
+
+def test_validation_fraction_of_zero_batches(data_root):
+    from tasks.preflight import RunConfigError, check_run
+
+    dm = _caption_dm(data_root, eval_batch_size=1)
+    dm.prepare_data()
+    check_run(_cfg(), dm, _trainer(limit_val_batches=0.5))  # 1 of the 2 val batches
+    with pytest.raises(RunConfigError, match=r"val\.json: trainer\.limit_val_batches=0\.1 of 2 val batches is 0 "
+                                             r"batches: training would never validate"):
+        check_run(_cfg(), dm, _trainer(limit_val_batches=0.1))
+
+
+def test_non_utf8_grounding_file(tmp_path):
+    from tasks.data.grounding import read_grounding
+
+    path = tmp_path / "refs.json"
+    path.write_bytes(b'{"images": [], "refs": [{"sentence": "' + LATIN1 + b'"}]}')
+    with pytest.raises(DataError, match=r"refs\.json: not UTF-8 text: byte 0xe9 at line 1"):
+        read_grounding(path)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modalities.text import read_text_file
+from tasks.data.coco import DataError
 from tasks.data.validate import Problems
 from zoo.instructions import GROUNDING_PROMPT
 from zoo.vocab import VocabLayout
@@ -45,7 +47,10 @@ def read_grounding(path: str | Path, image_root: str | Path | None = None,
     path = Path(path)
     problems = problems if problems is not None else Problems(False, str(path))
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text_file(path, DataError))  # a byte that is not UTF-8: named by line and column
+    except DataError as e:
+        problems.report(str(e))
+        return []
     except FileNotFoundError:
         problems.report(f"{path}: grounding file not found")
         return []
