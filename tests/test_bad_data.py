@@ -435,3 +435,15 @@ def test_non_utf8_grounding_file(tmp_path):
     path.write_bytes(b'{"images": [], "refs": [{"sentence": "' + LATIN1 + b'"}]}')
     with pytest.raises(DataError, match=r"refs\.json: not UTF-8 text: byte 0xe9 at line 1"):
         read_grounding(path)
+
+
+def test_bf16_on_an_int8_model_from_python(caption_model):
+    import zoo
+    from zoo.compress import apply_quantize
+
+    bundle = apply_quantize(zoo.load(caption_model), "int8")
+    bundle.precision = "bf16"
+    with pytest.raises(ValueError, match="precision='bf16' does not combine with an int8-quantized model"):
+        bundle.caption(torch.zeros(3, 32, 32))
+    bundle.precision = "fp32"
+    assert isinstance(bundle.caption(torch.zeros(3, 32, 32)), str)

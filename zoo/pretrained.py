@@ -470,6 +470,10 @@ class Pretrained:
         """The autocast context for :attr:`precision`."""
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.precision == "bf16" and any(type(m).__module__.startswith("torch.ao.nn.quantized")
+                                            for m in self.model.modules()):
+            raise ValueError("precision='bf16' does not combine with an int8-quantized model (its linear layers "
+                             "compute in fp32): set precision='fp32'")
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def _require_task(self, task: str, method: str) -> None:
