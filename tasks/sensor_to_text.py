@@ -182,7 +182,8 @@ class SensorTextDataModule(TextDataModule):
             if split != "train" and self.val_limit:
                 records = records[: self.val_limit]
             roots = confine_roots(self.allow_outside_root, self.root)
-            channels = (self.sensor_cfg or self.base_cfg).channels
+            checker = SensorTokenizer(self.sensor_cfg or self.base_cfg)  # its checks: rate, timestamps, max_len
+            channels = checker.cfg.channels
             kept, recordings = [], []
             for r in records:
                 why = outside_roots(r.path, roots)
@@ -190,11 +191,12 @@ class SensorTextDataModule(TextDataModule):
                 if why is None:
                     try:
                         rec = read_recording(r.path, channels, r.rate, **self.read_kwargs)
-                    except (OSError, ValueError) as e:  # SensorDataError is a ValueError
-                        why = str(e)
-                    else:
                         why = recording_problem(rec, channels)
                         why = f"{r.path}: {why}" if why else None
+                        if why is None:
+                            checker.resampled(rec)  # what the loader workers do: fails here, not mid-epoch
+                    except (OSError, ValueError) as e:  # SensorDataError is a ValueError; it names the file
+                        why = str(e)
                 if why is not None:
                     problems.report(f"{r.where} (id={r.id}): {why}")
                     continue

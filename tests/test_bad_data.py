@@ -447,3 +447,10 @@ def test_bf16_on_an_int8_model_from_python(caption_model):
         bundle.caption(torch.zeros(3, 32, 32))
     bundle.precision = "fp32"
     assert isinstance(bundle.caption(torch.zeros(3, 32, 32)), str)
+
+
+def test_sensor_recording_longer_than_max_len_fails_before_training(tmp_path):
+    folder = _motion_folder(tmp_path, {3: np.random.default_rng(2).normal(size=(6, 900))})  # 18 s at 50 Hz
+    with pytest.raises(DataError, match=r"manifest_train\.jsonl:4 \(id=r3\): .*r3\.csv: 900 samples \(18\.0 s\) at "
+                                        r"50 Hz exceed max_len=640"):
+        _sensor_dm(folder).prepare_data()
