@@ -165,9 +165,10 @@ class T2IDataModule(CaptionDataModule):
         self.load_tokenizer()
         self.uncond_ids = self.encode_prompts([""])[0]
 
-    def encode_prompts(self, captions: list[str]) -> list[list[int]]:
-        """The unified-vocabulary instruction ids of each caption."""
-        return self.encode_text([t2i_prompt(c) for c in captions], self.max_prompt_len)
+    def encode_prompts(self, captions: list[str], names: list[str] | None = None) -> list[list[int]]:
+        """The unified-vocabulary instruction ids of each caption (with ``names``: over-long ones are reported)."""
+        return self.encode_text([t2i_prompt(c) for c in captions], self.max_prompt_len,
+                                "prompts (data.max_prompt_len)" if names else None, names)
 
     # --- data for the task's metrics ----------------------------------------------------------
     def eval_records(self, stage: str) -> list[Any]:
@@ -188,7 +189,9 @@ class T2IDataModule(CaptionDataModule):
     # --- loaders ------------------------------------------------------------------------------
     def train_dataloader(self):
         recs = self._read("train")
-        flat = iter(self.encode_prompts([c for r in recs for c in r.captions]))
+        flat = iter(self.encode_prompts([c for r in recs for c in r.captions],
+                                        [f"{self.split_infos['train'].source}: image id={r.image_id}"
+                                         for r in recs for _ in r.captions]))
         prompts = [[next(flat) for _ in r.captions] for r in recs]
         codes = self.layout.codes_to_unified(self.split_codes("train"))
         ds = T2ITrainSet(prompts, codes, [r.image_id for r in recs], self.uncond_ids, self.uncond_prob)
