@@ -345,7 +345,9 @@ def model_config_from_dict(d: dict[str, Any], where: str = CONFIG_FILE) -> Any:
         raise ModelFolderError(f"{where}: expected a JSON object, got {type(d).__name__}")
     fields = check_model_config(d, where)
     try:
-        return ModelConfig.from_dict(fields)
+        cfg = ModelConfig.from_dict(fields)
+        cfg.layout  # noqa: B018 — the vocabulary sizes must agree with its recorded ranges
+        return cfg
     except (TypeError, ValueError, KeyError) as e:
         raise ModelFolderError(f"{where}: not a valid mmzoo model config: {e}") from None
 
