@@ -209,3 +209,19 @@ def test_schema_covers_every_saved_field(ctx):
     assert set(TASK_SETTINGS) | {"candidates"} <= set(TASK_SCHEMA)
     for folder in (ctx.caption, ctx.t2i):
         assert set(json.loads((folder / "config.json").read_text())) <= set(MODEL_SCHEMA)
+
+
+def test_checkpoints_are_never_fully_unpickled(tmp_path):
+    """zoo-eval / zoo-export read a .ckpt with weights_only=True only: a payload is refused, and the old
+    unsafe_pickle opt-in is refused too."""
+    from safety_corpus import ShellPayload
+    from tasks.export import read_checkpoint
+
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save({"mmzoo": {}, "state_dict": {}, "callbacks": ShellPayload(marker)}, ckpt)
+    with pytest.raises(ValueError, match=r"evil\.ckpt: cannot be read with torch\.load\(weights_only=True\)"):
+        read_checkpoint(ckpt)
+    with pytest.raises(ValueError, match=r"evil\.ckpt: unsafe_pickle=true is no longer supported"):
+        read_checkpoint(ckpt, unsafe_pickle=True)
+    assert not marker.exists()
