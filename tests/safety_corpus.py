@@ -253,6 +253,11 @@ def _text_size(c: dict, ranges: bool) -> None:
             v["ranges"][seg] = [x + 10 for x in v["ranges"][seg]]
 
 
+def _huge_vocab(c: dict) -> None:
+    c["vocab"].pop("ranges")
+    c["vocab"]["text_size"] = 10**9
+
+
 def _other_tokenizer(folder: Path, ctx: Ctx, name: str) -> None:
     from modalities.text import TextTokenizer
 
@@ -458,6 +463,11 @@ def _config_cases(out: list[Case]) -> None:
         Case("config_vocab_ranges_disagree", cfg_edit(lambda d: _text_size(d, ranges=False)), M, c + "not a valid mmzoo model config: .*disagree"),
         Case("config_vocab_resized", cfg_edit(lambda d: _text_size(d, ranges=True)), M,
              r"model\.safetensors: tensor 'embed_tokens\.weight' has shape"),
+        Case("config_layers_huge", cfg_edit(lambda d: d.update(enc_layers=10**7)), M,
+             c + "key 'enc_layers' has an invalid value"),
+        # a vocabulary of 10^9 tokens (its ranges consistent): 128 GB if built; refused from the shapes alone
+        Case("config_vocab_huge", cfg_edit(_huge_vocab), M,
+             r"model\.safetensors: tensor 'embed_tokens\.weight' has shape \[\d+, 32\] but .* needs \[1000000\d+, 32\]"),
         Case("config_empty_object", write("config.json", "{}"), M, r"model\.safetensors: its tensors do not match"),
         # harmless: a modality's pretrained entry (a training-time source) is dropped, never read
         Case("config_pretrained_outside_ignored",

@@ -199,6 +199,10 @@ def _pos(v: Any) -> bool:
     return _int(v) and v >= 1
 
 
+def _upto(limit: int, low: int = 1) -> Check:
+    return lambda v: _int(v) and low <= v <= limit
+
+
 def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
 
@@ -227,12 +231,13 @@ def _ident(v: Any) -> bool:
 
 
 #: ``config.json``: every key a saved model may have, with the values it accepts
+#: (sizes are bounded far above any real model, so a config cannot make building it loop for hours)
 MODEL_SCHEMA: dict[str, Check] = {
-    "arch": _ident, "d_model": _pos, "n_heads": _pos, "enc_layers": _nonneg, "dec_layers": _nonneg, "ffn_dim": _pos,
-    "activation": _str, "dropout": _num, "attn_dropout": _num, "max_positions": _pos,
-    "dec_grid": _optional(_list_of(_pos, 2)), "norm_eps": _num, "attn_impl": _str, "grad_checkpointing": _bool,
-    "ffn": _str, "num_experts": _pos, "moe_top_k": _pos, "moe_capacity_factor": _num, "moe_aux_weight": _num,
-    "attention": _str, "lfa_kernel": _pos, "vocab": lambda v: isinstance(v, dict),
+    "arch": _ident, "d_model": _upto(2**16), "n_heads": _upto(2**10), "enc_layers": _upto(2**10, 0),
+    "dec_layers": _upto(2**10, 0), "ffn_dim": _upto(2**20), "activation": _str, "dropout": _num, "attn_dropout": _num,
+    "max_positions": _upto(2**20), "dec_grid": _optional(_list_of(_pos, 2)), "norm_eps": _num, "attn_impl": _str,
+    "grad_checkpointing": _bool, "ffn": _str, "num_experts": _upto(2**12), "moe_top_k": _pos,
+    "moe_capacity_factor": _num, "moe_aux_weight": _num, "attention": _str, "lfa_kernel": _upto(2**10), "vocab": lambda v: isinstance(v, dict),
     "modalities": lambda v: isinstance(v, dict),
     # metadata
     "mmzoo_version": _str, "format": _pos, "tasks": lambda v: isinstance(v, (dict, list)),

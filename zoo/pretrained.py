@@ -172,8 +172,12 @@ class Pretrained:
             tasks = {t: {} for t in tasks}
         state, weights_file = read_weights(root, folder, WEIGHTS_FILE, allow_pickle)
         try:
+            with torch.device("meta"):  # shapes first, without memory: a config cannot make us allocate at will
+                check_state(state, UnifiedSeq2Seq(cfg).state_dict(), weights_file, str(cfg_path))
             model = UnifiedSeq2Seq(cfg)
-        except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        except (TypeError, ValueError, KeyError, RuntimeError, NotImplementedError) as e:
+            if isinstance(e, ModelFolderError):
+                raise
             raise ModelFolderError(f"{cfg_path}: cannot build its architecture ({type(e).__name__}: {e})") from None
         model.load_state_dict(check_state(state, model.state_dict(), weights_file, str(cfg_path)))
         tokenizer = load_text_tokenizer(root, folder)
