@@ -207,7 +207,8 @@ def _build_backbone(cfg: ImageConfig) -> tuple[nn.Module, str]:
 
         # only the visual tower is used: never fetch base weights for either tower
         model = open_clip.create_model(name, pretrained=cfg.pretrained or None, load_weights=bool(cfg.pretrained),
-                                       pretrained_image=False, pretrained_text=False, **cfg.backbone_kwargs)
+                                       pretrained_image=False, pretrained_text=False,
+                                       device=torch.get_default_device(), **cfg.backbone_kwargs)
         visual = model.visual
         visual.output_tokens = True
         return visual, "open_clip"

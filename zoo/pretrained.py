@@ -171,13 +171,16 @@ class Pretrained:
         if isinstance(tasks, list):
             tasks = {t: {} for t in tasks}
         state, weights_file = read_weights(root, folder, WEIGHTS_FILE, allow_pickle)
+        try:  # shapes first, on the meta device: a config cannot make loading allocate memory at will
+            with torch.device("meta"):
+                shapes = UnifiedSeq2Seq(cfg).state_dict()
+        except Exception:  # noqa: BLE001 — a backbone that cannot be built on meta: the real build below decides
+            shapes = None
+        if shapes is not None:
+            check_state(state, shapes, weights_file, str(cfg_path))
         try:
-            with torch.device("meta"):  # shapes first, without memory: a config cannot make us allocate at will
-                check_state(state, UnifiedSeq2Seq(cfg).state_dict(), weights_file, str(cfg_path))
             model = UnifiedSeq2Seq(cfg)
-        except (TypeError, ValueError, KeyError, RuntimeError, NotImplementedError) as e:
-            if isinstance(e, ModelFolderError):
-                raise
+        except (TypeError, ValueError, KeyError, RuntimeError) as e:
             raise ModelFolderError(f"{cfg_path}: cannot build its architecture ({type(e).__name__}: {e})") from None
         model.load_state_dict(check_state(state, model.state_dict(), weights_file, str(cfg_path)))
         tokenizer = load_text_tokenizer(root, folder)
