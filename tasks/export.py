@@ -39,7 +39,7 @@ def read_checkpoint(path: str | Path, unsafe_pickle: bool = False) -> dict[str, 
     path = Path(path)
     if unsafe_pickle:
         raise ValueError(f"{path}: unsafe_pickle=true is no longer supported: mmzoo never unpickles beyond "
-                         "torch.load(weights_only=True) (a pickle can run code). mmzoo's own checkpoints load without it")
+                         "torch.load(weights_only=True) (a pickle can run code); mmzoo's own checkpoints load that way")
     if not path.is_file():
         near = sorted(p.name for p in path.parent.glob("*.ckpt")) if path.parent.is_dir() else []
         raise FileNotFoundError(f"checkpoint {path} does not exist"

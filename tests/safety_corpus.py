@@ -283,10 +283,9 @@ def _err(kind: Any) -> type[BaseException]:
 def _pickle_cases(out: list[Case]) -> None:
     refuse = r"{f}: refusing to load a pickle weights file"
     restricted = r"{f}: cannot be read with torch\.load\(weights_only=True\)"
-    for rel, base, unlink in ([(n, "caption", (ST,)) for n in
-                               ("pytorch_model.bin", "model.pt", "model.pth", "model.ckpt", "model.pkl", "weights.pickle")]
-                              + [(f"image_codes/diffusion_pytorch_model{s}", "t2i", (VQ_ST,))
-                                 for s in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]):
+    top = ("pytorch_model.bin", "model.pt", "model.pth", "model.ckpt", "model.pkl", "weights.pickle")
+    vq = [f"image_codes/diffusion_pytorch_model{s}" for s in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    for rel, base, unlink in [(n, "caption", (ST,)) for n in top] + [(n, "t2i", (VQ_ST,)) for n in vq]:
         f = re.escape(rel)
         slug = rel.replace("/", "_").replace(".", "_")
         out.append(Case(f"pickle_{slug}", payload_at(rel, unlink), U, refuse.format(f=f), base))
@@ -307,7 +306,8 @@ def _target_cases(out: list[Case]) -> None:
     t = {"_target_": "os.system", "command": "touch /tmp/mmzoo-pwned"}
     edits = {
         "top": (lambda c: c.update(_target_="os.system"), "_target_"),
-        "modality": (lambda c: c["modalities"]["image"].update(_target_="timm.create_model"), "modalities.image._target_"),
+        "modality": (lambda c: c["modalities"]["image"].update(_target_="timm.create_model"),
+                     "modalities.image._target_"),
         "backbone_kwargs": (image_cfg(backbone_kwargs={"act_layer": dict(t)}),
                             "modalities.image.backbone_kwargs.act_layer._target_"),
         "list": (image_cfg(mean=[dict(t), 0.5, 0.5]), "modalities.image.mean[0]._target_"),
@@ -342,10 +342,13 @@ def _backbone_cases(out: list[Case]) -> None:
     for label, fn in names.items():
         out.append(Case(f"backbone_{label}", backbone(fn), U, refused))
     out.append(Case("backbone_open_clip_local_dir_weights_only_false",
-                    backbone(lambda c, n: f"open_clip:local-dir:{local_dir_clip(c, n)}", weights_only=False), U, refused))
+                    backbone(lambda c, n: f"open_clip:local-dir:{local_dir_clip(c, n)}", weights_only=False),
+                    U, refused))
     kwargs: dict[str, tuple[str, str, Callable[[Ctx, str], Any]]] = {
-        "pretrained_image_path": ("open_clip:ViT-B-32", "pretrained_image_path", lambda c, n: str(outside_payload(c, n))),
-        "pretrained_text_path": ("open_clip:ViT-B-32", "pretrained_text_path", lambda c, n: str(outside_payload(c, n))),
+        "pretrained_image_path": ("open_clip:ViT-B-32", "pretrained_image_path",
+                                  lambda c, n: str(outside_payload(c, n))),
+        "pretrained_text_path": ("open_clip:ViT-B-32", "pretrained_text_path",
+                                 lambda c, n: str(outside_payload(c, n))),
         "weights_only_false": ("open_clip:ViT-B-32", "weights_only", lambda c, n: False),
         "open_clip_cache_dir": ("open_clip:ViT-B-32", "cache_dir", lambda c, n: str(c.outside)),
         "open_clip_pretrained_image": ("open_clip:ViT-B-32", "pretrained_image", lambda c, n: True),
@@ -387,11 +390,14 @@ def _safetensors_cases(out: list[Case]) -> None:
         Case("st_truncated_half", truncate(ST, lambda n: n // 2), M, st + "truncated"),
         Case("st_truncated_4_bytes", truncate(ST, lambda n: 4), M, st + r"not a valid safetensors file \(4 bytes"),
         Case("st_empty", truncate(ST, lambda n: 0), M, st + r"not a valid safetensors file \(0 bytes"),
-        Case("st_text_file", write(ST, "these are not the weights you are looking for"), M, st + "not a valid safetensors"),
+        Case("st_text_file", write(ST, "these are not the weights you are looking for"),
+             M, st + "not a valid safetensors"),
         Case("st_header_length_huge", lambda f, c, n: (f / ST).write_bytes(b"\xff" * 8 + (f / ST).read_bytes()[8:]), M,
              st + "not a valid safetensors file: its header length says"),
-        Case("st_header_not_json", header_edit(None, raw=b"{not json at all}"), M, st + "not a valid safetensors file: its header is not UTF-8 JSON"),
-        Case("st_header_list", header_edit(None, raw=b"[1, 2, 3]"), M, st + "not a valid safetensors file: its header is not a JSON object"),
+        Case("st_header_not_json", header_edit(None, raw=b"{not json at all}"),
+             M, st + "not a valid safetensors file: its header is not UTF-8 JSON"),
+        Case("st_header_list", header_edit(None, raw=b"[1, 2, 3]"),
+             M, st + "not a valid safetensors file: its header is not a JSON object"),
         Case("st_offsets_past_end",
              header_edit(lambda h: h[max((k for k in h if k != "__metadata__"),
                                          key=lambda k: h[k]["data_offsets"][1])]["data_offsets"].__setitem__(1, 10**9)),
@@ -405,24 +411,26 @@ def _tensor_cases(out: list[Case]) -> None:
     st = r"model\.safetensors: "
     out += [
         Case("tensor_wrong_shape", weights_edit(lambda s: s.__setitem__("dec_pos.weight", torch.zeros(10, 32))), M,
-             st + r"tensor 'dec_pos\.weight' has shape \[10, 32\] but the architecture in .*config\.json needs \[64, 32\]"),
+             st + r"tensor 'dec_pos\.weight' has shape \[10, 32\] but the architecture in .*config\.json "
+                  r"needs \[64, 32\]"),
         Case("tensor_int64", weights_edit(lambda s: s.__setitem__("dec_pos.weight", s["dec_pos.weight"].long())), M,
              st + r"tensor 'dec_pos\.weight' is torch\.int64 but the model needs torch\.float32"),
         Case("tensor_float64", weights_edit(lambda s: s.__setitem__("enc_norm.weight", s["enc_norm.weight"].double())),
              M, st + r"tensor 'enc_norm\.weight' is torch\.float64 but the model needs torch\.float32"),
         Case("tensor_uint8", weights_edit(lambda s: s.__setitem__("enc_norm.bias", s["enc_norm.bias"].to(torch.uint8))),
              M, st + r"tensor 'enc_norm\.bias' is torch\.uint8"),
-        Case("tensor_counter_as_float", weights_edit(_nbt_float), M, st + r"tensor '.*num_batches_tracked' is torch\.float32"),
+        Case("tensor_counter_as_float", weights_edit(_nbt_float),
+             M, st + r"tensor '.*num_batches_tracked' is torch\.float32"),
         Case("tensor_missing", weights_edit(lambda s: s.pop("dec_pos.weight")), M,
              st + r"its tensors do not match .*missing \['dec_pos\.weight'\]"),
         Case("tensor_unexpected", weights_edit(lambda s: s.__setitem__("evil.weight", torch.zeros(2))), M,
              st + r"its tensors do not match .*unexpected \['evil\.weight'\]"),
         Case("config_shape_change", cfg_edit(lambda c: c.update(max_positions=32)), M,
              st + r"tensor '(enc|dec)_pos\.weight' has shape \[64, 32\] but .* needs \[32, 32\]"),
-        Case("tensor_vq_wrong_shape", weights_edit(lambda s: s.__setitem__("quantize.embedding.weight", torch.zeros(8, 4)),
-                                                   VQ_ST), M,
-             r"image_codes/diffusion_pytorch_model\.safetensors: tensor 'quantize\.embedding\.weight' has shape \[8, 4\]",
-             "t2i"),
+        Case("tensor_vq_wrong_shape",
+             weights_edit(lambda s: s.__setitem__("quantize.embedding.weight", torch.zeros(8, 4)), VQ_ST), M,
+             r"image_codes/diffusion_pytorch_model\.safetensors: tensor 'quantize\.embedding\.weight' "
+             r"has shape \[8, 4\]", "t2i"),
         Case("tensor_vq_int64", weights_edit(lambda s: s.__setitem__("quantize.embedding.weight",
                                                                      s["quantize.embedding.weight"].long()), VQ_ST), M,
              r"image_codes/diffusion_pytorch_model\.safetensors: tensor 'quantize\.embedding\.weight' is torch\.int64",
@@ -437,37 +445,48 @@ def _config_cases(out: list[Case]) -> None:
     c = r"config\.json: "
     out += [
         Case("config_not_utf8", write("config.json", b'{"arch": "test-tiny\xff\xfe"}'), M, c + "not UTF-8"),
-        Case("config_utf16", lambda f, x, n: (f / "config.json").write_bytes((f / "config.json").read_text().encode("utf-16")),
+        Case("config_utf16",
+             lambda f, x, n: (f / "config.json").write_bytes((f / "config.json").read_text().encode("utf-16")),
              M, c + "not UTF-8"),
         Case("config_list", write("config.json", "[1, 2, 3]"), M, c + "expected a JSON object, got a JSON list"),
         Case("config_number", write("config.json", "42"), M, c + "expected a JSON object, got a JSON int"),
         Case("config_string", write("config.json", '"test-tiny"'), M, c + "expected a JSON object, got a JSON str"),
         Case("config_invalid_json", write("config.json", "{not json"), M, c + "invalid JSON"),
-        Case("config_d_model_string", cfg_edit(lambda d: d.update(d_model="32")), M, c + "key 'd_model' has an invalid value"),
-        Case("config_n_heads_bool", cfg_edit(lambda d: d.update(n_heads=True)), M, c + "key 'n_heads' has an invalid value"),
-        Case("config_dec_grid_string", cfg_edit(lambda d: d.update(dec_grid="4x4")), M, c + "key 'dec_grid' has an invalid value"),
-        Case("config_dropout_nan", cfg_edit(lambda d: d.update(dropout=float("nan"))), M, c + "key 'dropout' has an invalid value"),
-        Case("config_unknown_key", cfg_edit(lambda d: d.update(hooks={"on_load": "os.system"})), U, c + "unknown key 'hooks'"),
+        Case("config_d_model_string", cfg_edit(lambda d: d.update(d_model="32")),
+             M, c + "key 'd_model' has an invalid value"),
+        Case("config_n_heads_bool", cfg_edit(lambda d: d.update(n_heads=True)),
+             M, c + "key 'n_heads' has an invalid value"),
+        Case("config_dec_grid_string", cfg_edit(lambda d: d.update(dec_grid="4x4")),
+             M, c + "key 'dec_grid' has an invalid value"),
+        Case("config_dropout_nan", cfg_edit(lambda d: d.update(dropout=float("nan"))),
+             M, c + "key 'dropout' has an invalid value"),
+        Case("config_unknown_key", cfg_edit(lambda d: d.update(hooks={"on_load": "os.system"})),
+             U, c + "unknown key 'hooks'"),
         Case("config_unknown_modality", cfg_edit(lambda d: d["modalities"].update(audio={"loader": "x"})), U,
              c + r"unknown modality 'modalities\.audio'"),
-        Case("config_unknown_image_key", cfg_edit(image_cfg(loader="pickle")), U, c + r"unknown key 'modalities\.image\.loader'"),
+        Case("config_unknown_image_key", cfg_edit(image_cfg(loader="pickle")),
+             U, c + r"unknown key 'modalities\.image\.loader'"),
         Case("config_modality_not_object", cfg_edit(lambda d: d["modalities"].update(image=["timm:test_resnet"])), M,
              c + r"'modalities\.image' must be an object"),
         Case("config_unknown_vocab_key", cfg_edit(lambda d: d["vocab"].update(file="/etc/passwd")), U,
              c + r"unknown key 'vocab\.file'"),
         Case("config_task_setting_path", cfg_edit(lambda d: d["tasks"]["caption"].update(vq_path="/outside/vq")), U,
              c + r"unknown key 'tasks\.caption\.vq_path'"),
-        Case("config_tasks_string", cfg_edit(lambda d: d.update(tasks="caption")), M, c + "key 'tasks' has an invalid value"),
+        Case("config_tasks_string", cfg_edit(lambda d: d.update(tasks="caption")),
+             M, c + "key 'tasks' has an invalid value"),
         Case("config_format_newer", cfg_edit(lambda d: d.update(format=99)), M, c + "format 99 is newer"),
-        Case("config_arch_unregistered", cfg_edit(lambda d: d.update(arch="evil-arch")), U, c + "architecture 'evil-arch' is not registered"),
-        Case("config_vocab_ranges_disagree", cfg_edit(lambda d: _text_size(d, ranges=False)), M, c + "not a valid mmzoo model config: .*disagree"),
+        Case("config_arch_unregistered", cfg_edit(lambda d: d.update(arch="evil-arch")),
+             U, c + "architecture 'evil-arch' is not registered"),
+        Case("config_vocab_ranges_disagree", cfg_edit(lambda d: _text_size(d, ranges=False)),
+             M, c + "not a valid mmzoo model config: .*disagree"),
         Case("config_vocab_resized", cfg_edit(lambda d: _text_size(d, ranges=True)), M,
              r"model\.safetensors: tensor 'embed_tokens\.weight' has shape"),
         Case("config_layers_huge", cfg_edit(lambda d: d.update(enc_layers=10**7)), M,
              c + "key 'enc_layers' has an invalid value"),
         # a vocabulary of 10^9 tokens (its ranges consistent): 128 GB if built; refused from the shapes alone
         Case("config_vocab_huge", cfg_edit(_huge_vocab), M,
-             r"model\.safetensors: tensor 'embed_tokens\.weight' has shape \[\d+, 32\] but .* needs \[1000000\d+, 32\]"),
+             r"model\.safetensors: tensor 'embed_tokens\.weight' has shape \[\d+, 32\] "
+             r"but .* needs \[1000000\d+, 32\]"),
         Case("config_empty_object", write("config.json", "{}"), M, r"model\.safetensors: its tensors do not match"),
         # harmless: a modality's pretrained entry (a training-time source) is dropped, never read
         Case("config_pretrained_outside_ignored",
@@ -492,11 +511,13 @@ def _image_codes_cases(out: list[Case]) -> None:
     v = r"image_codes/config\.json: "
     for label, value in (("parent", "../outside"), ("absolute", "/tmp"), ("dot", "."), ("nested", "image_codes/.."),
                          ("backslash", "..\\outside"), ("number", 7)):
-        out.append(Case(f"image_codes_folder_{label}", cfg_edit(lambda c, value=value: c["image_codes"].update(folder=value)),
-                        U if label != "number" else M,
-                        sub if label != "number" else r"config\.json: key 'image_codes\.folder' has an invalid value", "t2i"))
+        bad_type = r"config\.json: key 'image_codes\.folder' has an invalid value"
+        out.append(Case(f"image_codes_folder_{label}",
+                        cfg_edit(lambda c, value=value: c["image_codes"].update(folder=value)),
+                        U if label != "number" else M, sub if label != "number" else bad_type, "t2i"))
     out += [
-        Case("image_codes_folder_missing", _rename_vq, F, r"image_codes: config\.json names the image-code tokenizer folder",
+        Case("image_codes_folder_missing", _rename_vq,
+             F, r"image_codes: config\.json names the image-code tokenizer folder",
              "t2i"),
         Case("image_codes_entry_string", cfg_edit(lambda c: c.update(image_codes="image_codes")), M,
              r"config\.json: key 'image_codes' has an invalid value", "t2i"),
@@ -504,21 +525,25 @@ def _image_codes_cases(out: list[Case]) -> None:
              r"config\.json: image_codes\.num_codes is 32 but the tokenizer", "t2i"),
         Case("image_codes_entry_grid", cfg_edit(lambda c: c["image_codes"].update(grid=[4, 4])), M,
              r"config\.json: image_codes\.grid is \[4, 4\] but the tokenizer", "t2i"),
-        Case("vq_class_name", vq_cfg_edit(lambda c: c.update(_class_name="UNet2DModel")), M, v + "describes 'UNet2DModel'", "t2i"),
-        Case("vq_unknown_key", vq_cfg_edit(lambda c: c.update(custom_pipeline="evil.py")), U, v + "unknown key 'custom_pipeline'",
+        Case("vq_class_name", vq_cfg_edit(lambda c: c.update(_class_name="UNet2DModel")),
+             M, v + "describes 'UNet2DModel'", "t2i"),
+        Case("vq_unknown_key", vq_cfg_edit(lambda c: c.update(custom_pipeline="evil.py")),
+             U, v + "unknown key 'custom_pipeline'",
              "t2i"),
-        Case("vq_value_object", vq_cfg_edit(lambda c: c.update(act_fn={"module": "os"})), M, v + "key 'act_fn' has an invalid value",
+        Case("vq_value_object", vq_cfg_edit(lambda c: c.update(act_fn={"module": "os"})),
+             M, v + "key 'act_fn' has an invalid value",
              "t2i"),
         Case("vq_bad_block_type", vq_cfg_edit(lambda c: c.update(down_block_types=["EvilBlock"] * 4)), M,
              v + "not a valid VQModel config", "t2i"),
-        Case("vq_not_utf8", write("image_codes/config.json", b'{"_class_name": "VQ\xffModel"}'), M, v + "not UTF-8", "t2i"),
+        Case("vq_not_utf8", write("image_codes/config.json", b'{"_class_name": "VQ\xffModel"}'),
+             M, v + "not UTF-8", "t2i"),
         Case("vq_list", write("image_codes/config.json", "[]"), M, v + "expected a JSON object", "t2i"),
         Case("vq_codebook_resized", vq_cfg_edit(lambda c: c.update(num_vq_embeddings=32)), M,
-             r"image_codes/diffusion_pytorch_model\.safetensors: tensor 'quantize\.embedding\.weight' has shape \[16, 4\] "
-             r"but the architecture in .*image_codes/config\.json needs \[32, 4\]", "t2i"),
+             r"image_codes/diffusion_pytorch_model\.safetensors: tensor 'quantize\.embedding\.weight' "
+             r"has shape \[16, 4\] but the architecture in .*image_codes/config\.json needs \[32, 4\]", "t2i"),
         # harmless: a stray pickle beside the safetensors weights is never read
-        Case("stray_pickle_beside_vq_safetensors", payload_at("image_codes/diffusion_pytorch_model.bin", unlink=()), None,
-             base="t2i"),
+        Case("stray_pickle_beside_vq_safetensors", payload_at("image_codes/diffusion_pytorch_model.bin", unlink=()),
+             None, base="t2i"),
     ]
     out.append(Case("stray_pickle_beside_safetensors", payload_at("pytorch_model.bin", unlink=()), None))
 
@@ -550,9 +575,11 @@ def make_context(root: Path) -> Ctx:
     tok = TextTokenizer.train(TEXTS, vocab_size=300)
     torch.manual_seed(0)
     model = zoo.create_model("test-tiny", vocab={"text_size": tok.vocab_size, "image_code_size": 16, "loc_bins": 4})
-    caption = Pretrained(model.eval(), tok, tasks={"caption": {"max_new_tokens": 4}}).save_pretrained(root / "base" / "caption")
+    caption = Pretrained(model.eval(), tok, tasks={"caption": {"max_new_tokens": 4}})
+    caption = caption.save_pretrained(root / "base" / "caption")
     vq = ImageCodeTokenizer.from_config(VQConfig(**TINY_VQ)).eval()
-    t2i_model = zoo.create_model("test-tiny", max_positions=80, vocab={"text_size": tok.vocab_size, "image_code_size": 16})
+    t2i_model = zoo.create_model("test-tiny", max_positions=80,
+                                 vocab={"text_size": tok.vocab_size, "image_code_size": 16})
     t2i = Pretrained(t2i_model.eval(), tok, tasks={"text_to_image": {"guidance_scale": 2.0, "top_k": 4}},
                      image_tokenizer=vq).save_pretrained(root / "base" / "t2i")
     image = root / "image.png"

@@ -237,7 +237,8 @@ MODEL_SCHEMA: dict[str, Check] = {
     "dec_layers": _upto(2**10, 0), "ffn_dim": _upto(2**20), "activation": _str, "dropout": _num, "attn_dropout": _num,
     "max_positions": _upto(2**20), "dec_grid": _optional(_list_of(_pos, 2)), "norm_eps": _num, "attn_impl": _str,
     "grad_checkpointing": _bool, "ffn": _str, "num_experts": _upto(2**12), "moe_top_k": _pos,
-    "moe_capacity_factor": _num, "moe_aux_weight": _num, "attention": _str, "lfa_kernel": _upto(2**10), "vocab": lambda v: isinstance(v, dict),
+    "moe_capacity_factor": _num, "moe_aux_weight": _num, "attention": _str, "lfa_kernel": _upto(2**10),
+    "vocab": lambda v: isinstance(v, dict),
     "modalities": lambda v: isinstance(v, dict),
     # metadata
     "mmzoo_version": _str, "format": _pos, "tasks": lambda v: isinstance(v, (dict, list)),
