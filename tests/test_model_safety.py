@@ -126,6 +126,7 @@ def test_hub_snapshot_links_into_blobs_load_but_links_out_of_the_repo_are_refuse
     root = str(snap.parent.parent.resolve())
     events = _touched(lambda: zoo.load("hf-hub:acme/linked"))
     assert all(p.startswith(root + "/") for e, p in events if e == "open")
+    assert zoo.load(snap).tokenizer.to_str() == ref.tokenizer.to_str()  # the snapshot path itself, as a folder
     # a snapshot file linked to a copy outside the repo's cache folder is refused, naming it
     outside = tmp_path / "elsewhere.safetensors"
     shutil.copy2(ctx.t2i / "model.safetensors", outside)

@@ -222,8 +222,4 @@ def load(source: str | Path, *, revision: str | None = None, allow_pickle: bool 
     the Hub repo's cache folder) is read and a local folder makes no network call (see :mod:`zoo.loading`).
     """
     folder = resolve(source, revision=revision, allow_pickle=allow_pickle, cache_dir=cache_dir)
-    local = isinstance(source, Path) or (not str(source).startswith(HUB_PREFIX) and Path(source).is_dir())
-    # a Hub snapshot's files link into its repo's blobs/: files may lie anywhere in that repo cache folder, no further
-    confine = None if local or folder.parent.name != "snapshots" else folder.parent.parent
-    return Pretrained.from_folder(folder, allow_pickle=allow_pickle, device=device, source=str(source),
-                                  confine_to=confine)
+    return Pretrained.from_folder(folder, allow_pickle=allow_pickle, device=device, source=str(source))

@@ -39,6 +39,15 @@ class UnsafeModelError(ModelFolderError):
 # ------------------------------------------------------------------------------------------------
 # Files
 # ------------------------------------------------------------------------------------------------
+def model_root(folder: Path) -> Path:
+    """The folder loading may read in: ``folder`` itself (resolved), or for a Hugging Face cache snapshot
+    (``models--org--name/snapshots/<commit>``) that repo's cache folder, since snapshot files link into ``blobs/``."""
+    real = Path(folder).resolve()
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        return real.parent.parent
+    return real
+
+
 def confined(root: Path, path: Path, kind: str = "file") -> Path:
     """``path`` resolved (symlinks followed), after checking that it stays inside ``root`` (already resolved)
     and is a ``kind`` (``"file"`` or ``"dir"``); raises ``FileNotFoundError`` when it does not exist."""

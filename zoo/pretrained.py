@@ -30,7 +30,7 @@ import torch
 from zoo.instructions import CAPTION_PROMPT, SENSOR_PROMPT, t2i_prompt
 from zoo.loading import (CONFIG_FILE, META_KEYS, PICKLE_SUFFIXES, WEIGHTS_FILE, ModelFolderError,  # noqa: F401
                          UnsafeModelError, check_state, confined, load_image_codes, load_text_tokenizer,
-                         model_config_from_dict, read_json_object, read_weights, refuse_targets)
+                         model_config_from_dict, model_root, read_json_object, read_weights, refuse_targets)
 from zoo.vocab import EOS_ID
 
 CARD_FILE = "README.md"
@@ -149,14 +149,15 @@ class Pretrained:
     def from_folder(cls, folder: str | Path, allow_pickle: bool = False, device: str | torch.device | None = None,
                     source: str | None = None, confine_to: str | Path | None = None) -> "Pretrained":
         """Load a saved model folder through :mod:`zoo.loading` (see there for what is refused). Files are read
-        only inside ``confine_to`` (default: the folder itself; a Hub snapshot passes its repo cache folder)."""
+        only inside ``confine_to`` (default :func:`zoo.loading.model_root`: the folder itself, or for a Hub cache
+        snapshot its repo's cache folder, whose ``blobs/`` the snapshot's files link to)."""
         from zoo.model import UnifiedSeq2Seq
 
         folder = Path(folder)
         cfg_path = folder / CONFIG_FILE
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: not a folder, so not an mmzoo model folder")
-        root = Path(confine_to or folder).resolve()
+        root = Path(confine_to).resolve() if confine_to is not None else model_root(folder)
         confined(root, folder, "dir")
         if not cfg_path.exists() and not cfg_path.is_symlink():
             raise FileNotFoundError(f"{folder}: no {CONFIG_FILE}, so not an mmzoo model folder "
