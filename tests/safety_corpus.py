@@ -253,6 +253,13 @@ def _text_size(c: dict, ranges: bool) -> None:
             v["ranges"][seg] = [x + 10 for x in v["ranges"][seg]]
 
 
+def _nested(depth: int) -> list:
+    out: list = []
+    for _ in range(depth):
+        out = [out]
+    return out
+
+
 def _huge_vocab(c: dict) -> None:
     c["vocab"].pop("ranges")
     c["vocab"]["text_size"] = 10**9
@@ -487,6 +494,10 @@ def _config_cases(out: list[Case]) -> None:
         Case("config_vocab_huge", cfg_edit(_huge_vocab), M,
              r"model\.safetensors: tensor 'embed_tokens\.weight' has shape \[\d+, 32\] "
              r"but .* needs \[1000000\d+, 32\]"),
+        Case("config_nested_too_deeply", write("config.json", '{"arch": ' + "[" * 100000 + "]" * 100000 + "}"), M,
+             c + "JSON nested too deeply"),
+        Case("config_nested_deep_value", cfg_edit(lambda d: d["tasks"]["caption"].update(candidates=_nested(900))), M,
+             c + r"(key 'tasks\.caption\.candidates' has an invalid value|nested too deeply)"),
         Case("config_empty_object", write("config.json", "{}"), M, r"model\.safetensors: its tensors do not match"),
         # harmless: a modality's pretrained entry (a training-time source) is dropped, never read
         Case("config_pretrained_outside_ignored",
@@ -502,6 +513,8 @@ def _tokenizer_cases(out: list[Case]) -> None:
         Case("tokenizer_wrong_object", write("tokenizer.json", '{"version": "1.0", "model": {"type": "Evil"}}'), M,
              t + r"not a valid tokenizer\.json"),
         Case("tokenizer_other_vocab", _other_tokenizer, M, t + r"has \d+ tokens but .*config\.json's vocab\.text_size"),
+        Case("tokenizer_nested_too_deeply", write("tokenizer.json", '{"model": ' + "[" * 100000 + "]" * 100000 + "}"),
+             M, t + r"not a valid tokenizer\.json"),
         Case("tokenizer_missing", lambda f, c, n: (f / "tokenizer.json").unlink(), F, t + "missing"),
     ]
 

@@ -228,3 +228,12 @@ def test_checkpoints_are_never_fully_unpickled(tmp_path):
     with pytest.raises(ValueError, match=r"evil\.ckpt: unsafe_pickle=true is no longer supported"):
         read_checkpoint(ckpt, unsafe_pickle=True)
     assert not marker.exists()
+
+
+def test_oversized_json_is_refused_before_it_is_read(ctx, tmp_path, monkeypatch):
+    from zoo import loading
+
+    folder = Path(shutil.copytree(ctx.caption, tmp_path / "big"))
+    monkeypatch.setattr(loading, "MAX_JSON_BYTES", 1000)
+    with pytest.raises(ModelFolderError, match=r"config\.json: \d+ bytes, more than the 1000"):
+        zoo.load(folder)

@@ -23,6 +23,8 @@ WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 META_KEYS = ("mmzoo_version", "format", "tasks", "image_codes")
+#: the largest config / tokenizer JSON read (a 50k-token tokenizer.json is a few MB)
+MAX_JSON_BYTES = 256 * 2**20
 #: dtypes a float32 weight may be stored in and is deliberately upcast from
 UPCAST_FROM = (torch.float16, torch.bfloat16)
 
@@ -64,9 +66,19 @@ def confined(root: Path, path: Path, kind: str = "file") -> Path:
     return real
 
 
+def read_limited(root: Path, path: Path, limit: int | None = None) -> bytes:
+    """The bytes of ``path`` (confined to ``root``), refusing files larger than ``limit`` (:data:`MAX_JSON_BYTES`)."""
+    real = confined(root, path)
+    limit = MAX_JSON_BYTES if limit is None else limit
+    size = real.stat().st_size
+    if size > limit:
+        raise ModelFolderError(f"{path}: {size} bytes, more than the {limit} a model's JSON file may have")
+    return real.read_bytes()
+
+
 def read_json_object(root: Path, path: Path) -> dict[str, Any]:
     """A UTF-8 JSON object from ``path`` (confined to ``root``); every way it can be broken names the file."""
-    data = confined(root, path).read_bytes()
+    data = read_limited(root, path)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -75,6 +87,8 @@ def read_json_object(root: Path, path: Path) -> dict[str, Any]:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise ModelFolderError(f"{path}: invalid JSON: {e}") from None
+    except RecursionError:
+        raise ModelFolderError(f"{path}: JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise ModelFolderError(f"{path}: expected a JSON object, got a JSON {type(obj).__name__}")
     return obj
@@ -358,7 +372,10 @@ def model_config_from_dict(d: dict[str, Any], where: str = CONFIG_FILE) -> Any:
 
     if not isinstance(d, dict):
         raise ModelFolderError(f"{where}: expected a JSON object, got {type(d).__name__}")
-    fields = check_model_config(d, where)
+    try:
+        fields = check_model_config(d, where)
+    except RecursionError:
+        raise ModelFolderError(f"{where}: nested too deeply") from None
     try:
         cfg = ModelConfig.from_dict(fields)
         cfg.layout  # noqa: B018 — the vocabulary sizes must agree with its recorded ranges
@@ -375,7 +392,7 @@ def load_text_tokenizer(root: Path, folder: Path) -> Any:
     from modalities.text import TextTokenizer
 
     path = folder / TOKENIZER_FILE
-    data = confined(root, path).read_bytes()
+    data = read_limited(root, path)
     try:
         return TextTokenizer.from_str(data.decode("utf-8"))
     except UnicodeDecodeError as e:
