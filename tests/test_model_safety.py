@@ -1,6 +1,6 @@
 """Loading a model folder runs no code from it, reads nothing outside it and refuses every tampering clearly.
 
-The corpus (tests/safety_corpus.py) tampers with real saved tiny models in 142 ways and loads each through
+The corpus (tests/safety_corpus.py) tampers with real saved tiny models in 147 ways and loads each through
 ``zoo.load(folder)``, ``zoo.load("hf-hub:...")`` (a local Hub cache, offline), ``zoo-predict``, ``zoo-eval ckpt=``
 and ``zoo-finetune pretrained=``. ``pytest -s -k summary`` prints the counts.
 """
