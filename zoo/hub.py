@@ -217,7 +217,9 @@ def load(source: str | Path, *, revision: str | None = None, allow_pickle: bool 
     """Load a model and all its modality tokenizers in one call.
 
     ``source``: a registered ``arch.tag`` (see :func:`list_pretrained`), a local folder, or
-    ``hf-hub:org/name[@revision]``. Only safetensors weights load unless ``allow_pickle=True``.
+    ``hf-hub:org/name[@revision]``. Only safetensors weights load unless ``allow_pickle=True`` (then a pickle
+    weights file is read with ``torch.load(weights_only=True)``, never further). Nothing outside the folder (or
+    the Hub repo's cache folder) is read and a local folder makes no network call (see :mod:`zoo.loading`).
     """
     folder = resolve(source, revision=revision, allow_pickle=allow_pickle, cache_dir=cache_dir)
     return Pretrained.from_folder(folder, allow_pickle=allow_pickle, device=device, source=str(source))

@@ -1,0 +1,770 @@
+"""A corpus of tampered model folders, tried through every entry point that loads a model folder.
+
+Each case copies a real saved tiny model (a captioner, or a text-to-image model with its ``image_codes/`` VQ
+tokenizer) and tampers with it: pickle payloads under every weight-file name, ``_target_`` anywhere, backbone
+names and kwargs that point outside the folder or to a hub, symlinks out of the folder, truncated and tampered
+safetensors, wrong shapes and dtypes, broken configs and tokenizers, escaping ``image_codes`` folders. Every pickle
+payload, if ever unpickled, creates a marker file; a case passes when no marker appears and loading either refuses
+with the expected error (type + a message naming the file or key) or, for the few harmless tamperings, loads and
+ignores them.
+
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python -m tests.safety_corpus     # prints the counts, exits 1 on any failure
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import pathlib
+import pickle
+import re
+import shlex
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+TEXTS = ["a small red circle", "a large blue square to the left of a green cross",
+         "what is the complete image? caption: a yellow triangle above a purple diamond"] * 20
+TINY_VQ = dict(channels=[8, 8, 8, 8], num_codes=16, latent_channels=4, norm_num_groups=4)
+ST = "model.safetensors"
+VQ_ST = "image_codes/diffusion_pytorch_model.safetensors"
+
+
+# ------------------------------------------------------------------------------------------------
+# Payloads: unpickling one runs a command that creates its marker file
+# ------------------------------------------------------------------------------------------------
+class ShellPayload:
+    """Pickles to ``os.system("touch <marker>")``."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(self.marker)}",))
+
+
+class TouchPayload:
+    """Pickles to ``pathlib.Path(marker).touch()``."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+@dataclass
+class Ctx:
+    """Where a corpus run lives: the base folders, a folder outside them, the marker folder."""
+
+    root: Path
+    caption: Path
+    t2i: Path
+    outside: Path
+    markers: Path
+    image: Path
+
+    def marker(self, case: str) -> Path:
+        return self.markers / case
+
+    def payload_pickle(self, case: str) -> bytes:
+        return pickle.dumps({"encoder.0.weight": ShellPayload(self.marker(case))})
+
+
+@dataclass
+class Case:
+    """One tampered folder: how to build it from a base copy and what loading it must do."""
+
+    name: str
+    build: Callable[[Path, Ctx, str], None]
+    error: type[BaseException] | None  # None: loads, the tampering ignored
+    match: str = ""  # regex the error message must contain (it names the file or the key)
+    base: str = "caption"  # caption | t2i
+    allow_pickle: bool = False
+    match_without_opt_in: str | None = None  # for entry points that never pass allow_pickle (zoo-eval)
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks
+# ------------------------------------------------------------------------------------------------
+def _edit_json(path: Path, fn: Callable[[Any], Any]) -> None:
+    obj = json.loads(path.read_text())
+    out = fn(obj)
+    path.write_text(json.dumps(obj if out is None else out))
+
+
+def cfg_edit(fn: Callable[[dict], Any]) -> Callable[[Path, Ctx, str], None]:
+    return lambda folder, ctx, name: _edit_json(folder / "config.json", fn)
+
+
+def vq_cfg_edit(fn: Callable[[dict], Any]) -> Callable[[Path, Ctx, str], None]:
+    return lambda folder, ctx, name: _edit_json(folder / "image_codes" / "config.json", fn)
+
+
+def write(rel: str, data: bytes | str, unlink: tuple[str, ...] = ()) -> Callable[[Path, Ctx, str], None]:
+    def build(folder: Path, ctx: Ctx, name: str) -> None:
+        for u in unlink:
+            (folder / u).unlink()
+        (folder / rel).write_bytes(data.encode() if isinstance(data, str) else data)
+    return build
+
+
+def payload_at(rel: str, unlink: tuple[str, ...] = (ST,), kind: str = "pickle") -> Callable[[Path, Ctx, str], None]:
+    """A pickle payload at ``rel`` (raw pickle, ``torch.save`` zip, or wrapped in a Lightning-style state_dict)."""
+    def build(folder: Path, ctx: Ctx, name: str) -> None:
+        for u in unlink:
+            (folder / u).unlink()
+        target = folder / rel
+        if kind == "pickle":
+            target.write_bytes(ctx.payload_pickle(name))
+        elif kind == "torch_zip":
+            torch.save({"encoder.0.weight": TouchPayload(ctx.marker(name))}, target)
+        else:  # state_dict
+            torch.save({"state_dict": {"model.x": ShellPayload(ctx.marker(name))}, "epoch": 1}, target)
+    return build
+
+
+def weights_edit(fn: Callable[[dict], None], rel: str = ST) -> Callable[[Path, Ctx, str], None]:
+    def build(folder: Path, ctx: Ctx, name: str) -> None:
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(str(folder / rel))
+        fn(state)
+        save_file(state, str(folder / rel))
+    return build
+
+
+def truncate(rel: str, keep: Callable[[int], int]) -> Callable[[Path, Ctx, str], None]:
+    def build(folder: Path, ctx: Ctx, name: str) -> None:
+        data = (folder / rel).read_bytes()
+        (folder / rel).write_bytes(data[:keep(len(data))])
+    return build
+
+
+def header_edit(fn: Callable[[Any], Any], raw: bytes | None = None) -> Callable[[Path, Ctx, str], None]:
+    """Rewrite the safetensors header of ``model.safetensors`` (``raw``: replace it by these bytes)."""
+    def build(folder: Path, ctx: Ctx, name: str) -> None:
+        data = (folder / ST).read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        body = data[8 + n:]
+        if raw is None:
+            header = json.loads(data[8:8 + n])
+            new = json.dumps(fn(header) or header).encode()
+        else:
+            new = raw
+        (folder / ST).write_bytes(len(new).to_bytes(8, "little") + new + body)
+    return build
+
+
+def link_out(rel: str, relative: bool = False) -> Callable[[Path, Ctx, str], None]:
+    """Replace ``rel`` by a symlink to a copy of it outside the model folder."""
+    def build(folder: Path, ctx: Ctx, name: str) -> None:
+        src = folder / rel
+        dst = ctx.outside / name / Path(rel).name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst)
+            shutil.rmtree(src)
+        else:
+            shutil.copy2(src, dst)
+            src.unlink()
+        src.symlink_to(os.path.relpath(dst, src.parent) if relative else dst)
+    return build
+
+
+def link_payload_out(rel: str) -> Callable[[Path, Ctx, str], None]:
+    def build(folder: Path, ctx: Ctx, name: str) -> None:
+        (folder / ST).unlink()
+        dst = ctx.outside / name / "payload.bin"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(ctx.payload_pickle(name))
+        (folder / rel).symlink_to(dst)
+    return build
+
+
+def outside_payload(ctx: Ctx, name: str) -> Path:
+    """A pickle payload file outside the model folder (what a backbone kwarg would point at)."""
+    path = ctx.outside / name / "weights.pth"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(ctx.payload_pickle(name))
+    return path
+
+
+def local_dir_clip(ctx: Ctx, name: str) -> Path:
+    """An open_clip ``local-dir:`` folder outside the model folder, whose weights are a pickle payload."""
+    d = ctx.outside / name / "clip"
+    d.mkdir(parents=True, exist_ok=True)
+    import open_clip
+
+    (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip.get_model_config("ViT-B-32")}))
+    (d / "open_clip_pytorch_model.bin").write_bytes(ctx.payload_pickle(name))
+    return d
+
+
+def image_cfg(**edit: Any) -> Callable[[dict], None]:
+    def fn(c: dict) -> None:
+        c["modalities"]["image"].update(edit)
+    return fn
+
+
+def backbone(name_fn: Callable[[Ctx, str], str], **kwargs: Any) -> Callable[[Path, Ctx, str], None]:
+    def build(folder: Path, ctx: Ctx, name: str) -> None:
+        _edit_json(folder / "config.json", image_cfg(backbone=name_fn(ctx, name), backbone_kwargs=dict(kwargs)))
+    return build
+
+
+def kwargs_case(bb: str, key: str, value_fn: Callable[[Ctx, str], Any]) -> Callable[[Path, Ctx, str], None]:
+    def build(folder: Path, ctx: Ctx, name: str) -> None:
+        _edit_json(folder / "config.json", image_cfg(backbone=bb, backbone_kwargs={key: value_fn(ctx, name)}))
+    return build
+
+
+def _nbt_float(state: dict) -> None:
+    key = next(k for k in state if k.endswith("num_batches_tracked"))
+    state[key] = state[key].float()
+
+
+def _all_floats(dtype: torch.dtype) -> Callable[[dict], None]:
+    def fn(state: dict) -> None:
+        for k, v in state.items():
+            if v.dtype == torch.float32:
+                state[k] = v.to(dtype)
+    return fn
+
+
+def _set_num_codes(n: int) -> Callable[[dict], None]:
+    def fn(c: dict) -> None:
+        c["image_codes"]["num_codes"] = n
+    return fn
+
+
+def _text_size(c: dict, ranges: bool) -> None:
+    v = c["vocab"]
+    v["text_size"] += 10
+    if ranges:
+        v["ranges"]["text"][1] += 10
+        for seg in ("image_codes", "loc_bins"):
+            v["ranges"][seg] = [x + 10 for x in v["ranges"][seg]]
+
+
+def _nested(depth: int) -> list:
+    out: list = []
+    for _ in range(depth):
+        out = [out]
+    return out
+
+
+def _huge_vocab(c: dict) -> None:
+    c["vocab"].pop("ranges")
+    c["vocab"]["text_size"] = 10**9
+
+
+def _other_tokenizer(folder: Path, ctx: Ctx, name: str) -> None:
+    from modalities.text import TextTokenizer
+
+    TextTokenizer.train(TEXTS, vocab_size=280).save(folder)
+
+
+def _rename_vq(folder: Path, ctx: Ctx, name: str) -> None:
+    (folder / "image_codes").rename(folder / "vq_elsewhere")
+
+
+# ------------------------------------------------------------------------------------------------
+# The corpus
+# ------------------------------------------------------------------------------------------------
+U, M, F = "UnsafeModelError", "ModelFolderError", FileNotFoundError
+
+
+def _err(kind: Any) -> type[BaseException]:
+    from zoo.loading import ModelFolderError, UnsafeModelError
+
+    return {"UnsafeModelError": UnsafeModelError, "ModelFolderError": ModelFolderError}.get(kind, kind)
+
+
+def _pickle_cases(out: list[Case]) -> None:
+    refuse = r"{f}: refusing to load a pickle weights file"
+    restricted = r"{f}: cannot be read with torch\.load\(weights_only=True\)"
+    top = ("pytorch_model.bin", "model.pt", "model.pth", "model.ckpt", "model.pkl", "weights.pickle")
+    vq = [f"image_codes/diffusion_pytorch_model{s}" for s in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    for rel, base, unlink in [(n, "caption", (ST,)) for n in top] + [(n, "t2i", (VQ_ST,)) for n in vq]:
+        f = re.escape(rel)
+        slug = rel.replace("/", "_").replace(".", "_")
+        out.append(Case(f"pickle_{slug}", payload_at(rel, unlink), U, refuse.format(f=f), base))
+        out.append(Case(f"pickle_{slug}_allow_pickle", payload_at(rel, unlink), U, restricted.format(f=f), base,
+                        allow_pickle=True, match_without_opt_in=refuse.format(f=f)))
+    for kind, rel in (("torch_zip", "model.pt"), ("state_dict", "model.ckpt")):
+        f = re.escape(rel)
+        out.append(Case(f"pickle_{kind}", payload_at(rel, kind=kind), U, refuse.format(f=f)))
+        out.append(Case(f"pickle_{kind}_allow_pickle", payload_at(rel, kind=kind), U, restricted.format(f=f),
+                        allow_pickle=True, match_without_opt_in=refuse.format(f=f)))
+    out.append(Case("pickle_named_safetensors", lambda f, c, n: (f / ST).write_bytes(c.payload_pickle(n)), M,
+                    r"model\.safetensors: not a valid safetensors file"))
+    out.append(Case("pickle_named_vq_safetensors", lambda f, c, n: (f / VQ_ST).write_bytes(c.payload_pickle(n)), M,
+                    r"image_codes/diffusion_pytorch_model\.safetensors: not a valid safetensors file", "t2i"))
+
+
+def _target_cases(out: list[Case]) -> None:
+    t = {"_target_": "os.system", "command": "touch /tmp/mmzoo-pwned"}
+    edits = {
+        "top": (lambda c: c.update(_target_="os.system"), "_target_"),
+        "modality": (lambda c: c["modalities"]["image"].update(_target_="timm.create_model"),
+                     "modalities.image._target_"),
+        "backbone_kwargs": (image_cfg(backbone_kwargs={"act_layer": dict(t)}),
+                            "modalities.image.backbone_kwargs.act_layer._target_"),
+        "list": (image_cfg(mean=[dict(t), 0.5, 0.5]), "modalities.image.mean[0]._target_"),
+        "tasks": (lambda c: c["tasks"]["caption"].update(processor=dict(t)), "tasks.caption.processor._target_"),
+        "vocab": (lambda c: c["vocab"].update(_target_="zoo.vocab.VocabLayout"), "vocab._target_"),
+    }
+    for label, (fn, key) in edits.items():
+        out.append(Case(f"target_{label}", cfg_edit(fn), U, rf"config\.json: key '{re.escape(key)}' = .*instantiate"))
+    out.append(Case("target_image_codes_entry", cfg_edit(lambda c: c["image_codes"].update(loader=dict(t))), U,
+                    r"config\.json: key 'image_codes\.loader\._target_'", "t2i"))
+    out.append(Case("target_vq_config", vq_cfg_edit(lambda c: c.update(act_fn=dict(t))), U,
+                    r"image_codes/config\.json: key 'act_fn\._target_'", "t2i"))
+
+
+def _backbone_cases(out: list[Case]) -> None:
+    refused = r"config\.json: modalities\.image\.backbone: .*refused"
+    names: dict[str, Callable[[Ctx, str], str]] = {
+        "open_clip_local_dir_outside": lambda c, n: f"open_clip:local-dir:{local_dir_clip(c, n)}",
+        "open_clip_local_dir_relative": lambda c, n: "open_clip:local-dir:./clip",
+        "open_clip_hf_hub": lambda c, n: "open_clip:hf-hub:evil/clip",
+        "open_clip_url": lambda c, n: "open_clip:https://example.com/clip.bin",
+        "open_clip_hf_text_tower": lambda c, n: "open_clip:roberta-ViT-B-32",
+        "timm_hf_hub": lambda c, n: "timm:hf-hub:timm/resnet18.a1_in1k",
+        "timm_local_dir": lambda c, n: f"timm:local-dir:{c.outside}",
+        "timm_absolute_path": lambda c, n: f"timm:{outside_payload(c, n)}",
+        "timm_url": lambda c, n: "timm:https://example.com/resnet.pth",
+        "timm_relative_path": lambda c, n: "timm:../../resnet18",
+        "timm_unregistered": lambda c, n: "timm:not_a_timm_model",
+        "unknown_kind": lambda c, n: "torchvision:resnet18",
+        "no_kind": lambda c, n: "resnet18",
+    }
+    for label, fn in names.items():
+        out.append(Case(f"backbone_{label}", backbone(fn), U, refused))
+    out.append(Case("backbone_open_clip_local_dir_weights_only_false",
+                    backbone(lambda c, n: f"open_clip:local-dir:{local_dir_clip(c, n)}", weights_only=False),
+                    U, refused))
+    kwargs: dict[str, tuple[str, str, Callable[[Ctx, str], Any]]] = {
+        "pretrained_image_path": ("open_clip:ViT-B-32", "pretrained_image_path",
+                                  lambda c, n: str(outside_payload(c, n))),
+        "pretrained_text_path": ("open_clip:ViT-B-32", "pretrained_text_path",
+                                 lambda c, n: str(outside_payload(c, n))),
+        "weights_only_false": ("open_clip:ViT-B-32", "weights_only", lambda c, n: False),
+        "open_clip_cache_dir": ("open_clip:ViT-B-32", "cache_dir", lambda c, n: str(c.outside)),
+        "open_clip_pretrained_image": ("open_clip:ViT-B-32", "pretrained_image", lambda c, n: True),
+        "open_clip_vision_cfg": ("open_clip:ViT-B-32", "vision_cfg",
+                                 lambda c, n: {"timm_model_name": "hf-hub:evil/x", "timm_model_pretrained": True}),
+        "open_clip_jit": ("open_clip:ViT-B-32", "jit", lambda c, n: True),
+        "checkpoint_path": ("timm:test_resnet", "checkpoint_path", lambda c, n: str(outside_payload(c, n))),
+        "pretrained_cfg_overlay": ("timm:test_resnet", "pretrained_cfg_overlay",
+                                   lambda c, n: {"file": str(outside_payload(c, n))}),
+        "pretrained_cfg": ("timm:test_resnet", "pretrained_cfg", lambda c, n: {"hf_hub_id": "evil/x"}),
+        "pretrained_true": ("timm:test_resnet", "pretrained", lambda c, n: True),
+        "timm_cache_dir": ("timm:test_resnet", "cache_dir", lambda c, n: str(c.outside)),
+        "features_only": ("timm:test_resnet", "features_only", lambda c, n: False),
+        "norm_layer_path": ("timm:test_resnet", "norm_layer", lambda c, n: "/tmp/evil.py"),
+        "act_layer_object": ("timm:test_resnet", "act_layer", lambda c, n: {"module": "os", "name": "system"}),
+    }
+    for label, (bb, key, fn) in kwargs.items():
+        out.append(Case(f"kwargs_{label}", kwargs_case(bb, key, fn), U,
+                        rf"config\.json: modalities\.image\.backbone_kwargs\.{key}: .*refused"))
+    out.append(Case("kwargs_not_an_object", cfg_edit(image_cfg(backbone_kwargs=["pretrained_cfg_overlay"])), M,
+                    r"config\.json: key 'modalities\.image\.backbone_kwargs' has an invalid value"))
+
+
+def _symlink_cases(out: list[Case]) -> None:
+    out_msg = r"{f}: points to .*outside the model folder"
+    for rel, base in (("config.json", "caption"), (ST, "caption"), ("tokenizer.json", "caption"),
+                      ("image_codes", "t2i"), ("image_codes/config.json", "t2i"), (VQ_ST, "t2i")):
+        slug = rel.replace("/", "_").replace(".", "_")
+        out.append(Case(f"symlink_{slug}", link_out(rel), U, out_msg.format(f=re.escape(rel)), base))
+    out.append(Case("symlink_relative_safetensors", link_out(ST, relative=True), U, out_msg.format(f=re.escape(ST))))
+    out.append(Case("symlink_pickle_payload_allow_pickle", link_payload_out("pytorch_model.bin"), U,
+                    out_msg.format(f=r"pytorch_model\.bin"), allow_pickle=True,
+                    match_without_opt_in=r"pytorch_model\.bin: refusing to load a pickle"))
+
+
+def _safetensors_cases(out: list[Case]) -> None:
+    st = r"model\.safetensors: "
+    out += [
+        Case("st_truncated_half", truncate(ST, lambda n: n // 2), M, st + "truncated"),
+        Case("st_truncated_4_bytes", truncate(ST, lambda n: 4), M, st + r"not a valid safetensors file \(4 bytes"),
+        Case("st_empty", truncate(ST, lambda n: 0), M, st + r"not a valid safetensors file \(0 bytes"),
+        Case("st_text_file", write(ST, "these are not the weights you are looking for"),
+             M, st + "not a valid safetensors"),
+        Case("st_header_length_huge", lambda f, c, n: (f / ST).write_bytes(b"\xff" * 8 + (f / ST).read_bytes()[8:]), M,
+             st + "not a valid safetensors file: its header length says"),
+        Case("st_header_not_json", header_edit(None, raw=b"{not json at all}"),
+             M, st + "not a valid safetensors file: its header is not UTF-8 JSON"),
+        Case("st_header_list", header_edit(None, raw=b"[1, 2, 3]"),
+             M, st + "not a valid safetensors file: its header is not a JSON object"),
+        Case("st_offsets_past_end",
+             header_edit(lambda h: h[max((k for k in h if k != "__metadata__"),
+                                         key=lambda k: h[k]["data_offsets"][1])]["data_offsets"].__setitem__(1, 10**9)),
+             M, st + "truncated: its tensors need"),
+        Case("st_vq_truncated", truncate(VQ_ST, lambda n: n - 100), M,
+             r"image_codes/diffusion_pytorch_model\.safetensors: truncated", "t2i"),
+    ]
+
+
+def _tensor_cases(out: list[Case]) -> None:
+    st = r"model\.safetensors: "
+    out += [
+        Case("tensor_wrong_shape", weights_edit(lambda s: s.__setitem__("dec_pos.weight", torch.zeros(10, 32))), M,
+             st + r"tensor 'dec_pos\.weight' has shape \[10, 32\] but the architecture in .*config\.json "
+                  r"needs \[64, 32\]"),
+        Case("tensor_int64", weights_edit(lambda s: s.__setitem__("dec_pos.weight", s["dec_pos.weight"].long())), M,
+             st + r"tensor 'dec_pos\.weight' is torch\.int64 but the model needs torch\.float32"),
+        Case("tensor_float64", weights_edit(lambda s: s.__setitem__("enc_norm.weight", s["enc_norm.weight"].double())),
+             M, st + r"tensor 'enc_norm\.weight' is torch\.float64 but the model needs torch\.float32"),
+        Case("tensor_uint8", weights_edit(lambda s: s.__setitem__("enc_norm.bias", s["enc_norm.bias"].to(torch.uint8))),
+             M, st + r"tensor 'enc_norm\.bias' is torch\.uint8"),
+        Case("tensor_counter_as_float", weights_edit(_nbt_float),
+             M, st + r"tensor '.*num_batches_tracked' is torch\.float32"),
+        Case("tensor_missing", weights_edit(lambda s: s.pop("dec_pos.weight")), M,
+             st + r"its tensors do not match .*missing \['dec_pos\.weight'\]"),
+        Case("tensor_unexpected", weights_edit(lambda s: s.__setitem__("evil.weight", torch.zeros(2))), M,
+             st + r"its tensors do not match .*unexpected \['evil\.weight'\]"),
+        Case("config_shape_change", cfg_edit(lambda c: c.update(max_positions=32)), M,
+             st + r"tensor '(enc|dec)_pos\.weight' has shape \[64, 32\] but .* needs \[32, 32\]"),
+        Case("tensor_vq_wrong_shape",
+             weights_edit(lambda s: s.__setitem__("quantize.embedding.weight", torch.zeros(8, 4)), VQ_ST), M,
+             r"image_codes/diffusion_pytorch_model\.safetensors: tensor 'quantize\.embedding\.weight' "
+             r"has shape \[8, 4\]", "t2i"),
+        Case("tensor_vq_int64", weights_edit(lambda s: s.__setitem__("quantize.embedding.weight",
+                                                                     s["quantize.embedding.weight"].long()), VQ_ST), M,
+             r"image_codes/diffusion_pytorch_model\.safetensors: tensor 'quantize\.embedding\.weight' is torch\.int64",
+             "t2i"),
+        # harmless: half-precision weights are upcast deliberately
+        Case("tensor_fp16_upcast", weights_edit(_all_floats(torch.float16)), None),
+        Case("tensor_bf16_upcast", weights_edit(_all_floats(torch.bfloat16)), None),
+    ]
+
+
+def _config_cases(out: list[Case]) -> None:
+    c = r"config\.json: "
+    out += [
+        Case("config_not_utf8", write("config.json", b'{"arch": "test-tiny\xff\xfe"}'), M, c + "not UTF-8"),
+        Case("config_utf16",
+             lambda f, x, n: (f / "config.json").write_bytes((f / "config.json").read_text().encode("utf-16")),
+             M, c + "not UTF-8"),
+        Case("config_list", write("config.json", "[1, 2, 3]"), M, c + "expected a JSON object, got a JSON list"),
+        Case("config_number", write("config.json", "42"), M, c + "expected a JSON object, got a JSON int"),
+        Case("config_string", write("config.json", '"test-tiny"'), M, c + "expected a JSON object, got a JSON str"),
+        Case("config_invalid_json", write("config.json", "{not json"), M, c + "invalid JSON"),
+        Case("config_d_model_string", cfg_edit(lambda d: d.update(d_model="32")),
+             M, c + "key 'd_model' has an invalid value"),
+        Case("config_n_heads_bool", cfg_edit(lambda d: d.update(n_heads=True)),
+             M, c + "key 'n_heads' has an invalid value"),
+        Case("config_dec_grid_string", cfg_edit(lambda d: d.update(dec_grid="4x4")),
+             M, c + "key 'dec_grid' has an invalid value"),
+        Case("config_dropout_nan", cfg_edit(lambda d: d.update(dropout=float("nan"))),
+             M, c + "key 'dropout' has an invalid value"),
+        Case("config_unknown_key", cfg_edit(lambda d: d.update(hooks={"on_load": "os.system"})),
+             U, c + "unknown key 'hooks'"),
+        Case("config_unknown_modality", cfg_edit(lambda d: d["modalities"].update(audio={"loader": "x"})), U,
+             c + r"unknown modality 'modalities\.audio'"),
+        Case("config_unknown_image_key", cfg_edit(image_cfg(loader="pickle")),
+             U, c + r"unknown key 'modalities\.image\.loader'"),
+        Case("config_modality_not_object", cfg_edit(lambda d: d["modalities"].update(image=["timm:test_resnet"])), M,
+             c + r"'modalities\.image' must be an object"),
+        Case("config_unknown_vocab_key", cfg_edit(lambda d: d["vocab"].update(file="/etc/passwd")), U,
+             c + r"unknown key 'vocab\.file'"),
+        Case("config_task_setting_path", cfg_edit(lambda d: d["tasks"]["caption"].update(vq_path="/outside/vq")), U,
+             c + r"unknown key 'tasks\.caption\.vq_path'"),
+        Case("config_tasks_string", cfg_edit(lambda d: d.update(tasks="caption")),
+             M, c + "key 'tasks' has an invalid value"),
+        Case("config_format_newer", cfg_edit(lambda d: d.update(format=99)), M, c + "format 99 is newer"),
+        Case("config_arch_unregistered", cfg_edit(lambda d: d.update(arch="evil-arch")),
+             U, c + "architecture 'evil-arch' is not registered"),
+        Case("config_vocab_ranges_disagree", cfg_edit(lambda d: _text_size(d, ranges=False)),
+             M, c + "not a valid mmzoo model config: .*disagree"),
+        Case("config_vocab_resized", cfg_edit(lambda d: _text_size(d, ranges=True)), M,
+             r"model\.safetensors: tensor 'embed_tokens\.weight' has shape"),
+        Case("config_layers_huge", cfg_edit(lambda d: d.update(enc_layers=10**7)), M,
+             c + "key 'enc_layers' has an invalid value"),
+        # a vocabulary of 10^9 tokens (its ranges consistent): 128 GB if built; refused from the shapes alone
+        Case("config_vocab_huge", cfg_edit(_huge_vocab), M,
+             r"model\.safetensors: tensor 'embed_tokens\.weight' has shape \[\d+, 32\] "
+             r"but .* needs \[1000000\d+, 32\]"),
+        Case("config_nested_too_deeply", write("config.json", '{"arch": ' + "[" * 100000 + "]" * 100000 + "}"), M,
+             c + "JSON nested too deeply"),
+        Case("config_nested_deep_value", cfg_edit(lambda d: d["tasks"]["caption"].update(candidates=_nested(900))), M,
+             c + r"(key 'tasks\.caption\.candidates' has an invalid value|nested too deeply)"),
+        Case("config_empty_object", write("config.json", "{}"), M, r"model\.safetensors: its tensors do not match"),
+        # harmless: a modality's pretrained entry (a training-time source) is dropped, never read
+        Case("config_pretrained_outside_ignored",
+             lambda f, x, n: _edit_json(f / "config.json", image_cfg(pretrained=str(outside_payload(x, n)))), None),
+    ]
+
+
+def _tokenizer_cases(out: list[Case]) -> None:
+    t = r"tokenizer\.json: "
+    out += [
+        Case("tokenizer_not_json", write("tokenizer.json", "{broken"), M, t + r"not a valid tokenizer\.json"),
+        Case("tokenizer_not_utf8", write("tokenizer.json", b"\xff\xfe\x00{"), M, t + "not UTF-8"),
+        Case("tokenizer_wrong_object", write("tokenizer.json", '{"version": "1.0", "model": {"type": "Evil"}}'), M,
+             t + r"not a valid tokenizer\.json"),
+        Case("tokenizer_other_vocab", _other_tokenizer, M, t + r"has \d+ tokens but .*config\.json's vocab\.text_size"),
+        Case("tokenizer_nested_too_deeply", write("tokenizer.json", '{"model": ' + "[" * 100000 + "]" * 100000 + "}"),
+             M, t + r"not a valid tokenizer\.json"),
+        Case("tokenizer_missing", lambda f, c, n: (f / "tokenizer.json").unlink(), F, t + "missing"),
+    ]
+
+
+def _image_codes_cases(out: list[Case]) -> None:
+    sub = r"config\.json: image_codes\.folder must name a subfolder"
+    v = r"image_codes/config\.json: "
+    for label, value in (("parent", "../outside"), ("absolute", "/tmp"), ("dot", "."), ("nested", "image_codes/.."),
+                         ("backslash", "..\\outside"), ("number", 7)):
+        bad_type = r"config\.json: key 'image_codes\.folder' has an invalid value"
+        out.append(Case(f"image_codes_folder_{label}",
+                        cfg_edit(lambda c, value=value: c["image_codes"].update(folder=value)),
+                        U if label != "number" else M, sub if label != "number" else bad_type, "t2i"))
+    out += [
+        Case("image_codes_folder_missing", _rename_vq,
+             F, r"image_codes: config\.json names the image-code tokenizer folder",
+             "t2i"),
+        Case("image_codes_entry_string", cfg_edit(lambda c: c.update(image_codes="image_codes")), M,
+             r"config\.json: key 'image_codes' has an invalid value", "t2i"),
+        Case("image_codes_entry_num_codes", cfg_edit(_set_num_codes(32)), M,
+             r"config\.json: image_codes\.num_codes is 32 but the tokenizer", "t2i"),
+        Case("image_codes_entry_grid", cfg_edit(lambda c: c["image_codes"].update(grid=[4, 4])), M,
+             r"config\.json: image_codes\.grid is \[4, 4\] but the tokenizer", "t2i"),
+        Case("vq_class_name", vq_cfg_edit(lambda c: c.update(_class_name="UNet2DModel")),
+             M, v + "describes 'UNet2DModel'", "t2i"),
+        Case("vq_unknown_key", vq_cfg_edit(lambda c: c.update(custom_pipeline="evil.py")),
+             U, v + "unknown key 'custom_pipeline'",
+             "t2i"),
+        Case("vq_value_object", vq_cfg_edit(lambda c: c.update(act_fn={"module": "os"})),
+             M, v + "key 'act_fn' has an invalid value",
+             "t2i"),
+        Case("vq_bad_block_type", vq_cfg_edit(lambda c: c.update(down_block_types=["EvilBlock"] * 4)), M,
+             v + "not a valid VQModel config", "t2i"),
+        Case("vq_not_utf8", write("image_codes/config.json", b'{"_class_name": "VQ\xffModel"}'),
+             M, v + "not UTF-8", "t2i"),
+        Case("vq_list", write("image_codes/config.json", "[]"), M, v + "expected a JSON object", "t2i"),
+        Case("vq_codebook_resized", vq_cfg_edit(lambda c: c.update(num_vq_embeddings=32)), M,
+             r"image_codes/diffusion_pytorch_model\.safetensors: tensor 'quantize\.embedding\.weight' "
+             r"has shape \[16, 4\] but the architecture in .*image_codes/config\.json needs \[32, 4\]", "t2i"),
+        # harmless: a stray pickle beside the safetensors weights is never read
+        Case("stray_pickle_beside_vq_safetensors", payload_at("image_codes/diffusion_pytorch_model.bin", unlink=()),
+             None, base="t2i"),
+    ]
+    out.append(Case("stray_pickle_beside_safetensors", payload_at("pytorch_model.bin", unlink=()), None))
+
+
+def corpus() -> list[Case]:
+    """Every tampered-folder case."""
+    out: list[Case] = []
+    for add in (_pickle_cases, _target_cases, _backbone_cases, _symlink_cases, _safetensors_cases, _tensor_cases,
+                _config_cases, _tokenizer_cases, _image_codes_cases):
+        add(out)
+    names = [c.name for c in out]
+    assert len(names) == len(set(names)), "duplicate case names"
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Base folders and entry points
+# ------------------------------------------------------------------------------------------------
+def make_context(root: Path) -> Ctx:
+    """Save the two real tiny models the cases start from."""
+    import numpy as np
+    from PIL import Image
+
+    import zoo
+    from modalities.image_codes import ImageCodeTokenizer, VQConfig
+    from modalities.text import TextTokenizer
+    from zoo.pretrained import Pretrained
+
+    tok = TextTokenizer.train(TEXTS, vocab_size=300)
+    torch.manual_seed(0)
+    model = zoo.create_model("test-tiny", vocab={"text_size": tok.vocab_size, "image_code_size": 16, "loc_bins": 4})
+    caption = Pretrained(model.eval(), tok, tasks={"caption": {"max_new_tokens": 4}})
+    caption = caption.save_pretrained(root / "base" / "caption")
+    vq = ImageCodeTokenizer.from_config(VQConfig(**TINY_VQ)).eval()
+    t2i_model = zoo.create_model("test-tiny", max_positions=80,
+                                 vocab={"text_size": tok.vocab_size, "image_code_size": 16})
+    t2i = Pretrained(t2i_model.eval(), tok, tasks={"text_to_image": {"guidance_scale": 2.0, "top_k": 4}},
+                     image_tokenizer=vq).save_pretrained(root / "base" / "t2i")
+    image = root / "image.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(image)
+    for d in ("outside", "markers", "cases", "hub", "out"):
+        (root / d).mkdir()
+    return Ctx(root, caption, t2i, root / "outside", root / "markers", image)
+
+
+def build_case(case: Case, ctx: Ctx) -> Path:
+    folder = ctx.root / "cases" / case.name
+    shutil.copytree(ctx.caption if case.base == "caption" else ctx.t2i, folder)
+    case.build(folder, ctx, case.name)
+    return folder
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def via_load(folder: Path, case: Case, ctx: Ctx) -> None:
+    import zoo
+
+    zoo.load(folder, allow_pickle=case.allow_pickle)
+
+
+def via_hub(folder: Path, case: Case, ctx: Ctx) -> None:
+    """``zoo.load("hf-hub:tampered/<case>")`` from a Hub cache laid out by hand, offline."""
+    import zoo
+
+    commit = f"{abs(hash(case.name)):040x}"[:40]
+    repo = ctx.root / "hub" / f"models--tampered--{case.name.replace('_', '-')}"
+    snap = repo / "snapshots" / commit
+    if not snap.exists():
+        shutil.copytree(folder, snap, symlinks=True)
+        for link in [p for p in snap.rglob("*") if p.is_symlink()]:  # keep each link pointing where it did
+            target = (folder / link.relative_to(snap)).resolve()
+            link.unlink()
+            link.symlink_to(target)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+    with _env(HF_HUB_CACHE=str(ctx.root / "hub"), HF_HUB_OFFLINE="1"):
+        zoo.load(f"hf-hub:tampered/{case.name.replace('_', '-')}", allow_pickle=case.allow_pickle)
+
+
+def via_predict(folder: Path, case: Case, ctx: Ctx) -> None:
+    """``zoo-predict`` (its ``main``; errors become ``SystemExit("error: ...")``)."""
+    from zoo.predict import main
+
+    if case.base == "t2i":
+        args = ["task=t2i", "input=a red circle", f"out={ctx.root / 'out' / case.name}"]
+    else:
+        args = ["task=caption", f"input={ctx.image}"]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        main([f"pretrained={folder}", *args, f"allow_pickle={str(case.allow_pickle).lower()}"])
+
+
+def via_eval(folder: Path, case: Case, ctx: Ctx) -> None:
+    """What ``zoo-eval ckpt=<folder>`` loads the model with (it never passes allow_pickle)."""
+    from tasks.evaluate import load_for_eval
+
+    load_for_eval(str(folder))
+
+
+def via_finetune(folder: Path, case: Case, ctx: Ctx) -> None:
+    """What ``zoo-finetune pretrained=<folder>`` loads the starting point with."""
+    from omegaconf import OmegaConf
+
+    from tasks.finetune import from_pretrained
+
+    cfg = OmegaConf.create({"pretrained": str(folder), "finetune": {"mode": "full", "allow_pickle": case.allow_pickle}})
+    with contextlib.redirect_stdout(io.StringIO()):
+        from_pretrained(cfg)
+
+
+ENTRY_POINTS: dict[str, Callable[[Path, Case, Ctx], None]] = {
+    "zoo.load": via_load, "hf-hub": via_hub, "zoo-predict": via_predict, "zoo-eval": via_eval,
+    "zoo-finetune": via_finetune,
+}
+#: entry points that pass ``allow_pickle`` on
+PASSES_ALLOW_PICKLE = {"zoo.load", "hf-hub", "zoo-predict", "zoo-finetune"}
+
+
+@dataclass
+class Outcome:
+    case: str
+    entry: str
+    status: str  # refused | loaded | executed | raw | not_refused
+    detail: str = ""
+
+
+def try_case(case: Case, folder: Path, entry: str, ctx: Ctx) -> Outcome:
+    """Load ``folder`` through ``entry`` and judge what happened."""
+    for m in ctx.markers.iterdir():
+        m.unlink()
+    exc: BaseException | None = None
+    try:
+        ENTRY_POINTS[entry](folder, case, ctx)
+    except (Exception, SystemExit) as e:  # noqa: BLE001 — judged below
+        exc = e
+    if any(ctx.markers.iterdir()):
+        return Outcome(case.name, entry, "executed", f"marker created; {type(exc).__name__ if exc else 'no error'}")
+    if exc is None:
+        return Outcome(case.name, entry, "loaded" if case.error is None else "not_refused")
+    if isinstance(exc, SystemExit):
+        msg, type_ok = str(exc.code), str(exc.code).startswith("error: ")
+    else:
+        msg, type_ok = str(exc), case.error is not None and isinstance(exc, _err(case.error))
+    pattern = case.match
+    if case.allow_pickle and entry not in PASSES_ALLOW_PICKLE and case.match_without_opt_in:
+        pattern = case.match_without_opt_in
+    if case.error is not None and type_ok and re.search(pattern, msg, re.S):
+        return Outcome(case.name, entry, "refused", msg)
+    return Outcome(case.name, entry, "raw", f"{type(exc).__name__}: {msg[:400]}")
+
+
+@dataclass
+class Summary:
+    folders: int = 0
+    attempts: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    bad: list[Outcome] = field(default_factory=list)
+
+    def add(self, o: Outcome) -> None:
+        self.attempts += 1
+        self.counts[o.status] = self.counts.get(o.status, 0) + 1
+        if o.status in ("executed", "raw", "not_refused"):
+            self.bad.append(o)
+
+    def __str__(self) -> str:
+        c = self.counts
+        lines = [f"tampered folders tried: {self.folders}",
+                 f"loads attempted: {self.attempts} ({self.folders} folders x {len(ENTRY_POINTS)} entry points: "
+                 f"{', '.join(ENTRY_POINTS)})",
+                 f"refused with the expected clear error: {c.get('refused', 0)}",
+                 f"loaded safely (harmless tampering ignored): {c.get('loaded', 0)}",
+                 f"code executions (markers created): {c.get('executed', 0)}",
+                 f"raw (unclear) errors: {c.get('raw', 0)}",
+                 f"tampered folders loaded without a refusal: {c.get('not_refused', 0)}"]
+        lines += [f"  FAIL {o.case} via {o.entry}: {o.status}: {o.detail}" for o in self.bad]
+        return "\n".join(lines)
+
+
+def run(root: Path, cases: list[Case] | None = None) -> Summary:
+    ctx = make_context(root)
+    summary = Summary()
+    for case in cases or corpus():
+        folder = build_case(case, ctx)
+        summary.folders += 1
+        for entry in ENTRY_POINTS:
+            summary.add(try_case(case, folder, entry, ctx))
+    return summary
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as d, contextlib.chdir(d):
+        summary = run(Path(d))
+    print(summary)
+    sys.exit(1 if summary.bad else 0)
+
+
+if __name__ == "__main__":
+    main()
