@@ -66,7 +66,7 @@ class DynamicBatcher:
     async def stop(self) -> None:
         """Finish every queued job, then stop the loop and the model thread."""
         self.closing = True
-        while self.groups:
+        while self.groups and self.task is not None and not self.task.done():
             self.wakeup.set()
             await asyncio.sleep(0.01)
         if self.task is not None:
