@@ -238,6 +238,8 @@ def _bad_requests(images: list[bytes], tmp_path: Path) -> list[tuple[str, str, d
         ("unknown task", "/translate", img(png), 404, "unknown task 'translate'"),
         ("over-long question", "/vqa", {**img(png), "data": {"question": "why " * 100}}, 422,
          "question: String should have at most 300 characters"),
+        ("question over the model's token limit", "/vqa", {**img(png), "data": {"question": "zq9 " * 70}}, 422,
+         "tokens is over the model's limit of 80 tokens"),
         ("max_new_tokens over the model's limit", "/caption", {**img(png), "data": {"max_new_tokens": 1000}}, 422,
          "max_new_tokens: 1000 is outside 1..80"),
         ("sensor CSV with a missing channel", "/sensor_to_text",
