@@ -344,3 +344,23 @@ def test_web_page_in_headless_chromium(server, bundle, tmp_path):
         wait.until(lambda d: "error 400" in d.find_element(By.ID, "result").text)
     finally:
         drv.quit()
+
+
+def test_generate_text_from_preprocessed_inputs_equals_the_task_methods(model_dir, bundle, images, tmp_path):
+    """The hook the server's model thread calls, in process: worker-side preprocessing + one batched call."""
+    from zoo.serve.app import ServeSettings, prep_spec
+    from zoo.serve.preprocess import Preprocessor
+
+    pre = Preprocessor(prep_spec(bundle, ServeSettings()))
+    ready = [pre.prepare("caption", {"image": img}) for img in images]
+    pixels = torch.from_numpy(np.stack([r["pixels"] for r in ready]))
+    assert bundle.generate_text_from("caption", [r["text_ids"] for r in ready], pixels=pixels) == bundle.caption(images)
+    qs = ["what colour is the square?", "a small red circle"] * 4
+    ready = [pre.prepare("vqa", {"image": img, "question": q}) for img, q in zip(images, qs)]
+    pixels = torch.from_numpy(np.stack([r["pixels"] for r in ready]))
+    assert bundle.generate_text_from("vqa", [r["text_ids"] for r in ready], pixels=pixels, max_new_tokens=3) == \
+        bundle.answer(images, qs, max_new_tokens=3)
+    path = write_csv(tmp_path / "r.csv", np.random.default_rng(3).normal(size=(3, 70)), CHANNELS, np.arange(70) / 50)
+    r = pre.prepare("sensor_to_text", {"file": path.read_bytes(), "filename": "r.csv"})
+    sensor = (torch.from_numpy(r["values"])[None], torch.from_numpy(r["valid"])[None])
+    assert bundle.generate_text_from("sensor_to_text", [r["text_ids"]], sensor=sensor) == [bundle.describe(str(path))]
