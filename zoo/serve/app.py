@@ -184,8 +184,9 @@ def create_app(bundle: Any, settings: ServeSettings | None = None, tasks: list[s
                 response = await call_next(request)
             finally:
                 server.metrics.in_flight -= 1
-        if request.method == "POST":
-            server.metrics.request(request.url.path.strip("/") or "/", response.status_code,
+        if request.method == "POST":  # counted per task; any other path as "other" (bounded metrics)
+            path = request.url.path.strip("/")
+            server.metrics.request(path if path in tasks else "other", response.status_code,
                                    (time.perf_counter() - t0) * 1e3)
         return response
 
