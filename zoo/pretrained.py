@@ -526,6 +526,29 @@ class Pretrained:
         images = [Image.fromarray(a) for a in arr]
         return images[0] if single else images
 
+    @torch.no_grad()
+    def generate_text_from(self, task: str, text_ids: Sequence[Sequence[int]], *, pixels: torch.Tensor | None = None,
+                           sensor: tuple[torch.Tensor, torch.Tensor] | None = None, **overrides: Any) -> list[str]:
+        """One batch of ``caption`` / ``vqa`` / ``sensor_to_text`` on already-preprocessed inputs (for servers whose
+        CPU workers decode and tokenize): ``text_ids`` are the tokenizer's raw ids per row (the prompt or question),
+        ``pixels`` ``[B,3,S,S]`` from :meth:`preprocessor`, ``sensor`` padded ``(values, valid)``. Generation
+        settings resolve as in :meth:`caption`, so the results equal those of the task methods."""
+        rows = [list(r) for r in text_ids]
+        ids = torch.zeros(len(rows), max(1, max(len(r) for r in rows)), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long) + self.layout.text_start
+        segs: dict[str, Any] = {"text": (ids.to(self.device), (ids != 0).to(self.device))}
+        if pixels is not None:
+            segs["image"] = pixels.to(self.device)
+        if sensor is not None:
+            segs["sensor"] = (sensor[0].to(self.device), sensor[1].to(self.device))
+        gen = self._gen_kwargs(task, overrides)
+        trie = self._answer_trie() if task == "vqa" else None
+        if trie is not None:
+            gen["processors"] = [trie]
+        self.model.eval()
+        return self._generate_text(task, segs, gen)
+
     def __repr__(self) -> str:
         return (f"Pretrained(arch={self.model.cfg.arch!r}, params={self.num_parameters() / 1e6:.2f}M, "
                 f"modalities={['text', *self.model.cfg.modalities]}, tasks={list(self.tasks)}, source={self.source!r})")
