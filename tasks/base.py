@@ -136,6 +136,29 @@ class Seq2SeqTask(L.LightningModule):
     def compute_metrics(self, stage: str, predictions: dict[Any, Any]) -> dict[str, float]:
         raise NotImplementedError
 
+    def partial_eval(self, stage: str) -> bool:
+        """Whether this ``stage`` pass runs only some of its batches on purpose (``trainer.fast_dev_run``,
+        ``limit_val_batches`` / ``limit_test_batches`` below the whole split)."""
+        trainer = self._trainer
+        if trainer is None:
+            return False
+        if trainer.fast_dev_run:
+            return True
+        limit = getattr(trainer, f"limit_{stage}_batches", 1.0)
+        # an int is a batch count (Lightning's convention), a float a fraction
+        return limit is not None and (isinstance(limit, int) or float(limit) < 1.0)
+
+    def scored_references(self, stage: str, references: dict[Any, Any], predictions: dict[Any, Any],
+                          what: str = "records") -> dict[Any, Any]:
+        """The references to score: all of them, or in a deliberately partial pass (:meth:`partial_eval`) those
+        of the records that ran. A full pass that missed records is a bug: it raises naming a few."""
+        missing = set(references) - set(predictions)
+        if not missing:
+            return references
+        if self.partial_eval(stage):
+            return {k: v for k, v in references.items() if k in predictions}
+        raise RuntimeError(f"{len(missing)} {stage} {what} got no prediction (e.g. {sorted(missing)[:3]})")
+
     def format_predictions(self, predictions: dict[Any, Any]) -> list[dict[str, Any]]:
         return [{"id": k, "prediction": v} for k, v in predictions.items()]
 

@@ -271,10 +271,7 @@ class SensorToTextTask(Seq2SeqTask):
         from tasks.metrics import caption_scores
 
         dm = self.datamodule
-        refs = dm.references(stage)
-        missing = set(refs) - set(predictions)
-        if missing:
-            raise RuntimeError(f"{len(missing)} {stage} recordings got no prediction (e.g. {sorted(missing)[:3]})")
+        refs = self.scored_references(stage, dm.references(stage), predictions, "recordings")
         preds = {k: predictions[k] for k in refs}
         scores = caption_scores(preds, refs)
         return {"bleu4": scores["bleu4"], "cider": scores["cider"], **activity_scores(preds, dm.activities(stage))}

@@ -107,6 +107,15 @@ def save_final_best(trainer) -> None:
         cb.best_model_path, cb.best_model_score, cb.best_k_models = path, score, {path: score}
 
 
+def has_test_split(dm: Any) -> bool:
+    """Whether the datamodule has test data (``has_split("test")``; a multi-task one: every task's)."""
+    subs = getattr(dm, "subs", None)
+    if isinstance(subs, dict) and subs:
+        return all(has_test_split(d) for d in subs.values())
+    check = getattr(dm, "has_split", None)
+    return bool(check("test")) if callable(check) else True
+
+
 def report_metrics(task: Any, metrics: dict[str, float], out: Path, title: str) -> None:
     """Write ``out/metrics.json`` and print the task's summary table (multi-task), then every metric."""
     from zoo.atomic import atomic_write_text
@@ -175,6 +184,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     metrics: dict[str, float] = {}
     ckpt_path = resolve_ckpt_path(cfg)
+    run_test = bool(cfg.get("test", True))
+    if run_test and not has_test_split(dm):
+        run_test = False
+        if trainer.is_global_zero:
+            print("[mmzoo] this data has no test split (e.g. data.test_file=null): the run validates but skips testing")
     if cfg.get("train", True):
         t0 = time.perf_counter()
         trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
@@ -186,7 +200,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer.validate(task, datamodule=dm, verbose=False)  # the loop never validated (e.g. a time budget)
             save_final_best(trainer)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))})
-    if cfg.get("test", True):
+    if run_test:
         ckpt = None
         if cfg.get("train", True):
             best = getattr(trainer.checkpoint_callback, "best_model_path", "")
