@@ -171,7 +171,7 @@ def pretrain_backbone(spec: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor],
         preds = [grid_to_sets(**forward(c)) for c in val_images.split(256)]
     pred = {k: torch.cat([p[k] for p in preds]).cpu() for k in ("colour", "shape", "count")}
     metrics = score_attributes(pred, scene_labels(root, "val", val_ids))
-    metrics.update(train_seconds=seconds, final_loss=float(loss))
+    metrics.update(train_seconds=seconds, final_loss=float(loss.detach()))
     return {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, metrics
 
 

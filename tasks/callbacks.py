@@ -8,9 +8,27 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from zoo.atomic import atomic_file, atomic_write_text
+
+
+class MonitoredCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that waits quietly for its monitored metric.
+
+    Lightning's saves the top-k at the end of a training epoch that ran no validation, and warns that the monitor
+    is missing. In mmzoo that is normal (a time budget or a step total validates once after the loop, and
+    :func:`tasks.train.save_final_best` writes ``best.ckpt`` then), so this one skips that save instead.
+    """
+
+    def _generate_state_key(self, **kwargs: Any) -> str:
+        return f"ModelCheckpoint{kwargs!r}"  # the parent's key: checkpoints resume and export either way
+
+    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        if self.monitor is not None and self.monitor not in monitor_candidates:
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -146,6 +164,17 @@ class TimeBudget(L.Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.total = state.get("total")
+
+
+class FinetuneInfo(L.Callback):
+    """Records the starting point and mode in every checkpoint (``checkpoint["mmzoo_finetune"]``), so
+    ``zoo-export`` can rebuild LoRA checkpoints and write the model card."""
+
+    def __init__(self, info: dict[str, Any]):
+        self.info = info
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mmzoo_finetune"] = dict(self.info)
 
 
 class Throughput(L.Callback):

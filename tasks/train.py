@@ -137,6 +137,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     from tasks.callbacks import AtomicCheckpointIO, Throughput
     from tasks.distributed import check_trainer, prepare_lock, single_job_relaunch
+    from tasks.logs import tidy_logging
+
+    tidy_logging()
 
     check_trainer(cfg.trainer)
     single_job_relaunch()  # Hydra multirun + ddp: re-launched ranks run this job, in this job's folder
@@ -215,6 +218,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def main() -> None:
+    from tasks.cli_help import maybe_print_help
+
+    maybe_print_help("zoo-train")  # before Hydra and Lightning load
     import hydra
 
     register_resolvers()
