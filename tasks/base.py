@@ -165,6 +165,25 @@ class Seq2SeqTask(L.LightningModule):
     def write_samples(self, path: Path, stage: str) -> None:
         """Write a human-readable sample grid for ``stage`` (optional)."""
 
+    def sample_references(self, stage: str) -> list[str] | None:
+        """One reference text per sample of ``stage`` (the first caption or description, the most common answer)
+        to print under its prediction; ``None`` when the data has none."""
+        s, dm = self.samples.get(stage), self.datamodule
+        if not s or "ids" not in s or dm is None or not hasattr(dm, "references"):
+            return None
+        refs = dm.references(stage)
+        out = []
+        for k in s["ids"]:
+            k = k.item() if torch.is_tensor(k) else k
+            ref = refs.get(k)
+            if isinstance(ref, dict):  # VQA: {"answers": [...], ...}
+                answers = [a for a in ref.get("answers") or [] if a]
+                ref = max(set(answers), key=answers.count) if answers else ""
+            elif isinstance(ref, (list, tuple)):
+                ref = ref[0] if ref else ""
+            out.append("" if ref is None else str(ref))
+        return out
+
     # --- training -----------------------------------------------------------------------------
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         memory, mask = self.model.encode(self.model_inputs(batch))

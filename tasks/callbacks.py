@@ -59,11 +59,18 @@ class RunArtifacts(L.Callback):
     def _write(self, trainer: L.Trainer, task: Any, stage: str) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
+        started = time.time()
         writer = getattr(task, "write_artifacts", None)  # a multi-task model writes one pair per task
         if writer is not None:
             writer(self.output_dir, stage, self.predictions_file, self.samples_file)
         else:
             write_task_artifacts(task, self.output_dir, stage, self.predictions_file, self.samples_file)
+        stem, suffix = Path(self.samples_file).stem, Path(self.samples_file).suffix
+        grids = [p for p in sorted(self.output_dir.glob(f"{stem}*{suffix}")) if p.stat().st_mtime >= started - 1]
+        if grids and trainer.loggers:  # the experiment loggers show the grids too (TensorBoard, W&B, MLflow, ...)
+            from tasks.logger_images import log_images_to_loggers
+
+            log_images_to_loggers(trainer, grids, stage)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._write(trainer, pl_module, "val")

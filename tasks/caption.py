@@ -220,4 +220,4 @@ class CaptionTask(Seq2SeqTask):
             return
         pre = self.datamodule.preprocess
         images = [pre.denormalize(x) for x in s["image"]]
-        save_grid(images, s["predictions"], path)
+        save_grid(images, s["predictions"], path, references=self.sample_references(stage))

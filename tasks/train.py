@@ -107,6 +107,19 @@ def save_final_best(trainer) -> None:
         cb.best_model_path, cb.best_model_score, cb.best_k_models = path, score, {path: score}
 
 
+def instantiate_loggers(logger_cfg: Any) -> list[Any]:
+    """The configured experiment loggers (``logger=...``). MLflow 3 refuses its local file store unless asked:
+    ``logger=mlflow`` writes one under the run directory (no server, no database), so it is allowed here."""
+    import os
+
+    from hydra.utils import instantiate
+
+    for c in logger_cfg.values():
+        if c is not None and "MLFlowLogger" in str(c.get("_target_", "")) and str(c.get("tracking_uri") or "").startswith("file:"):
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return [instantiate(c) for c in logger_cfg.values() if c is not None]
+
+
 def has_test_split(dm: Any) -> bool:
     """Whether the datamodule has test data (``has_split("test")``; a multi-task one: every task's)."""
     subs = getattr(dm, "subs", None)
@@ -176,7 +189,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks += extra_callbacks
     throughput = Throughput()
     callbacks.append(throughput)
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    loggers = instantiate_loggers(cfg.get("logger") or {})
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
     if trainer.is_global_zero:
         n_params = model.num_parameters()

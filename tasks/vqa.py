@@ -447,4 +447,4 @@ class VQATask(Seq2SeqTask):
         questions = self.tokenizer.decode_batch(
             [[t - lo for t in row if t != PAD_ID] for row in s["prompt_ids"].tolist()])
         texts = [f"Q: {q} A: {a}" for q, a in zip(questions, s["predictions"])]
-        save_grid([pre.denormalize(x) for x in s["image"]], texts, path)
+        save_grid([pre.denormalize(x) for x in s["image"]], texts, path, references=self.sample_references(stage))
