@@ -102,13 +102,16 @@ class TimeBudget(L.Callback):
     """
 
     def __init__(self, minutes: float, start: int = 10, window: int = 20, min_steps: int = 50,
-                 whole_epochs: bool = False, rechecks: Sequence[float] = (0.25, 0.5, 0.75)):
+                 whole_epochs: bool = False, rechecks: Sequence[float] = (0.25, 0.5, 0.75),
+                 deadline_s: float | None = None):
         if minutes <= 0:
             raise ValueError(f"TimeBudget minutes must be > 0, got {minutes}")
         if any(not 0 < f < 1 for f in rechecks):
             raise ValueError(f"TimeBudget rechecks are fractions of the run in (0, 1), got {list(rechecks)}")
         self.seconds, self.start, self.window, self.min_steps = 60.0 * minutes, start, window, min_steps
         self.whole_epochs, self.rechecks = whole_epochs, sorted(rechecks)
+        # deadline_s (tasks.budget): the loop ends that many seconds after the run started, whatever came before
+        self.deadline_s = deadline_s
         self.total: int | None = None
         self._t_fit: float | None = None
         self._t_start: float | None = None
@@ -121,6 +124,14 @@ class TimeBudget(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._t_fit = time.perf_counter()
+        if self.deadline_s is not None and self.total is None:
+            from tasks.budget import elapsed_s
+
+            spent = elapsed_s()
+            self.seconds = max(60.0, self.deadline_s - spent)
+            if trainer.is_global_zero:
+                print(f"[mmzoo] {spent / 60:.1f} min spent before training: the training loop gets "
+                      f"{self.seconds / 60:.1f} min", flush=True)
         if self.total is not None:  # resumed
             self._apply(trainer, pl_module)
 

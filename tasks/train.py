@@ -8,6 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from tasks.budget import RUN_START  # noqa: F401  (starts the run's clock: budget.total_minutes counts from here)
 from tasks.resolvers import register_resolvers
 
 
@@ -161,6 +162,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
 
+    deadline = None
+    budget = cfg.get("budget")
+    if budget and budget.get("total_minutes"):  # one wall-clock budget for the whole run (tasks/budget.py)
+        from tasks.budget import plan_run
+
+        _, deadline = plan_run(budget, bf16="bf16" in str(cfg.trainer.get("precision")))
     dm = instantiate(cfg.data)
     with prepare_lock(cfg.data.get("root") or cfg.paths.data_dir):  # torchrun/srun ranks: one prepares, the others read its cache
         dm.prepare_data()
@@ -186,6 +193,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         task = instantiate(cfg.task, model=model, tokenizer=tokenizer)
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if deadline is not None:
+        from tasks.callbacks import TimeBudget
+
+        for cb in callbacks:
+            if isinstance(cb, TimeBudget):
+                cb.deadline_s = deadline
     callbacks += extra_callbacks
     throughput = Throughput()
     callbacks.append(throughput)
