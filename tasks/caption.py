@@ -201,6 +201,10 @@ class CaptionDataModule(TextDataModule):
         return self._loader(ImageEvalSet(self._eval_records("val"), self.prompt_ids, self.preprocess),
                             self.eval_batch_size, shuffle=False)
 
+    def has_split(self, stage: str) -> bool:
+        """Whether the data has a ``stage`` split (``data.test_file: null``: none to test on)."""
+        return bool(self.files.get(stage))
+
     def test_dataloader(self) -> DataLoader:
         if not self.files["test"]:
             raise ValueError("this dataset has no test split (data.test_file is null)")
@@ -220,10 +224,7 @@ class CaptionTask(Seq2SeqTask):
     def compute_metrics(self, stage: str, predictions: dict[Any, str]) -> dict[str, float]:
         from tasks.metrics import caption_scores
 
-        refs = self.datamodule.references(stage)
-        missing = set(refs) - set(predictions)
-        if missing:
-            raise RuntimeError(f"{len(missing)} {stage} images got no prediction (e.g. {sorted(missing)[:3]})")
+        refs = self.scored_references(stage, self.datamodule.references(stage), predictions, "images")
         scores = caption_scores({k: predictions[k] for k in refs}, refs)
         return {"cider": scores["cider"], "bleu4": scores["bleu4"], "rouge_l": scores["rouge_l"]}
 
@@ -238,4 +239,4 @@ class CaptionTask(Seq2SeqTask):
             return
         pre = self.datamodule.preprocess
         images = [pre.denormalize(x) for x in s["image"]]
-        save_grid(images, s["predictions"], path)
+        save_grid(images, s["predictions"], path, references=self.sample_references(stage))

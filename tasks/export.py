@@ -13,12 +13,20 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch loads lazily: `zoo-export --help` stays instant
+    import torch
 
-USAGE = """usage: zoo-export ckpt=<run>/checkpoints/best.ckpt out=<folder> [adapter_out=<folder>] [name=<title>]
+USAGE = """zoo-export: turn a training checkpoint into a model folder that zoo.load() and zoo-predict read.
+
+usage: zoo-export ckpt=<run>/checkpoints/best.ckpt out=<folder> [adapter_out=<folder>] [name=<title>]
                   [push_to_hub=<org/name>] [vq=<VQ tokenizer folder>]
+
+examples:
+  zoo-export ckpt=outputs/quickstart/runs/<run>/checkpoints/best.ckpt out=exports/quickstart
+  zoo-export ckpt=outputs/multitask/runs/<run>/checkpoints/best.ckpt out=exports/ofa-tiny-multitask
+  zoo-export ckpt=<...>.ckpt out=exports/mine push_to_hub=org/name     # then zoo.load("hf-hub:org/name")
 
 Text-to-image checkpoints name the VQ tokenizer folder they were trained with; it is copied into
 <out>/image_codes/. vq= overrides that path (e.g. when the checkpoint moved to another machine).
@@ -44,6 +52,8 @@ def read_checkpoint(path: str | Path, unsafe_pickle: bool = False) -> dict[str, 
         near = sorted(p.name for p in path.parent.glob("*.ckpt")) if path.parent.is_dir() else []
         raise FileNotFoundError(f"checkpoint {path} does not exist"
                                 + (f"; {path.parent} holds {', '.join(near)}" if near else ""))
+    import torch
+
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001

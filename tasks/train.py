@@ -8,6 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from tasks.budget import RUN_START  # noqa: F401  (starts the run's clock: budget.total_minutes counts from here)
 from tasks.resolvers import register_resolvers
 
 
@@ -107,6 +108,28 @@ def save_final_best(trainer) -> None:
         cb.best_model_path, cb.best_model_score, cb.best_k_models = path, score, {path: score}
 
 
+def instantiate_loggers(logger_cfg: Any) -> list[Any]:
+    """The configured experiment loggers (``logger=...``). MLflow 3 refuses its local file store unless asked:
+    ``logger=mlflow`` writes one under the run directory (no server, no database), so it is allowed here."""
+    import os
+
+    from hydra.utils import instantiate
+
+    for c in logger_cfg.values():
+        if c is not None and "MLFlowLogger" in str(c.get("_target_", "")) and str(c.get("tracking_uri") or "").startswith("file:"):
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return [instantiate(c) for c in logger_cfg.values() if c is not None]
+
+
+def has_test_split(dm: Any) -> bool:
+    """Whether the datamodule has test data (``has_split("test")``; a multi-task one: every task's)."""
+    subs = getattr(dm, "subs", None)
+    if isinstance(subs, dict) and subs:
+        return all(has_test_split(d) for d in subs.values())
+    check = getattr(dm, "has_split", None)
+    return bool(check("test")) if callable(check) else True
+
+
 def report_metrics(task: Any, metrics: dict[str, float], out: Path, title: str) -> None:
     """Write ``out/metrics.json`` and print the task's summary table (multi-task), then every metric."""
     from zoo.atomic import atomic_write_text
@@ -128,6 +151,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     from tasks.callbacks import AtomicCheckpointIO, Throughput
     from tasks.distributed import check_trainer, prepare_lock, single_job_relaunch
+    from tasks.logs import tidy_logging
+
+    tidy_logging()
 
     check_trainer(cfg.trainer)
     single_job_relaunch()  # Hydra multirun + ddp: re-launched ranks run this job, in this job's folder
@@ -136,6 +162,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
 
+    deadline = None
+    budget = cfg.get("budget")
+    if budget and budget.get("total_minutes"):  # one wall-clock budget for the whole run (tasks/budget.py)
+        from tasks.budget import plan_run
+
+        _, deadline = plan_run(budget, bf16="bf16" in str(cfg.trainer.get("precision")))
     dm = instantiate(cfg.data)
     with prepare_lock(cfg.data.get("root") or cfg.paths.data_dir):  # torchrun/srun ranks: one prepares, the others read its cache
         dm.prepare_data()
@@ -161,10 +193,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
         task = instantiate(cfg.task, model=model, tokenizer=tokenizer)
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if deadline is not None:
+        from tasks.callbacks import TimeBudget
+
+        for cb in callbacks:
+            if isinstance(cb, TimeBudget):
+                cb.deadline_s = deadline
     callbacks += extra_callbacks
     throughput = Throughput()
     callbacks.append(throughput)
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    loggers = instantiate_loggers(cfg.get("logger") or {})
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
     if trainer.is_global_zero:
         n_params = model.num_parameters()
@@ -178,6 +216,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_run(cfg, dm, trainer)  # 0 training steps, no validation or test data: refused before the run
     metrics: dict[str, float] = {}
     ckpt_path = resolve_ckpt_path(cfg)
+    run_test = bool(cfg.get("test", True))
+    if run_test and not has_test_split(dm):
+        run_test = False
+        if trainer.is_global_zero:
+            print("[mmzoo] this data has no test split (e.g. data.test_file=null): the run validates but skips testing")
     if cfg.get("train", True):
         t0 = time.perf_counter()
         trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
@@ -189,7 +232,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer.validate(task, datamodule=dm, verbose=False)  # the loop never validated (e.g. a time budget)
             save_final_best(trainer)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))})
-    if cfg.get("test", True):
+    if run_test:
         ckpt = None
         if cfg.get("train", True):
             best = getattr(trainer.checkpoint_callback, "best_model_path", "")
@@ -204,6 +247,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def main() -> None:
+    from tasks.cli_help import maybe_print_help
+
+    maybe_print_help("zoo-train")  # before Hydra and Lightning load
     import hydra
 
     register_resolvers()

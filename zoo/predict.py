@@ -1,5 +1,7 @@
 """``zoo-predict``: run a pretrained model on files from the shell (no Lightning, no Hydra).
 
+examples:
+    zoo-predict pretrained=exports/quickstart task=caption input=photo.png
     zoo-predict pretrained=<arch.tag|folder|hf-hub:org/name> task=caption input=cat.jpg
     zoo-predict pretrained=... task=vqa input='imgs/*.png' question="what colour is the circle?"
     zoo-predict pretrained=... task=vqa input=questions.jsonl        # {"image": ..., "question": ...} per line
