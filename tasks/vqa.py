@@ -163,6 +163,7 @@ class VQADataModule(TextDataModule):
 
     # --- reading + validation -----------------------------------------------------------------
     def has_split(self, split: str) -> bool:
+        """Whether the data has a ``split`` (``data.splits.test: null``: none to test on)."""
         return split in self.splits
 
     def read(self, split: str) -> list[VQARecord]:
@@ -345,10 +346,6 @@ class VQADataModule(TextDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._dataset(self.eval_records("val"), False), self.eval_batch_size, shuffle=False)
-
-    def has_split(self, stage: str) -> bool:
-        """Whether the data has a ``stage`` split (``data.splits.test: null``: none to test on)."""
-        return stage in self.splits
 
     def test_dataloader(self) -> DataLoader:
         if "test" not in self.splits:
