@@ -57,7 +57,11 @@ def build_model(model_cfg: DictConfig, text_vocab_size: int, data_overrides: dic
         user_spec: dict[str, Any] = OmegaConf.to_container(pretrain, resolve=True)  # type: ignore[assignment]
         freeze = bool(user_spec.pop("freeze", False))
         spec = resolve_spec(user_spec, image_cfg)
-        with prepare_lock(spec["root"]):  # torchrun/srun ranks: the first pretrains, the others load its cache
+        from tasks.resume import isolated_rng
+
+        # torchrun/srun ranks: the first pretrains, the others load its cache; pretraining or reading the cache
+        # leaves the RNG as it was, so the model's initialisation does not depend on whether the cache existed
+        with prepare_lock(spec["root"]), isolated_rng():
             weights = ensure_pretrained_backbone(spec)
         overrides.setdefault("modalities", {})["image"] = {**image_over, "pretrained": str(weights)}
     vocab = dict(zoo.model_config(model_cfg.name).vocab)
@@ -127,6 +131,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from hydra.utils import instantiate
 
     from tasks.callbacks import AtomicCheckpointIO, Throughput
+    from tasks.resume import ResumeState, isolated_rng
     from tasks.distributed import check_trainer, prepare_lock, single_job_relaunch
 
     check_trainer(cfg.trainer)
@@ -137,7 +142,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         torch.set_float32_matmul_precision(cfg.matmul_precision)
 
     dm = instantiate(cfg.data)
-    with prepare_lock(cfg.data.get("root") or cfg.paths.data_dir):  # torchrun/srun ranks: one prepares, the others read its cache
+    # torchrun/srun ranks: one prepares, the others read its cache; the RNG is left as it was (cache hit or miss)
+    with prepare_lock(cfg.data.get("root") or cfg.paths.data_dir), isolated_rng():
         dm.prepare_data()
     extra_callbacks = []
     from hydra.utils import get_class
@@ -163,7 +169,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks += extra_callbacks
     throughput = Throughput()
-    callbacks.append(throughput)
+    callbacks += [throughput, ResumeState()]  # RNG states in checkpoints: a resumed run continues exactly
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
     if trainer.is_global_zero:
