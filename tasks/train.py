@@ -111,6 +111,23 @@ def save_final_best(trainer) -> None:
         cb.best_model_path, cb.best_model_score, cb.best_k_models = path, score, {path: score}
 
 
+def remove_orphans(cfg: DictConfig) -> None:
+    """Rank 0, before anything is written: delete the temp files of atomic writes that a kill interrupted
+    (a checkpoint's can be tens of MB) in the run directory and the checkpoint folders of its callbacks."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from zoo.atomic import remove_orphan_temps
+
+    if rank_zero_only.rank != 0:
+        return
+    out = Path(cfg.paths.output_dir)
+    folders = {out, out / "checkpoints"}
+    folders |= {Path(c.dirpath) for c in (cfg.get("callbacks") or {}).values() if c is not None and c.get("dirpath")}
+    for folder in sorted(folders):
+        for p in remove_orphan_temps(folder):
+            print(f"[mmzoo] removed {p}, left by an interrupted write")
+
+
 def report_metrics(task: Any, metrics: dict[str, float], out: Path, title: str) -> None:
     """Write ``out/metrics.json`` and print the task's summary table (multi-task), then every metric."""
     from zoo.atomic import atomic_write_text
@@ -137,6 +154,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_trainer(cfg.trainer)
     single_job_relaunch()  # Hydra multirun + ddp: re-launched ranks run this job, in this job's folder
     out = Path(cfg.paths.output_dir)
+    remove_orphans(cfg)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
