@@ -70,7 +70,7 @@ def _assert_identical(ref: Path, run: Path) -> int:
     differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
     assert not differ, f"{len(differ)} of {len(ta)} tensors differ, e.g. {differ[:5]}"
     n_opt = sum(k.startswith("optimizer") for k in ta)
-    assert n_opt > 100 and len(ta) - n_opt > 100  # weights and optimizer state both compared
+    assert n_opt > 100 and len(ta) - n_opt > 80  # weights and optimizer state both compared
     print(f"[resume] {len(ta)} tensors compared ({len(ta) - n_opt} weights, {n_opt} optimizer state): all equal")
     return len(ta)
 
@@ -80,22 +80,25 @@ def _rows(run: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _comparable(rows: list[dict]) -> list[dict]:
-    return [{k: ("<time>" if k in TIMING and v else v) for k, v in r.items()} for r in rows]
+def _comparable(rows: list[dict], keys: set[str]) -> list[dict]:
+    """Rows over the same columns (a column added later is empty in earlier rows), timings masked."""
+    return [{k: ("<time>" if k in TIMING and r.get(k) else r.get(k, "")) for k in sorted(keys)} for r in rows]
 
 
 def _assert_log_complete(ref: Path, run: Path, before: list[dict], killed_at: int) -> None:
     """Every row written before the kill up to the checkpoint is kept; the file then reads as the uninterrupted
     run's: one ``train/loss`` row per step, with the same values."""
-    after = _comparable(_rows(run))
-    kept = [r for r in _comparable(before) if int(r["step"]) < killed_at]
+    final, reference = _rows(run), _rows(ref)
+    keys = set(reference[0])
+    after = _comparable(final, keys)
+    kept = [r for r in _comparable(before, keys) if int(r["step"]) < killed_at]
     assert kept and all(r in after for r in kept)
     assert {int(r["step"]) for r in before if r.get("train/loss")} >= set(range(killed_at))  # flushed before kill
     losses = [int(r["step"]) for r in after if r.get("train/loss")]
     assert losses == list(range(STEPS))  # every step once, in order
-    assert after == _comparable(_rows(ref))
+    assert set(final[0]) == keys and after == _comparable(reference, keys)
     print(f"[resume] csv rows: {len(before)} before the kill ({len(kept)} up to the checkpoint at step "
-          f"{killed_at}), {len(after)} after the resume; uninterrupted run {len(_rows(ref))}")
+          f"{killed_at}), {len(after)} after the resume; uninterrupted run {len(reference)}")
 
 
 @pytest.fixture(scope="module")
