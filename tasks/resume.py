@@ -2,15 +2,20 @@
 
 What a training step reads besides the weights, optimizer and scheduler (which Lightning saves) and how it is kept:
 
-- the sample order and the position within the pass: :class:`ResumableLoader` draws each pass's permutation from
-  ``(seed, pass)`` (not from the global RNG) and is ``state_dict``-able, so Lightning stores ``(pass, batches
-  served)`` in the checkpoint and the resumed loader skips what was already served (indices only, no data loaded);
-- the randomness inside ``Dataset.__getitem__`` (a random caption, a dropped prompt...): each sample is drawn with
-  the torch / numpy / Python RNGs seeded from ``(seed, pass, position)`` (:class:`SeededDataset`), in whichever
-  worker or in the main process it is loaded, so worker count, worker seeds and prefetching do not matter;
+- the sample order and the position within the pass: :class:`ResumableLoader` is ``state_dict``-able, so Lightning
+  stores ``(pass, batches served, the pass's seed)`` in the checkpoint and the resumed loader serves the rest of
+  that pass (skipping indices only, no data loaded);
+- the randomness inside ``Dataset.__getitem__`` (a random caption, a dropped prompt...): in the main process it is
+  the global stream, restored like the rest; in loader workers (whose RNG states cannot be saved) each sample is
+  drawn with the torch / numpy / Python RNGs seeded from its pass seed and position (:class:`SeededDataset`), so
+  the worker count, worker seeds and prefetching do not matter;
 - the global RNGs the step itself uses (dropout, codebook restarts): :class:`ResumeState` saves torch (CPU and
   CUDA), numpy and Python states in the checkpoint and restores them at ``on_train_start``; validation runs on a
   copy of them, so validating does not move the training stream (and a resume need not repeat it).
+
+An uninterrupted run draws exactly what a plain ``DataLoader(shuffle=True)`` draws (one process: each pass's seed
+and the worker base seed from the global torch RNG; ddp/fsdp: ``seed + pass`` as ``DistributedSampler``), so the
+sample orders, and the results, of runs before this module existed are unchanged.
 """
 from __future__ import annotations
 
@@ -25,41 +30,42 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
-_MASK = (1 << 63) - 1
-
 
 def run_seed() -> int:
-    """The run's seed (``seed_everything``'s, else torch's initial seed): the base of every loader's order."""
+    """The run's seed (``seed_everything``'s, else torch's initial seed): the seed of the distributed orders."""
     return int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
-
-
-def pass_generator(seed: int, pass_: int) -> torch.Generator:
-    """The generator of pass ``pass_`` of a loader seeded with ``seed``."""
-    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(pass_) * 7_919 + 17) & _MASK)
 
 
 class ResumableSampler(DistributedSampler):
     """Shuffled ``(index, sample seed)`` pairs of one pass, split over the data-parallel ranks.
 
-    A ``DistributedSampler`` (Lightning keeps it under ddp/fsdp instead of substituting its own), with the pass
-    order a function of ``(seed, pass)``: :meth:`begin` picks the pass and the first position to serve.
+    A ``DistributedSampler`` (Lightning keeps it under ddp/fsdp instead of substituting its own). A pass's order
+    is ``randperm`` under the pass seed: drawn from the global torch RNG when the pass begins in one process (as
+    ``RandomSampler`` does), ``seed + pass`` on several ranks (as ``DistributedSampler`` does). :meth:`begin`
+    sets the pass, its seed when known (a resumed pass) and the first sample to serve.
     """
 
     def __init__(self, dataset: Dataset, seed: int):
         distributed = dist.is_available() and dist.is_initialized()
         super().__init__(dataset, num_replicas=dist.get_world_size() if distributed else 1,
                          rank=dist.get_rank() if distributed else 0, shuffle=True, seed=seed, drop_last=False)
+        self.pass_seed: int | None = None
         self._pass, self._start = 0, 0
 
-    def begin(self, pass_: int, start: int) -> None:
-        """The next iteration serves pass ``pass_`` from this rank's sample ``start`` on."""
-        self._pass, self._start = pass_, start
+    def begin(self, pass_: int, pass_seed: int | None, start: int) -> None:
+        """The next iteration serves pass ``pass_`` (seeded ``pass_seed``, None: draw it) from sample ``start``."""
+        self._pass, self.pass_seed, self._start = pass_, pass_seed, start
 
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
-        g = pass_generator(self.seed, self._pass)
+        if self.pass_seed is None:
+            if self.num_replicas > 1:
+                self.pass_seed = self.seed + self._pass
+            else:
+                self.pass_seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        g = torch.Generator().manual_seed(self.pass_seed)
         n = len(self.dataset)  # type: ignore[arg-type]
         order = torch.randperm(n, generator=g).tolist()
-        seeds = torch.randint(0, 1 << 62, (n,), generator=g).tolist()
+        seeds = torch.randint(0, 1 << 62, (n,), generator=g).tolist()  # for the samples loaded in workers
         pairs = list(zip(order, seeds))
         pad = self.total_size - n
         while pad > 0:  # as DistributedSampler: repeat from the start so every rank serves as many samples
@@ -70,10 +76,9 @@ class ResumableSampler(DistributedSampler):
 
 
 class SeededDataset(Dataset):
-    """``dataset[i]`` with the torch / numpy / Python RNGs seeded per sample (the key is ``(index, seed)``).
-
-    In the main process (``num_workers=0``) the global RNG states are put back afterwards, so loading a sample
-    does not move the stream the training step draws from."""
+    """``dataset[i]`` for the key ``(i, seed)``; in a loader worker the torch / numpy / Python RNGs are first
+    seeded with ``seed``, so what a sample draws does not depend on which worker loads it, or what it loaded
+    before. In the main process the sample draws from the global stream (which checkpoints carry)."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -83,27 +88,21 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, seed = key
-        in_main = get_worker_info() is None
-        if in_main:
-            saved = torch.default_generator.get_state(), np.random.get_state(), random.getstate()
-        torch.default_generator.manual_seed(seed)  # CPU only: CUDA generators are never touched
-        np.random.seed(seed & 0xFFFF_FFFF)
-        random.seed(seed)
-        try:
-            return self.dataset[index]
-        finally:
-            if in_main:
-                torch.default_generator.set_state(saved[0])
-                np.random.set_state(saved[1])
-                random.setstate(saved[2])
+        if get_worker_info() is not None:
+            torch.manual_seed(seed)
+            np.random.seed(seed & 0xFFFF_FFFF)
+            random.seed(seed)
+        return self.dataset[index]
 
 
 class ResumableLoader(DataLoader):
     """The shuffled training loader whose order, per-sample randomness and position are checkpointed.
 
     Every ``iter()`` starts a new pass (an epoch, or one more cycle of a shorter task's loader in a multi-task
-    ``CombinedLoader``). ``state_dict()`` is ``{"pass", "batches"}``: the pass being served and how many batches
-    of it were handed out; Lightning saves it with the fit loop and calls :meth:`load_state_dict` before the
+    ``CombinedLoader``), lazily: nothing is drawn or started before its first batch is asked for, so a resumed
+    run, which creates its iterator before the RNG states are restored, draws what the uninterrupted run drew.
+    ``state_dict()`` is ``{"pass", "batches", "seed"}``: the pass being served, how many of its batches were
+    handed out, and its seed; Lightning saves it with the fit loop and calls :meth:`load_state_dict` before the
     resumed run's first ``iter()``. Lightning fetches without prefetching when a loader has a length, so the
     batches handed out are the batches trained on when a checkpoint is written.
     """
@@ -114,33 +113,36 @@ class ResumableLoader(DataLoader):
         kwargs.pop("sampler", None)
         super().__init__(SeededDataset(inner), batch_size=batch_size, sampler=ResumableSampler(inner, seed),
                          drop_last=drop_last, **kwargs)
-        self.seed = seed
-        self._next = (0, 0)  # (pass, first batch) of the next iter()
-        self._pos = (0, 0)  # (pass, batches handed out) of the current one
+        self._next: tuple[int, int, int | None] = (0, 0, None)  # (pass, first batch, seed) of the next iter()
+        self._pos: tuple[int, int, int | None] = (0, 0, None)  # (pass, batches handed out, seed) of the current
 
     def __iter__(self) -> Iterator[Any]:
-        pass_, start = self._next
-        self._next = (pass_ + 1, 0)
-        self._pos = (pass_, start)
-        assert isinstance(self.sampler, ResumableSampler)
-        self.sampler.begin(pass_, start * self.batch_size)  # type: ignore[operator]
-        # worker base seeds come from this generator, not from the global RNG (which iter() would move)
-        self.generator = pass_generator(self.seed + 1, pass_)
-        return self._count(super().__iter__(), pass_, start)
+        pass_, start, seed = self._next
+        self._next = (pass_ + 1, 0, None)
+        return self._serve(pass_, start, seed)
 
-    def _count(self, it: Iterator[Any], pass_: int, start: int) -> Iterator[Any]:
-        for n, batch in enumerate(it, start + 1):
-            self._pos = (pass_, n)
+    def _serve(self, pass_: int, start: int, seed: int | None) -> Iterator[Any]:
+        sampler = self.sampler
+        assert isinstance(sampler, ResumableSampler)
+        sampler.begin(pass_, seed, start * self.batch_size)  # type: ignore[operator]
+        # the worker base seed: a plain DataLoader draws it from the global RNG for each new iterator, once with
+        # persistent workers. A resumed pass or a resumed process's later pass draws nothing (a generator of its own)
+        fresh = start == 0 and (pass_ == 0 or not self.persistent_workers)
+        self.generator = None if fresh else torch.Generator().manual_seed(pass_)
+        for n, batch in enumerate(super().__iter__(), start + 1):
+            self._pos = (pass_, n, sampler.pass_seed)
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"pass": self._pos[0], "batches": self._pos[1]}
+        pass_, batches, seed = self._pos
+        return {"pass": pass_, "batches": batches, "seed": -1 if seed is None else seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        pass_, batches = int(state["pass"]), int(state["batches"])
-        if batches >= len(self):  # the pass was complete: the next one starts from its beginning
-            pass_, batches = pass_ + 1, 0
-        self._next = self._pos = (pass_, batches)
+        pass_, batches, seed = int(state["pass"]), int(state["batches"]), int(state["seed"])
+        if batches >= len(self) or seed < 0:  # the pass was complete: the next one starts from its beginning
+            self._next = self._pos = (pass_ + 1 if batches else pass_, 0, None)
+        else:
+            self._next = self._pos = (pass_, batches, seed)
 
 
 def collect_rng_states() -> dict[str, Any]:

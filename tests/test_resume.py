@@ -102,15 +102,21 @@ def _assert_log_complete(ref: Path, run: Path, before: list[dict], killed_at: in
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_shapes, tmp_path_factory) -> Path:
-    """The uninterrupted run (single-process data loading)."""
-    run = tmp_path_factory.mktemp("ref") / "run"
-    _zoo_train(run, tiny_shapes, 0)
-    return run
+def reference(tiny_shapes, tmp_path_factory):
+    """The uninterrupted run with ``workers`` loader workers (0: loading in the main process)."""
+    runs: dict[int, Path] = {}
+
+    def get(workers: int) -> Path:
+        if workers not in runs:
+            runs[workers] = tmp_path_factory.mktemp(f"ref{workers}") / "run"
+            _zoo_train(runs[workers], tiny_shapes, workers)
+        return runs[workers]
+
+    return get
 
 
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(reference, tiny_shapes, tmp_path):
-    """Two loader workers (the reference loads in the main process), killed mid-epoch after a validation."""
+    """Two loader workers, killed mid-epoch after a validation."""
     run = tmp_path / "run"
     last = run / "checkpoints" / "last.ckpt"
     proc = _zoo_train(run, tiny_shapes, 2, umask=0o027, wait=False)
@@ -127,8 +133,8 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(reference, tiny_shapes, 
 
     out = _zoo_train(run, tiny_shapes, 2, "ckpt_path=last", umask=0o027)
     assert "Restoring states from the checkpoint" in out
-    _assert_identical(reference, run)
-    _assert_log_complete(reference, run, before, killed_at)
+    _assert_identical(reference(2), run)
+    _assert_log_complete(reference(2), run, before, killed_at)
     assert (run / "train.log").read_text().startswith(log_before)  # the job log is appended to
     for name in ("checkpoints/last.ckpt", "checkpoints/best.ckpt", "metrics.json", "predictions.json"):
         assert (run / name).stat().st_mode & 0o777 == 0o640, name  # 0o666 & ~umask
@@ -159,8 +165,8 @@ def test_sigkill_inside_checkpoint_write_then_resume_is_bit_identical(reference,
     out = _zoo_train(run, tiny_shapes, 0, "ckpt_path=last")
     assert f"removed {temps[0]}" in out and not temps[0].exists()
     assert not list(ckpts.glob(".*.tmp"))
-    _assert_identical(reference, run)
-    _assert_log_complete(reference, run, before, 2 * EVERY)
+    _assert_identical(reference(0), run)
+    _assert_log_complete(reference(0), run, before, 2 * EVERY)
 
 
 # --- the parts, without subprocesses --------------------------------------------------------------------------
@@ -174,56 +180,89 @@ class _Noisy(Dataset):
         return torch.tensor([float(i), torch.rand(()).item(), float(np.random.rand()), random.random()])
 
 
-def _batches(loader, n: int | None = None) -> list[torch.Tensor]:
+def _batches(loader, n: int | None = None, it=None) -> list[torch.Tensor]:
     out = []
-    for b in loader:
+    for b in it if it is not None else loader:
         out.append(b)
         if n is not None and len(out) == n:
             break
     return out
 
 
-def test_resumable_loader_state_round_trip_and_worker_independence():
+def _same(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> bool:
+    return len(xs) == len(ys) and all(torch.equal(x, y) for x, y in zip(xs, ys))
+
+
+def test_resumable_loader_draws_what_a_shuffled_dataloader_draws():
+    """Same batches (order and per-sample draws) and the same global RNG afterwards: runs keep their results."""
+    from torch.utils.data import DataLoader
+
     from tasks.resume import ResumableLoader
 
-    def loader(workers: int) -> ResumableLoader:
-        return ResumableLoader(_Noisy(), batch_size=4, seed=3, num_workers=workers)
+    def two_passes(loader) -> tuple[list[torch.Tensor], torch.Tensor]:
+        torch.manual_seed(7)
+        np.random.seed(7)
+        random.seed(7)
+        return _batches(loader) + _batches(loader), torch.rand(3)
 
-    whole = loader(0)
-    epochs = [_batches(whole), _batches(whole)]  # 5 batches a pass (drop_last)
-    assert len(epochs[0]) == 5 and not torch.equal(epochs[0][0], epochs[1][0])  # each pass its own order
-    torch.manual_seed(123)  # the global RNG must not decide the order or the samples
-    assert all(torch.equal(a, b) for a, b in zip(_batches(loader(2)), epochs[0]))  # workers: the same samples
+    plain, after = two_passes(DataLoader(_Noisy(), batch_size=4, shuffle=True, drop_last=True))
+    ours, ours_after = two_passes(ResumableLoader(_Noisy(), batch_size=4, seed=0))
+    assert len(plain) == 10 and _same(ours, plain) and torch.equal(ours_after, after)
 
-    first = loader(0)
-    _batches(first)
-    head = _batches(first, 2)  # 2 batches into the second pass
-    state = first.state_dict()
-    assert state == {"pass": 1, "batches": 2} and all(torch.equal(a, b) for a, b in zip(head, epochs[1]))
-    resumed = loader(2)
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumable_loader_resumes_mid_pass_and_after(workers):
+    """State after 2 batches of the second pass + the RNG states then: a new loader, whose iterator is created
+    before the RNG is restored (as Lightning does), serves the rest of that pass and the next pass as the
+    uninterrupted loader does."""
+    from tasks.resume import ResumableLoader, collect_rng_states, set_rng_states
+
+    def loader() -> ResumableLoader:
+        return ResumableLoader(_Noisy(), batch_size=4, seed=0, num_workers=workers,
+                               persistent_workers=workers > 0)
+
+    torch.manual_seed(0)
+    whole = loader()
+    first = _batches(whole)
+    it = iter(whole)
+    head = _batches(whole, 2, it)
+    state, rng = whole.state_dict(), collect_rng_states()
+    expected = _batches(whole, it=it) + _batches(whole)
+    assert state["pass"] == 1 and state["batches"] == 2 and state["seed"] >= 0
+    assert len(expected) == 8 and not _same(head, first[:2])  # a pass of its own
+
+    resumed = loader()
     resumed.load_state_dict(state)
-    rest = _batches(resumed)
-    assert len(rest) == 3 and all(torch.equal(a, b) for a, b in zip(rest, epochs[1][2:]))
-    assert all(torch.equal(a, b) for a, b in zip(_batches(resumed), _batches(whole)))  # and so do later passes
-
-    done = loader(0)
-    done.load_state_dict({"pass": 0, "batches": 5})  # a complete pass: the next starts at its beginning
-    assert torch.equal(_batches(done)[0], epochs[1][0])
+    torch.manual_seed(99)  # whatever happens before the restore
+    it = iter(resumed)
+    set_rng_states(rng)
+    assert _same(_batches(resumed, it=it) + _batches(resumed), expected)
 
 
-def test_loading_in_the_main_process_leaves_the_global_rng_alone():
+def test_resumable_loader_worker_count_does_not_change_the_samples():
     from tasks.resume import ResumableLoader
 
-    torch.manual_seed(0)
-    np.random.seed(0)
-    random.seed(0)
-    expected = (torch.rand(3), np.random.rand(), random.random())
-    torch.manual_seed(0)
-    np.random.seed(0)
-    random.seed(0)
-    _batches(ResumableLoader(_Noisy(), batch_size=4, seed=1))
-    got = (torch.rand(3), np.random.rand(), random.random())
-    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
+    def run(workers: int) -> list[torch.Tensor]:
+        torch.manual_seed(3)
+        return _batches(ResumableLoader(_Noisy(), batch_size=4, seed=0, num_workers=workers))
+
+    one = run(1)
+    assert _same(run(2), one) and len({round(float(b[0, 1]), 6) for b in one}) == len(one)
+
+
+def test_resumable_loader_after_a_complete_pass_starts_the_next():
+    from tasks.resume import ResumableLoader, collect_rng_states, set_rng_states
+
+    torch.manual_seed(1)
+    whole = ResumableLoader(_Noisy(), batch_size=4, seed=0)
+    _batches(whole)
+    state, rng = whole.state_dict(), collect_rng_states()
+    assert state["batches"] == 5
+    nxt = _batches(whole)
+    resumed = ResumableLoader(_Noisy(), batch_size=4, seed=0)
+    resumed.load_state_dict(state)
+    set_rng_states(rng)
+    assert _same(_batches(resumed), nxt)
 
 
 def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
