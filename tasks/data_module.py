@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from modalities.image import ImageConfig, ImagePreprocessor
 from modalities.text import TextTokenizer
-from tasks.resume import ResumableLoader, run_seed
+from tasks.resume import ResumableLoader, eval_generator, run_seed
 from zoo.vocab import VocabLayout
 
 
@@ -67,7 +67,7 @@ class TextDataModule(L.LightningDataModule):
                       persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
         if shuffle:
             return ResumableLoader(ds, seed=run_seed(), drop_last=True, **kwargs)
-        return DataLoader(ds, shuffle=False, drop_last=False, **kwargs)
+        return DataLoader(ds, shuffle=False, drop_last=False, generator=eval_generator(self.num_workers), **kwargs)
 
 
 def image_preprocessor(model_cfg: Any, task: str) -> ImagePreprocessor:

@@ -11,7 +11,11 @@ What a training step reads besides the weights, optimizer and scheduler (which L
   the worker count, worker seeds and prefetching do not matter;
 - the global RNGs the step itself uses (dropout, codebook restarts): :class:`ResumeState` saves torch (CPU and
   CUDA), numpy and Python states in the checkpoint and restores them at ``on_train_start``; validation runs on a
-  copy of them, so validating does not move the training stream (and a resume need not repeat it).
+  copy of them, so validating does not move the training stream (and a resume need not repeat it). What happens
+  before ``on_validation_start`` is the creation of the validation loader's iterator: one draw of the worker base
+  seed, in every validation of the resumed and the uninterrupted run alike, since evaluation loaders with
+  persistent workers (which draw at their first iteration only) draw from a generator of their own
+  (:func:`eval_generator`).
 
 An uninterrupted run draws exactly what a plain ``DataLoader(shuffle=True)`` draws (one process: each pass's seed
 and the worker base seed from the global torch RNG; ddp/fsdp: ``seed + pass`` as ``DistributedSampler``), so the
@@ -34,6 +38,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker
 def run_seed() -> int:
     """The run's seed (``seed_everything``'s, else torch's initial seed): the seed of the distributed orders."""
     return int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+
+
+def eval_generator(num_workers: int) -> torch.Generator | None:
+    """The ``generator`` of an evaluation loader: its own with persistent workers, whose one worker base seed draw
+    at the first validation would otherwise move the global RNG in one validation of the uninterrupted run and in
+    another of a resumed one; ``None`` (a draw from the global RNG at every validation, as ever) without."""
+    return torch.Generator().manual_seed(0) if num_workers > 0 else None
 
 
 class ResumableSampler(DistributedSampler):

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from modalities.image_codes import ImageCodeTokenizer, VQConfig
 from tasks.base import warmup_cosine
 from tasks.data.shapes_images import load_images, read_split
-from tasks.resume import ResumableLoader, run_seed
+from tasks.resume import ResumableLoader, eval_generator, run_seed
 
 
 class ImageTensorSet(Dataset):
@@ -82,7 +82,8 @@ class ShapesImageDataModule(L.LightningDataModule):
         if shuffle:  # resumes exactly (tasks.resume)
             return ResumableLoader(ImageTensorSet(images, ids), self.batch_size, seed=run_seed(),
                                    drop_last=len(ids) >= self.batch_size, **kwargs)
-        return DataLoader(ImageTensorSet(images, ids), batch_size=self.eval_batch_size, shuffle=False, **kwargs)
+        return DataLoader(ImageTensorSet(images, ids), batch_size=self.eval_batch_size, shuffle=False,
+                          generator=eval_generator(self.num_workers), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)
