@@ -183,15 +183,25 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+_SEED_ENV = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")  # what seed_everything also sets
+
+
 @contextmanager
 def isolated_rng() -> Iterator[None]:
-    """Run a block without moving the global RNGs: work that happens only on a cache miss (pretraining a backbone
-    or a tokenizer, generating data) must not change the initialisation of the run that follows it."""
+    """Run a block without moving the global RNGs (nor the seed environment ``seed_everything`` sets): work that
+    happens only on a cache miss (pretraining a backbone, a VQ tokenizer or a probe, generating data) must not
+    change the run that follows it."""
     states = collect_rng_states()
+    env = {k: os.environ.get(k) for k in _SEED_ENV}
     try:
         yield
     finally:
         set_rng_states(states)
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class ResumeState(L.Callback):
