@@ -169,6 +169,56 @@ def test_sigkill_inside_checkpoint_write_then_resume_is_bit_identical(reference,
     _assert_log_complete(reference(0), run, before, 2 * EVERY)
 
 
+def test_multitask_sigkill_then_resume_is_bit_identical(tmp_path):
+    """The main job's shape: four tasks' loaders (one worker each) in a CombinedLoader that cycles the shorter
+    ones; every cache (data, tokenizers, VQ tokenizer, pretrained stem, probe) is built by the reference run."""
+    from tasks.data.shapes import ShapesConfig, ensure_shapes
+    from tests.test_train import multitask_overrides
+
+    data = tmp_path / "shapes"
+    ensure_shapes(data, ShapesConfig(n_train=64, n_val=16, n_test=16))
+    steps = 24
+    run_args = ["experiment=multitask",
+                *[o.replace("num_workers=0", "num_workers=1") for o in multitask_overrides(data, tmp_path)],
+                "callbacks.time_budget=null", f"trainer.max_steps={steps}", "trainer.max_epochs=-1",
+                "trainer.val_check_interval=null", "trainer.check_val_every_n_epoch=1", "trainer.deterministic=true",
+                f"callbacks.mid_epoch_checkpoint.every_n_train_steps={EVERY}", "trainer.log_every_n_steps=1",
+                "test=false"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def zoo_train(run: Path, *extra: str, wait: bool = True):
+        args = [sys.executable, "-m", "tasks.train", *run_args, f"hydra.run.dir={run}", f"paths.log_dir={tmp_path}/logs",
+                *extra]
+        if not wait:
+            return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-4000:]
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    zoo_train(ref)
+    proc = zoo_train(run, wait=False)
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline and _step(last) < 2 * EVERY:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = _step(last)
+    loaders = _load(last)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert len(loaders) == 4 and len({s["pass"] for s in loaders}) > 1  # a shorter loader has cycled
+    zoo_train(run, "ckpt_path=last")
+    a, b = _load(ref / "checkpoints" / "last.ckpt"), _load(last)
+    assert a["global_step"] == b["global_step"] == steps and 2 * EVERY <= killed_at < steps
+    ta, tb = _tensors(a), _tensors(b)
+    differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert ta.keys() == tb.keys() and len(ta) > 200 and not differ, differ[:5]
+    losses = [r for r in _rows(run) if r.get("train/loss")]
+    assert [int(r["step"]) for r in losses] == list(range(steps))
+    assert [r["train/loss"] for r in losses] == [r["train/loss"] for r in _rows(ref) if r.get("train/loss")]
+    print(f"[resume] multitask: {len(ta)} tensors compared, all equal (killed at step {killed_at})")
+
+
 # --- the parts, without subprocesses --------------------------------------------------------------------------
 class _Noisy(Dataset):
     """Each sample draws from the torch, numpy and Python RNGs, as datasets with random captions do."""
