@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import csv
 import os
+
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-
 from lightning.pytorch.utilities import rank_zero_only
 
 from zoo.atomic import atomic_file

@@ -148,8 +148,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from hydra.utils import instantiate
 
     from tasks.callbacks import AtomicCheckpointIO, Throughput
-    from tasks.resume import ResumeState, isolated_rng
     from tasks.distributed import check_trainer, prepare_lock, single_job_relaunch
+    from tasks.resume import ResumeState, isolated_rng
 
     check_trainer(cfg.trainer)
     single_job_relaunch()  # Hydra multirun + ddp: re-launched ranks run this job, in this job's folder
