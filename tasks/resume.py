@@ -220,6 +220,10 @@ class ResumeState(L.Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._loaded = state.get("rng")
 
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        for logger in trainer.loggers:  # rows buffered so far reach the disk before the checkpoint does
+            logger.save()
+
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         if trainer.ckpt_path is None:
             return
