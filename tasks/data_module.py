@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from modalities.image import ImageConfig, ImagePreprocessor
 from modalities.text import TextTokenizer
+from tasks.resume import ResumableLoader, eval_generator, run_seed
 from zoo.vocab import VocabLayout
 
 log = logging.getLogger(__name__)
@@ -103,10 +104,13 @@ class TextDataModule(L.LightningDataModule):
         return None
 
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool, collate: Any = None) -> DataLoader:
-        """Shuffled training batches drop the last partial one; evaluation keeps every record."""
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=collate or self.collate, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available(), drop_last=shuffle)
+        """Shuffled training batches drop the last partial one and resume exactly (:class:`ResumableLoader`);
+        evaluation keeps every record."""
+        kwargs = dict(batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate or self.collate,
+                      persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+        if shuffle:
+            return ResumableLoader(ds, seed=run_seed(), drop_last=True, **kwargs)
+        return DataLoader(ds, shuffle=False, drop_last=False, generator=eval_generator(self.num_workers), **kwargs)
 
 
 def image_preprocessor(model_cfg: Any, task: str) -> ImagePreprocessor:

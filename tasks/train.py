@@ -58,7 +58,11 @@ def build_model(model_cfg: DictConfig, text_vocab_size: int, data_overrides: dic
         user_spec: dict[str, Any] = OmegaConf.to_container(pretrain, resolve=True)  # type: ignore[assignment]
         freeze = bool(user_spec.pop("freeze", False))
         spec = resolve_spec(user_spec, image_cfg)
-        with prepare_lock(spec["root"]):  # torchrun/srun ranks: the first pretrains, the others load its cache
+        from tasks.resume import isolated_rng
+
+        # torchrun/srun ranks: the first pretrains, the others load its cache; pretraining or reading the cache
+        # leaves the RNG as it was, so the model's initialisation does not depend on whether the cache existed
+        with prepare_lock(spec["root"]), isolated_rng():
             weights = ensure_pretrained_backbone(spec)
         overrides.setdefault("modalities", {})["image"] = {**image_over, "pretrained": str(weights)}
     vocab = dict(zoo.model_config(model_cfg.name).vocab)
@@ -130,6 +134,23 @@ def has_test_split(dm: Any) -> bool:
     return bool(check("test")) if callable(check) else True
 
 
+def remove_orphans(cfg: DictConfig) -> None:
+    """Rank 0, before anything is written: delete the temp files of atomic writes that a kill interrupted
+    (a checkpoint's can be tens of MB) in the run directory and the checkpoint folders of its callbacks."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from zoo.atomic import remove_orphan_temps
+
+    if rank_zero_only.rank != 0:
+        return
+    out = Path(cfg.paths.output_dir)
+    folders = {out, out / "checkpoints"}
+    folders |= {Path(c.dirpath) for c in (cfg.get("callbacks") or {}).values() if c is not None and c.get("dirpath")}
+    for folder in sorted(folders):
+        for p in remove_orphan_temps(folder):
+            print(f"[mmzoo] removed {p}, left by an interrupted write")
+
+
 def report_metrics(task: Any, metrics: dict[str, float], out: Path, title: str) -> None:
     """Write ``out/metrics.json`` and print the task's summary table (multi-task), then every metric."""
     from zoo.atomic import atomic_write_text
@@ -152,12 +173,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from tasks.callbacks import AtomicCheckpointIO, Throughput
     from tasks.distributed import check_trainer, prepare_lock, single_job_relaunch
     from tasks.logs import tidy_logging
+    from tasks.resume import ResumeState, isolated_rng
 
     tidy_logging()
 
     check_trainer(cfg.trainer)
     single_job_relaunch()  # Hydra multirun + ddp: re-launched ranks run this job, in this job's folder
     out = Path(cfg.paths.output_dir)
+    remove_orphans(cfg)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
@@ -169,7 +192,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
         _, deadline = plan_run(budget, bf16="bf16" in str(cfg.trainer.get("precision")))
     dm = instantiate(cfg.data)
-    with prepare_lock(cfg.data.get("root") or cfg.paths.data_dir):  # torchrun/srun ranks: one prepares, the others read its cache
+    # torchrun/srun ranks: one prepares, the others read its cache; the RNG is left as it was (cache hit or miss)
+    with prepare_lock(cfg.data.get("root") or cfg.paths.data_dir), isolated_rng():
         dm.prepare_data()
     extra_callbacks = []
     from hydra.utils import get_class
@@ -201,7 +225,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 cb.deadline_s = deadline
     callbacks += extra_callbacks
     throughput = Throughput()
-    callbacks.append(throughput)
+    callbacks += [throughput, ResumeState()]  # RNG states in checkpoints: a resumed run continues exactly
     loggers = instantiate_loggers(cfg.get("logger") or {})
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
     if trainer.is_global_zero:
