@@ -53,6 +53,8 @@ def build_reference(folder: Path, *, image_size: int = 64, depths=(1, 1, 2, 1), 
     from transformers import (BartConfig, CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration,
                               Florence2Processor, GenerationConfig)
 
+    from zoo.imported.florence2 import BANNED_GROUNDING
+
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(folder / "tokenizer.json")
     vocab = len(tokenizer)
@@ -78,7 +80,11 @@ def build_reference(folder: Path, *, image_size: int = 64, depths=(1, 1, 2, 1), 
                                          crop_size={"height": image_size, "width": image_size},
                                          image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
                                          resample=3, image_seq_length=1 + grid(image_size) ** 2)
-    processor = Florence2Processor(image_processor=image_processor, tokenizer=tokenizer)
+    post = {"pure_text": {}, "description_with_bboxes": {}, "description_with_polygons": {}, "polygons": {},
+            "bboxes": {}, "description_with_bboxes_or_polygons": {},
+            "ocr": {"pattern": r"(.+?)" + r"<loc_(\d+)>" * 8, "area_threshold": 0.0},
+            "phrase_grounding": {"banned_grounding_tokens": sorted(BANNED_GROUNDING)}}
+    processor = Florence2Processor(image_processor=image_processor, tokenizer=tokenizer, post_processor_config=post)
     processor.save_pretrained(folder)
     (folder / "README.md").write_text("---\nlicense: mit\n---\n# tiny random Florence-2 (test)\n", encoding="utf-8")
     return model, processor

@@ -67,6 +67,16 @@ register_pretrained("ofa-tiny.shapes", "mmzoo/ofa-tiny-shapes",
                     description="ofa-tiny captioning the embedded Shapes data (zoo-train experiment=caption_shapes)")
 
 
+def _register_imported() -> None:
+    from zoo.imported.florence2_archs import FLORENCE2_PRETRAINED
+
+    for name, repo in FLORENCE2_PRETRAINED.items():
+        register_pretrained(name, repo, description="Florence-2 (Microsoft, MIT licence), published weights")
+
+
+_register_imported()
+
+
 # ------------------------------------------------------------------------------------------------
 # Hub access
 # ------------------------------------------------------------------------------------------------

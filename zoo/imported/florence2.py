@@ -278,19 +278,20 @@ class FlorenceTokenizer:
 # Post-processing (location tokens → pixel boxes)
 # ------------------------------------------------------------------------------------------------
 _LOC = re.compile(r"<loc_(\d+)>")
-_BOX = re.compile(r"([^<]*)((?:<loc_\d+>){4,})")
+_BOX = re.compile(r"([^<]+)((?:<loc_\d+>){4,})")
 
 
-def dequantize_box(bins: Sequence[int], width: int, height: int) -> list[float]:
-    """Four location bins (1000 per side) → ``[x0, y0, x1, y1]`` in pixels (bin centres, as Florence-2)."""
-    x0, y0, x1, y1 = bins
-    return [(x0 + 0.5) * width / 1000, (y0 + 0.5) * height / 1000, (x1 + 0.5) * width / 1000,
-            (y1 + 0.5) * height / 1000]
+def dequantize_boxes(bins: Sequence[Sequence[int]], width: int, height: int) -> list[list[int]]:
+    """Location bins (1000 per side) ``[[x0, y0, x1, y1], ...]`` → pixel boxes at the bins' centres, truncated to
+    integers in float32 as Florence-2's post-processor does."""
+    t = torch.tensor([list(b) for b in bins], dtype=torch.int64).reshape(-1, 4)
+    scale = torch.tensor([width / 1000, height / 1000, width / 1000, height / 1000], dtype=torch.float32)
+    return ((t + 0.5) * scale).int().tolist()
 
 
 def parse_boxes(text: str, width: int, height: int, banned: set[str] | None = None) -> dict[str, list[Any]]:
-    """``label<loc_a><loc_b><loc_c><loc_d>...`` → ``{"bboxes": [[x0, y0, x1, y1], ...], "labels": [...]}``; a label
-    followed by several boxes gives one entry per box (a phrase grounded twice)."""
+    """``label<loc_a><loc_b><loc_c><loc_d>...`` → ``{"bboxes": [[x0, y0, x1, y1], ...], "labels": [...]}`` in pixels;
+    a label followed by several boxes gives one entry per box; labels in ``banned`` are dropped (grounding)."""
     text = text.replace("<s>", "").replace("</s>", "").replace("<pad>", "")
     boxes, labels = [], []
     for label, locs in _BOX.findall(text):
@@ -298,8 +299,10 @@ def parse_boxes(text: str, width: int, height: int, banned: set[str] | None = No
         if banned is not None and label in banned:
             continue
         bins = [int(x) for x in _LOC.findall(locs)]
-        for i in range(0, len(bins) - 3, 4):
-            boxes.append(dequantize_box(bins[i:i + 4], width, height))
+        groups = [bins[i:i + 4] for i in range(0, len(bins) - 3, 4)]
+        label = label.encode("ascii", "ignore").decode("ascii")
+        for box in dequantize_boxes(groups, width, height):
+            boxes.append(box)
             labels.append(label)
     return {"bboxes": boxes, "labels": labels}
 
