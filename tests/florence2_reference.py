@@ -46,8 +46,8 @@ def build_tokenizer(path: Path, vocab_size: int = 400) -> Any:
 
 def build_reference(folder: Path, *, image_size: int = 64, depths=(1, 1, 2, 1), dims=(16, 32, 48, 64),
                     heads=(2, 2, 4, 4), window: int = 3, d_model: int = 32, layers: int = 2, ffn: int = 64,
-                    n_heads: int = 4, scale_embedding: bool = False, seed: int = 0,
-                    generation: dict[str, Any] | None = None) -> tuple[Any, Any]:
+                    n_heads: int = 4, scale_embedding: bool = False, seed: int = 0, vocab_rows: int | None = None,
+                    max_positions: int = 256, generation: dict[str, Any] | None = None) -> tuple[Any, Any]:
     """Save a random transformers Florence-2 (+ processor, generation config, MIT model card) into ``folder``."""
     import torch
     from transformers import (BartConfig, CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration,
@@ -57,10 +57,10 @@ def build_reference(folder: Path, *, image_size: int = 64, depths=(1, 1, 2, 1), 
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(folder / "tokenizer.json")
-    vocab = len(tokenizer)
+    vocab = max(len(tokenizer), vocab_rows or 0)  # rows beyond the tokenizer: padding, as the published models
     text = BartConfig(vocab_size=vocab, d_model=d_model, encoder_layers=layers, decoder_layers=layers,
                       encoder_attention_heads=n_heads, decoder_attention_heads=n_heads, encoder_ffn_dim=ffn,
-                      decoder_ffn_dim=ffn, max_position_embeddings=256, scale_embedding=scale_embedding,
+                      decoder_ffn_dim=ffn, max_position_embeddings=max_positions, scale_embedding=scale_embedding,
                       dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
     vision = dict(depths=list(depths), embed_dim=list(dims), num_heads=list(heads), num_groups=list(heads),
                   window_size=window, projection_dim=d_model, max_position_embeddings=24, max_temporal_embeddings=12,

@@ -373,3 +373,25 @@ def test_registered_architectures_and_names():
     s = m.cfg.modalities["florence_image"]["image_size"]
     x, mask = m.embedders["florence_image"](torch.randn(2, 3, s, s))
     assert x.shape == (2, 1 + grid(s) ** 2, m.cfg.d_model) and mask.all()
+
+
+def test_real_photos_caption_detect_ground_png(cache_env, tmp_path):
+    """The task helpers on scikit-image's sample photos (random weights: the output is the pipeline, not quality)."""
+    skimage_data = pytest.importorskip("skimage.data")
+    from zoo.imported.florence2 import draw_boxes
+
+    photos = [Image.fromarray(skimage_data.astronaut()), Image.fromarray(skimage_data.coffee()),
+              Image.fromarray(skimage_data.camera())]  # RGB 512x512, RGB 600x400, grayscale 512x512
+    m = zoo.load("hf-hub:florence-community/tiny-a")
+    captions = m.caption(photos, num_beams=3)
+    assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
+    found = m.detect(photos, num_beams=3)
+    grounded = m.ground(photos[1], "a cup of coffee", num_beams=3)
+    for res, photo in zip(found, photos):
+        assert set(res) == {"bboxes", "labels"} and len(res["bboxes"]) == len(res["labels"])
+        assert all(0 <= v <= max(photo.size) for box in res["bboxes"] for v in box)
+    png = tmp_path / "boxes.png"
+    draw_boxes(photos[1], {"bboxes": [[10, 20, 300, 200], *grounded["bboxes"]],
+                           "labels": ["cup", *grounded["labels"]]}).save(png)
+    drawn = np.asarray(Image.open(png).convert("RGB"))
+    assert drawn.shape == (400, 600, 3) and (drawn[20, 10:300] == [255, 0, 0]).all()  # the first box, in red

@@ -307,6 +307,23 @@ def parse_boxes(text: str, width: int, height: int, banned: set[str] | None = No
     return {"bboxes": boxes, "labels": labels}
 
 
+def draw_boxes(image: Any, result: dict[str, list[Any]], width: int = 3) -> Any:
+    """A copy of ``image`` (path / bytes / PIL) with ``result``'s boxes and labels drawn (``detect`` / ``ground``)."""
+    from PIL import ImageDraw
+
+    from modalities.image import load_image
+
+    img = load_image(image).copy()
+    draw = ImageDraw.Draw(img)
+    colours = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "white"]
+    for i, (box, label) in enumerate(zip(result["bboxes"], result["labels"])):
+        colour = colours[i % len(colours)]
+        draw.rectangle([float(v) for v in box], outline=colour, width=width)
+        if label:
+            draw.text((float(box[0]) + 3, float(box[1]) + 2), str(label), fill=colour)
+    return img
+
+
 def task_prompt(task: str, text_input: str | None = None) -> str:
     """The prompt of a task token (``<CAPTION>`` → ``What does the image describe?``); other text is kept."""
     if task in TASK_PROMPTS:
