@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=20)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--beams", type=int, nargs="+", default=[3, 1])
+    ap.add_argument("--prompts", nargs="+", default=["<CAPTION>", "<OD>"])
+    ap.add_argument("--warmup", type=int, default=1)
     args = ap.parse_args()
     from florence2_reference import build_reference
 
@@ -46,7 +48,7 @@ def main() -> None:
     rows, payload = [], {}
     for batch in args.batches:
         pixels = torch.randn(batch, 3, 768, 768, generator=g)
-        for prompt in ("<CAPTION>", "<OD>"):
+        for prompt in args.prompts:
             inputs = processor(text=[prompt] * batch, images=[torch.zeros(3, 8, 8)] * batch, return_tensors="pt")
             inputs["pixel_values"] = pixels
             for beams in args.beams:
@@ -62,7 +64,7 @@ def main() -> None:
                         outs["mmzoo"] = ours.generate_ids(list(pixels), [prompt] * batch, **kw)
                     assert torch.equal(outs["mmzoo"], outs["hf"]), "tokens differ"
 
-                times = measure_alternating({"hf": run_hf, "mmzoo": run_ours}, reps=args.reps, warmup=1)
+                times = measure_alternating({"hf": run_hf, "mmzoo": run_ours}, reps=args.reps, warmup=args.warmup)
                 s = summarize(times, baseline="hf")
                 key = f"{prompt.strip('<>').lower()}_batch{batch}_beams{beams}"
                 payload[key] = {**s, "identical_tokens": True, "tokens": list(outs["hf"].shape)}
@@ -72,7 +74,8 @@ def main() -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(table(rows, ["case", "transformers s", "mmzoo s", "mmzoo images/s", "× transformers", "same tokens"]))
     print(f"peak RSS of the process (both models): {peak:.0f} MiB")
-    print(f"saved {save('florence2', {'args': vars(args), 'results': payload, 'peak_rss_mib': peak})}")
+    name = "florence2" if args.batches == [1, 8] else f"florence2_batch{'_'.join(map(str, args.batches))}"
+    print(f"saved {save(name, {'args': vars(args), 'results': payload, 'peak_rss_mib': peak})}")
 
 
 if __name__ == "__main__":

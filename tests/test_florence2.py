@@ -257,7 +257,7 @@ def test_tokens_equal_transformers(cache_env, name, decoding):
     m = zoo.load(f"hf-hub:florence-community/tiny-{name}")
     images = _images()
     kw = DECODING[decoding]
-    prompts = PROMPTS if name == "a" else PROMPTS[::3]
+    prompts = PROMPTS if name == "a" and decoding != "beam3-ngram-early" else PROMPTS[::3]
     agree = 0
     for prompt in prompts:
         inputs = _ref_inputs(processor, [prompt] * 3, images)
@@ -395,3 +395,16 @@ def test_real_photos_caption_detect_ground_png(cache_env, tmp_path):
                            "labels": ["cup", *grounded["labels"]]}).save(png)
     drawn = np.asarray(Image.open(png).convert("RGB"))
     assert drawn.shape == (400, 600, 3) and (drawn[20, 10:300] == [255, 0, 0]).all()  # the first box, in red
+
+
+def test_preprocessor_in_dataloader_workers():
+    """The CPU preprocessing pickles (DataLoader workers) and gives [3, S, S] for any image mode."""
+    import pickle
+
+    from modalities.florence_image import FlorenceImageConfig, FlorenceImagePreprocessor
+
+    pre = pickle.loads(pickle.dumps(FlorenceImagePreprocessor(FlorenceImageConfig(image_size=48))))
+    out = torch.stack([pre(im) for im in _images(4)])
+    assert out.shape == (4, 3, 48, 48) and out.dtype == torch.float32
+    gray = pre(Image.new("L", (30, 20), 128))
+    assert torch.allclose(gray[:, 0, 0], (128 / 255 - torch.tensor(pre.cfg.mean)) / torch.tensor(pre.cfg.std))
