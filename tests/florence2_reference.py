@@ -88,3 +88,39 @@ def build_reference(folder: Path, *, image_size: int = 64, depths=(1, 1, 2, 1), 
     processor.save_pretrained(folder)
     (folder / "README.md").write_text("---\nlicense: mit\n---\n# tiny random Florence-2 (test)\n", encoding="utf-8")
     return model, processor
+
+
+def demo(out: Path) -> None:
+    """Build a tiny random Florence-2 with transformers into a local Hub cache under ``out``, load it offline with
+    ``zoo.load("hf-hub:...")`` and run caption / detect / ground on scikit-image's photos; writes ``boxes.png``."""
+    import os
+
+    from PIL import Image
+    from skimage import data
+
+    import zoo
+    from zoo.hub import add_to_cache
+    from zoo.imported.florence2 import draw_boxes
+
+    os.environ["HF_HUB_CACHE"], os.environ["HF_HUB_OFFLINE"] = str(out / "cache"), "1"
+    build_reference(out / "native", image_size=64)
+    add_to_cache(out / "native", "florence-community/tiny-demo")
+    m = zoo.load("hf-hub:florence-community/tiny-demo")
+    print(m)
+    photos = {"astronaut": data.astronaut(), "coffee": data.coffee(), "chelsea": data.chelsea()}
+    images = [Image.fromarray(a) for a in photos.values()]
+    for name, cap in zip(photos, m.caption(images, num_beams=3)):
+        print(f"caption {name}: {cap!r}")
+    found = m.detect(images, num_beams=3)
+    for name, res in zip(photos, found):
+        print(f"detect {name}: {res}")
+    grounded = m.ground(images[1], "a cup of coffee", num_beams=3)
+    print(f"ground coffee 'a cup of coffee': {grounded}")
+    draw_boxes(images[1], found[1]).save(out / "boxes.png")
+    print(f"wrote {out / 'boxes.png'}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    demo(Path(sys.argv[1] if len(sys.argv) > 1 else "florence2-demo"))

@@ -408,3 +408,25 @@ def test_preprocessor_in_dataloader_workers():
     assert out.shape == (4, 3, 48, 48) and out.dtype == torch.float32
     gray = pre(Image.new("L", (30, 20), 128))
     assert torch.allclose(gray[:, 0, 0], (128 / 255 - torch.tensor(pre.cfg.mean)) / torch.tensor(pre.cfg.std))
+
+
+def test_zoo_predict_detect_and_ground(cache_env, tmp_path):
+    """``zoo-predict task=detect|ground`` writes JSON boxes and a PNG per image with the boxes drawn."""
+    from zoo.predict import main as predict_main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, im in enumerate(_images(2)):
+        im.convert("RGB").save(photos / f"p{i}.png")
+    out = tmp_path / "res" / "boxes.json"
+    predict_main(["pretrained=hf-hub:florence-community/tiny-a", "task=detect", f"input={photos}", f"out={out}",
+                  "num_beams=3"])
+    recs = json.loads(out.read_text())
+    assert [Path(r["input"]).name for r in recs] == ["p0.png", "p1.png"]
+    m = load_folder_native("a", cache_env)
+    assert [{"bboxes": r["bboxes"], "labels": r["labels"]} for r in recs] == \
+        m.detect([r["input"] for r in recs], num_beams=3)
+    assert all(Image.open(r["png"]).size == Image.open(r["input"]).size for r in recs)
+    predict_main(["pretrained=hf-hub:florence-community/tiny-a", "task=ground", f"input={photos / 'p0.png'}",
+                  "text=a red cat", f"out={tmp_path / 'g.json'}"])
+    assert json.loads((tmp_path / "g.json").read_text())[0]["text"] == "a red cat"

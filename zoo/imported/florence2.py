@@ -448,17 +448,17 @@ class Florence2(Pretrained):
         return prompt
 
     # --- tasks --------------------------------------------------------------------------------
-    def caption(self, images: Any, *, detail: str = "short", **generation: Any) -> str | list[str]:
+    def caption(self, images: Any, *, detail: str = "short", batch_size: int = 8, **generation: Any) -> str | list[str]:
         """Captions: ``detail`` = ``short`` (``<CAPTION>``), ``detailed`` or ``paragraph``."""
         if detail not in CAPTION_TASKS:
             raise ValueError(f"detail must be one of {sorted(CAPTION_TASKS)}, got {detail!r}")
-        out = self.generate(images, CAPTION_TASKS[detail], **generation)
+        out = self.generate(images, CAPTION_TASKS[detail], batch_size=batch_size, **generation)
         return out.strip() if isinstance(out, str) else [t.strip() for t in out]
 
     def _boxes(self, images: Any, prompt: str | Sequence[str], banned: set[str] | None = None,
-               **generation: Any) -> Any:
+               batch_size: int = 8, **generation: Any) -> Any:
         items, single = _as_list(images)
-        texts = self.generate(items, prompt, **generation)
+        texts = self.generate(items, prompt, batch_size=batch_size, **generation)
         sizes = [self._size(x) for x in items]
         out = [parse_boxes(t, w, h, banned) for t, (w, h) in zip(texts, sizes)]
         return out[0] if single else out
@@ -470,21 +470,22 @@ class Florence2(Pretrained):
             return x.shape[-1], x.shape[-2]
         return load_image(x).size
 
-    def detect(self, images: Any, vocabulary: str | None = None, **generation: Any) -> Any:
+    def detect(self, images: Any, vocabulary: str | None = None, *, batch_size: int = 8, **generation: Any) -> Any:
         """Object detection (``<OD>``) → ``{"bboxes": [[x0, y0, x1, y1], ...], "labels": [...]}`` per image in pixels;
         with ``vocabulary`` (a phrase), open-vocabulary detection (``<OPEN_VOCABULARY_DETECTION>``)."""
         prompt = "<OD>" if vocabulary is None else f"<OPEN_VOCABULARY_DETECTION>{vocabulary}"
-        return self._boxes(images, prompt, **generation)
+        return self._boxes(images, prompt, batch_size=batch_size, **generation)
 
     def dense_caption(self, images: Any, **generation: Any) -> Any:
         """Dense region captions (``<DENSE_REGION_CAPTION>``): boxes with descriptions."""
         return self._boxes(images, "<DENSE_REGION_CAPTION>", **generation)
 
-    def ground(self, images: Any, phrase: str | Sequence[str], **generation: Any) -> Any:
+    def ground(self, images: Any, phrase: str | Sequence[str], *, batch_size: int = 8, **generation: Any) -> Any:
         """Phrase grounding (``<CAPTION_TO_PHRASE_GROUNDING>``): boxes of the phrases of a caption."""
         phrases = [phrase] if isinstance(phrase, str) else list(phrase)
         prompts = [f"<CAPTION_TO_PHRASE_GROUNDING>{p}" for p in phrases]
-        return self._boxes(images, prompts[0] if len(prompts) == 1 else prompts, BANNED_GROUNDING, **generation)
+        return self._boxes(images, prompts[0] if len(prompts) == 1 else prompts, BANNED_GROUNDING, batch_size,
+                           **generation)
 
     # --- I/O ----------------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
