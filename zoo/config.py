@@ -7,6 +7,9 @@ from typing import Any
 from zoo.vocab import VocabLayout
 
 MODALITY_TYPES = ("text", "image", "image_codes", "sensor")
+#: modalities of imported architectures: no modality-type embedding (``type_embed=False`` only)
+UNTYPED_MODALITIES = ("florence_image",)
+ENC_POSITIONS = ("segment", "sequence")
 FFN_KINDS = ("dense", "multiway", "moe")
 ATTENTION_KINDS = ("standard", "lfa")
 #: feed-forward activation → ``F.gelu``'s ``approximate``: exact (erf) GELU, as HF Bart, or the tanh approximation
@@ -42,6 +45,14 @@ class ModelConfig:
     moe_aux_weight: float = 0.01  # moe: weight of the load-balancing loss (summed over MoE layers)
     attention: str = "standard"  # standard | lfa (Yuan 2.0 localized filtering before self-attention)
     lfa_kernel: int = 2  # lfa: taps of each depthwise convolution
+    # layer form (BART / Florence-2 set these; the defaults are mmzoo's own pre-norm form)
+    norm_first: bool = True  # pre-norm layers + final LayerNorms | post-norm layers (x = ln(x + f(x))), no final norm
+    embed_norm: bool = False  # LayerNorm on the encoder's and the decoder's input embeddings
+    embed_scale: bool = False  # token embeddings times sqrt(d_model)
+    pos_offset: int = 0  # learned positions start at this row (BART: 2)
+    enc_positions: str = "segment"  # segment: text segments count from 0 | sequence: over the whole encoder input
+    type_embed: bool = True  # add a learned modality-type embedding to every segment
+    logits_bias: bool = False  # a (buffer) bias on the tied output projection (BART's final_logits_bias)
     vocab: dict[str, Any] = field(default_factory=lambda: {"text_size": 0})
     modalities: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -68,11 +79,18 @@ class ModelConfig:
             raise ValueError(f"moe_capacity_factor must be > 0, got {self.moe_capacity_factor}")
         if self.attention == "lfa" and self.lfa_kernel < 1:
             raise ValueError(f"lfa_kernel must be >= 1, got {self.lfa_kernel}")
+        if self.enc_positions not in ENC_POSITIONS:
+            raise ValueError(f"enc_positions must be one of {ENC_POSITIONS}, got {self.enc_positions!r}")
+        if self.pos_offset < 0:
+            raise ValueError(f"pos_offset must be >= 0, got {self.pos_offset}")
         if isinstance(self.vocab, VocabLayout):
             self.vocab = self.vocab.to_dict()
-        unknown = set(self.modalities) - set(MODALITY_TYPES)
+        unknown = set(self.modalities) - set(MODALITY_TYPES) - set(UNTYPED_MODALITIES)
         if unknown:
-            raise ValueError(f"unknown modalities {sorted(unknown)}; known: {MODALITY_TYPES}")
+            raise ValueError(f"unknown modalities {sorted(unknown)}; known: {MODALITY_TYPES + UNTYPED_MODALITIES}")
+        untyped = set(self.modalities) & set(UNTYPED_MODALITIES)
+        if untyped and self.type_embed:
+            raise ValueError(f"modalities {sorted(untyped)} have no type embedding; they need type_embed=False")
 
     @property
     def layout(self) -> VocabLayout:
