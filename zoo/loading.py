@@ -261,6 +261,9 @@ MODEL_SCHEMA: dict[str, Check] = {
     "max_positions": _upto(2**20), "dec_grid": _optional(_list_of(_pos, 2)), "norm_eps": _num, "attn_impl": _str,
     "grad_checkpointing": _bool, "ffn": _str, "num_experts": _upto(2**12), "moe_top_k": _pos,
     "moe_capacity_factor": _num, "moe_aux_weight": _num, "attention": _str, "lfa_kernel": _upto(2**10),
+    # layer form (BART / Florence-2)
+    "norm_first": _bool, "embed_norm": _bool, "embed_scale": _bool, "pos_offset": _upto(2**10, 0),
+    "enc_positions": _str, "type_embed": _bool, "logits_bias": _bool,
     "vocab": lambda v: isinstance(v, dict),
     "modalities": lambda v: isinstance(v, dict),
     # metadata
@@ -280,6 +283,11 @@ MODALITY_SCHEMAS: dict[str, dict[str, Check]] = {
     "sensor": {"channels": _list_of(_str), "sample_rate": _num, "patch_len": _pos, "patch_stride": _pos,
                "max_len": _pos, "mean": _optional(_list_of(_num)), "std": _optional(_list_of(_num)),
                "min_std": _num, "antialias": _bool},
+    "florence_image": {"tower": _ident, "depths": _optional(_list_of(_upto(2**10))),
+                       "embed_dims": _optional(_list_of(_upto(2**16))), "num_heads": _optional(_list_of(_upto(2**10))),
+                       "window_size": _optional(_upto(2**10)), "image_size": _upto(2**14), "mean": _list_of(_num, 3),
+                       "std": _list_of(_num, 3), "max_pos_embeddings": _upto(2**14),
+                       "max_temporal_embeddings": _upto(2**14), "drop_path_rate": _num, "norm_eps": _num},
 }
 #: a task's saved inference settings (``tasks.<name>.<key>``)
 TASK_SCHEMA: dict[str, Check] = {

@@ -82,13 +82,10 @@ def swap01(i: int) -> int:
 # Recognising a folder (config.json read as data)
 # ------------------------------------------------------------------------------------------------
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
+    """A JSON object from a file of the model folder (confined to it; clear errors naming the file)."""
+    from zoo.loading import model_root, read_json_object
+
+    return read_json_object(model_root(path.parent), path)
 
 
 def recognise(folder: str | Path) -> str | None:
