@@ -15,7 +15,7 @@ from modalities.text import TextTokenizer
 from tasks.base import Seq2SeqTask
 from tasks.data.coco import CaptionRecord, DataError, read_coco_captions
 from tasks.data.collate import Seq2SeqCollator
-from tasks.data_module import SplitInfo, TextDataModule, empty_split_error, image_preprocessor
+from tasks.data_module import FileSplitsMixin, SplitInfo, TextDataModule, empty_split_error, image_preprocessor
 from zoo.instructions import CAPTION_PROMPT
 from zoo.vocab import VocabLayout
 
@@ -58,7 +58,7 @@ class ImageEvalSet(Dataset):
         return {"image": self.preprocess(r.path), "prompt": self.prompt, "id": r.image_id}
 
 
-class CaptionDataModule(TextDataModule):
+class CaptionDataModule(FileSplitsMixin, TextDataModule):
     """COCO-captions data (``captions_{split}.json`` + images); generates Shapes on first use.
 
     Call :meth:`prepare_data` (dataset and tokenizer), then :meth:`bind` with the model's image config
@@ -127,15 +127,6 @@ class CaptionDataModule(TextDataModule):
                 raise DataError(f"{empty_split_error(info, split)}: nothing to train on")
             self.records[split] = recs
         return self.records[split]
-
-    def split_info(self, split: str) -> SplitInfo | None:
-        if not self.files.get(split):
-            return None
-        recs = self._read(split)
-        info = self.split_infos[split]
-        if split == "train":
-            info.units, info.batches = len(recs), len(recs) // self.batch_size
-        return info
 
     def ensure_data(self) -> None:
         """Generate the embedded dataset on first use (``generate``)."""

@@ -103,6 +103,20 @@ class TextDataModule(L.LightningDataModule):
         """The split's :class:`SplitInfo` (``None``: the split is not configured). Subclasses implement it."""
         return None
 
+
+class FileSplitsMixin:
+    """``split_info`` for datamodules with one file per split (``self.files``) read by ``self._read(split)``,
+    which fills ``self.split_infos``; the train split's batch count uses ``self.batch_size``."""
+
+    def split_info(self, split: str) -> SplitInfo | None:
+        if not self.files.get(split):
+            return None
+        recs = self._read(split)
+        info = self.split_infos[split]
+        if split == "train":
+            info.units, info.batches = len(recs), len(recs) // self.batch_size
+        return info
+
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool, collate: Any = None) -> DataLoader:
         """Shuffled training batches drop the last partial one and resume exactly (:class:`ResumableLoader`);
         evaluation keeps every record."""

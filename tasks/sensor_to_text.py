@@ -24,7 +24,7 @@ from tasks.data.collate import Seq2SeqCollator
 from tasks.data.motion import ACTIVITIES
 from tasks.data.sensor_formats import ManifestRecord, read_manifest, read_recording
 from tasks.data.coco import DataError
-from tasks.data_module import SplitInfo, TextDataModule, empty_split_error
+from tasks.data_module import FileSplitsMixin, SplitInfo, TextDataModule, empty_split_error
 from zoo.atomic import atomic_file
 from zoo.instructions import SENSOR_PROMPT
 from zoo.vocab import VocabLayout
@@ -108,7 +108,7 @@ class SensorEvalSet(Dataset):
         return {"sensor": self.tokenizer(self.recordings[i]), "prompt": self.prompt, "id": self.ids[i]}
 
 
-class SensorTextDataModule(TextDataModule):
+class SensorTextDataModule(FileSplitsMixin, TextDataModule):
     """Sensor recordings listed in JSONL manifests (``manifest_{split}.jsonl``); Motion on first use.
 
     :meth:`prepare_data` makes the data, the text tokenizer and the per-channel statistics (fitted on
@@ -208,15 +208,6 @@ class SensorTextDataModule(TextDataModule):
                 raise DataError(f"{empty_split_error(info, split)}: nothing to train on")
             self.records[split], self._recs[split] = kept, recordings
         return self.records[split]
-
-    def split_info(self, split: str) -> SplitInfo | None:
-        if not self.files.get(split):
-            return None
-        recs = self._read(split)
-        info = self.split_infos[split]
-        if split == "train":
-            info.units, info.batches = len(recs), len(recs) // self.batch_size
-        return info
 
     def recordings(self, split: str) -> list[SensorRecording]:
         """The split's recordings read through the format readers (kept in memory: they are small)."""
