@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from modalities.base import ModalityConfig, is_ident, optional, list_of, register_modality, upto
+from modalities.base import ModalityConfig, is_ident, list_of, optional, register_modality, upto
 from modalities.image import load_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -4,7 +4,6 @@ no other model's shapes; the saved-config schemas derived from the registry stay
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch

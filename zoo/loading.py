@@ -12,7 +12,6 @@ are upcast to fp32); anything corrupt raises :class:`ModelFolderError` naming th
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
