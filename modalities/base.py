@@ -225,6 +225,13 @@ def register_modality(name: str, **spec: Any) -> Modality:
     return mod
 
 
+def unregister_modality(name: str) -> None:
+    """Remove a modality registered outside mmzoo (tests, plug-ins); mmzoo's own modalities stay."""
+    if name in _REGISTRY and _REGISTRY[name].legacy_type_index is None and \
+            (_origin(_REGISTRY[name]) or ("",))[0] not in BUILTIN_MODULES:
+        del _REGISTRY[name]
+
+
 def _load_builtins() -> None:
     global _builtins_loaded
     if not _builtins_loaded:

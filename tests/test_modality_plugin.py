@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import zoo
-from modalities.base import ModalityConfig, get_modality, is_pos, register_modality
+from modalities.base import ModalityConfig, get_modality, is_pos, register_modality, unregister_modality
 from modalities.text import TextTokenizer
 from tasks.data.collate import Seq2SeqCollator
 from zoo.config import ModelConfig
@@ -69,8 +69,14 @@ class AudioEmbedder(nn.Module):
         return x, valid.view(len(valid), n, p).any(-1)
 
 
-AUDIO = register_modality("audio", config=AudioConfig, embedder=AudioEmbedder, preprocess=AudioPatcher,
-                          collate=collate_audio, typed=True, field_checks={"patch": is_pos, "max_patches": is_pos})
+@pytest.fixture(scope="module", autouse=True)
+def audio():
+    """The toy is registered for this module only (collecting it registers nothing; other modules see mmzoo's own
+    modalities)."""
+    spec = register_modality("toy_audio", config=AudioConfig, embedder=AudioEmbedder, preprocess=AudioPatcher,
+                             collate=collate_audio, typed=True, field_checks={"patch": is_pos, "max_patches": is_pos})
+    yield spec
+    unregister_modality("toy_audio")
 
 TEXTS = ["a low hum", "a sharp click then silence", "two short beeps", "a rising whistle"] * 8
 
@@ -83,29 +89,29 @@ def tok() -> TextTokenizer:
 def _model(tok: TextTokenizer) -> UnifiedSeq2Seq:
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=32, n_heads=2, enc_layers=1, dec_layers=1, ffn_dim=64, max_positions=64,
-                      vocab={"text_size": tok.vocab_size}, modalities={"audio": {"patch": 8, "max_patches": 16}})
+                      vocab={"text_size": tok.vocab_size}, modalities={"toy_audio": {"patch": 8, "max_patches": 16}})
     return UnifiedSeq2Seq(cfg)
 
 
 def _batch(model: UnifiedSeq2Seq, tok: TextTokenizer, pre) -> dict:
     g = torch.Generator().manual_seed(0)
     off = model.layout.text_start
-    samples = [{"audio": pre(torch.randn(int(n), generator=g)), "prompt": [off + t for t in tok.encode("describe")],
+    samples = [{"toy_audio": pre(torch.randn(int(n), generator=g)), "prompt": [off + t for t in tok.encode("describe")],
                 "target": [off + t for t in tok.encode(TEXTS[i])], "id": f"clip{i}"}
                for i, n in enumerate((40, 128, 77, 9))]
     return Seq2SeqCollator()(samples)
 
 
 def _segments(batch: dict) -> dict:
-    return {"audio": batch["audio"], "text": (batch["prompt_ids"], batch["prompt_mask"])}
+    return {"toy_audio": batch["toy_audio"], "text": (batch["prompt_ids"], batch["prompt_mask"])}
 
 
-def test_toy_modality_trains_saves_and_loads(tok, tmp_path):
+def test_toy_modality_trains_saves_and_loads(audio, tok, tmp_path):
     model = _model(tok)
-    assert model.cfg.type_index["audio"] == 4 and model.type_embed.weight.shape[0] == 5  # the next free row
-    pre = AUDIO.preprocessor({"patch": 8, "max_patches": 16})
+    assert model.cfg.type_index["toy_audio"] == 4 and model.type_embed.weight.shape[0] == 5  # the next free row
+    pre = audio.preprocessor({"patch": 8, "max_patches": 16})
     batch = _batch(model, tok, pre)
-    values, valid = batch["audio"]
+    values, valid = batch["toy_audio"]
     assert values.shape == (4, 128) and valid.sum(1).tolist() == [40, 128, 77, 9]  # padded by the toy collate
     assert batch["ids"] == ["clip0", "clip1", "clip2", "clip3"]
 
@@ -121,24 +127,24 @@ def test_toy_modality_trains_saves_and_loads(tok, tmp_path):
         losses.append(loss.item())
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0], losses
-    assert model.embedders["audio"].proj.weight.grad is not None  # the toy embedder is trained
+    assert model.embedders["toy_audio"].proj.weight.grad is not None  # the toy embedder is trained
 
     model.eval()
-    folder = Pretrained(model, tok, tasks={}).save_pretrained(tmp_path / "audio-model")
+    folder = Pretrained(model, tok, tasks={}).save_pretrained(tmp_path / "toy-audio-model")
     saved = json.loads((folder / "config.json").read_text())
-    assert saved["modalities"]["audio"] == {"patch": 8, "max_patches": 16, "gain": 1.0}
-    assert saved["type_index"] == {"text": 0, "image": 1, "image_codes": 2, "sensor": 3, "audio": 4}
+    assert saved["modalities"]["toy_audio"] == {"patch": 8, "max_patches": 16, "gain": 1.0}
+    assert saved["type_index"] == {"text": 0, "image": 1, "image_codes": 2, "sensor": 3, "toy_audio": 4}
     loaded = Pretrained.from_folder(folder)
     with torch.no_grad():
         want = model(_segments(batch), batch["tgt_in"])
-        batch2 = _batch(loaded.model, loaded.tokenizer, loaded.preprocessor("audio"))
+        batch2 = _batch(loaded.model, loaded.tokenizer, loaded.preprocessor("toy_audio"))
         got = loaded.model(_segments(batch2), batch2["tgt_in"])
-    assert torch.equal(batch2["audio"][0], batch["audio"][0])
+    assert torch.equal(batch2["toy_audio"][0], batch["toy_audio"][0])
     assert torch.equal(got, want)
 
 
-def test_registering_a_modality_changes_no_other_shape():
-    assert get_modality("audio") is AUDIO
+def test_registering_a_modality_changes_no_other_shape(audio):
+    assert get_modality("toy_audio") is audio
     model = zoo.create_model("test-tiny")
     assert model.type_embed.weight.shape[0] == 4
     assert model.cfg.type_index == {"text": 0, "image": 1, "image_codes": 2, "sensor": 3}
@@ -149,12 +155,12 @@ def test_registering_a_modality_changes_no_other_shape():
 
 def test_saved_toy_config_is_checked(tok):
     cfg = _model(tok).cfg.to_dict()
-    with pytest.raises(UnsafeModelError, match="modalities.audio.shell"):
-        model_config_from_dict({**cfg, "modalities": {"audio": {"patch": 8, "shell": "rm"}}})
-    with pytest.raises(ModelFolderError, match="modalities.audio.patch"):
-        model_config_from_dict({**cfg, "modalities": {"audio": {"patch": 0}}})
-    with pytest.raises(ModelFolderError, match="modalities.audio.gain"):
-        model_config_from_dict({**cfg, "modalities": {"audio": {"gain": "loud"}}})
+    with pytest.raises(UnsafeModelError, match="modalities.toy_audio.shell"):
+        model_config_from_dict({**cfg, "modalities": {"toy_audio": {"patch": 8, "shell": "rm"}}})
+    with pytest.raises(ModelFolderError, match="modalities.toy_audio.patch"):
+        model_config_from_dict({**cfg, "modalities": {"toy_audio": {"patch": 0}}})
+    with pytest.raises(ModelFolderError, match="modalities.toy_audio.gain"):
+        model_config_from_dict({**cfg, "modalities": {"toy_audio": {"gain": "loud"}}})
     with pytest.raises(UnsafeModelError, match="unknown modality 'modalities.speech'"):
         model_config_from_dict({**cfg, "modalities": {"speech": {}}})
     with pytest.raises(ValueError, match="already registered"):
@@ -178,5 +184,10 @@ def test_registry_schemas_refuse_bad_values(name, key, bad):
 def test_old_fixture_loads_with_the_toy_registered():
     from tests.test_old_model import test_old_model_loads_with_identical_outputs
 
-    assert "audio" in MODALITY_SCHEMAS
+    assert "toy_audio" in MODALITY_SCHEMAS  # registered while the old model loads
     test_old_model_loads_with_identical_outputs()
+
+
+def test_unregister_keeps_builtins():
+    unregister_modality("image")
+    assert get_modality("image").config.__name__ == "ImageConfig"
