@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from modalities.base import ModalityConfig, is_ident, list_of, optional, register_modality, upto
 from modalities.image import load_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -27,7 +28,7 @@ TOWERS = ("davit_base_fl", "davit_huge_fl")
 
 
 @dataclass
-class FlorenceImageConfig:
+class FlorenceImageConfig(ModalityConfig):
     """Config of Florence-2's image tokenizer; saved with the model."""
 
     tower: str = "davit_base_fl"  # a timm DaViT variant (TOWERS)
@@ -164,3 +165,12 @@ class FlorenceImageEmbedder(nn.Module):
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # [B, 1 + h*w, D]: pooled token first
         x = self.norm(self.proj(x))
         return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+
+
+# an imported architecture's tower: no modality-type embedding (models with it set type_embed=False)
+register_modality("florence_image", config=FlorenceImageConfig, embedder=FlorenceImageEmbedder,
+                  preprocess=FlorenceImagePreprocessor, typed=False,
+                  field_checks={"tower": is_ident, "depths": optional(list_of(upto(2**10))),
+                                "embed_dims": optional(list_of(upto(2**16))), "num_heads": optional(list_of(upto(2**10))),
+                                "window_size": optional(upto(2**10)), "image_size": upto(2**14),
+                                "max_pos_embeddings": upto(2**14), "max_temporal_embeddings": upto(2**14)})

@@ -18,9 +18,11 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
+from modalities.base import ModalityConfig, is_dict, is_pos, register_modality
+
 
 @dataclass
-class ImageConfig:
+class ImageConfig(ModalityConfig):
     """Config of the image tokenizer; saved with the model."""
 
     backbone: str = "timm:resnet10t"
@@ -274,3 +276,14 @@ class ImageEmbedder(nn.Module):
         x = self.norm(x.flatten(1, 2))  # [B, h*w, d]
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         return x, mask
+
+
+def _check_saved(d: dict[str, Any]) -> None:
+    """A saved image config names only a registered backbone with allow-listed arguments."""
+    if "backbone" in d or "backbone_kwargs" in d:
+        check_backbone(d.get("backbone", ImageConfig.backbone), d.get("backbone_kwargs") or {})
+
+
+register_modality("image", config=ImageConfig, embedder=ImageEmbedder, preprocess=ImagePreprocessor, typed=True,
+                  legacy_type_index=1, field_checks={"image_size": is_pos, "backbone_kwargs": is_dict},
+                  check=_check_saved)

@@ -12,11 +12,13 @@ are upcast to fp32); anything corrupt raises :class:`ModelFolderError` naming th
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
+
+from modalities.base import (get_modality, is_bool, is_ident, is_int, is_nonneg, is_num, is_pos, is_str, list_modalities,
+                             list_of, optional, upto)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -208,49 +210,9 @@ def check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor
 # The config.json schema
 # ------------------------------------------------------------------------------------------------
 Check = Callable[[Any], bool]
-
-
-def _int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _nonneg(v: Any) -> bool:
-    return _int(v) and v >= 0
-
-
-def _pos(v: Any) -> bool:
-    return _int(v) and v >= 1
-
-
-def _upto(limit: int, low: int = 1) -> Check:
-    return lambda v: _int(v) and low <= v <= limit
-
-
-def _num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
-
-
-def _str(v: Any) -> bool:
-    return isinstance(v, str)
-
-
-def _bool(v: Any) -> bool:
-    return isinstance(v, bool)
-
-
-def _optional(check: Check) -> Check:
-    return lambda v: v is None or check(v)
-
-
-def _list_of(check: Check, n: int | None = None) -> Check:
-    return lambda v: isinstance(v, list) and (n is None or len(v) == n) and all(check(x) for x in v)
-
-
-_IDENT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-
-
-def _ident(v: Any) -> bool:
-    return isinstance(v, str) and bool(_IDENT.fullmatch(v))
+# the value checks live with the modality protocol (modalities may not import zoo)
+_int, _nonneg, _pos, _upto, _num = is_int, is_nonneg, is_pos, upto, is_num
+_str, _bool, _optional, _list_of, _ident = is_str, is_bool, optional, list_of, is_ident
 
 
 #: ``config.json``: every key a saved model may have, with the values it accepts
@@ -266,6 +228,7 @@ MODEL_SCHEMA: dict[str, Check] = {
     "enc_positions": _str, "type_embed": _bool, "logits_bias": _bool,
     "vocab": lambda v: isinstance(v, dict),
     "modalities": lambda v: isinstance(v, dict),
+    "type_index": _optional(lambda v: isinstance(v, dict) and all(_ident(k) and _upto(2**10, 0)(i) for k, i in v.items())),
     # metadata
     "mmzoo_version": _str, "format": _pos, "tasks": lambda v: isinstance(v, (dict, list)),
     "image_codes": lambda v: v is None or isinstance(v, dict),
@@ -274,21 +237,31 @@ VOCAB_SCHEMA: dict[str, Check] = {
     "text_size": _nonneg, "image_code_size": _nonneg, "loc_bins": _nonneg, "num_specials": _nonneg,
     "ranges": lambda v: isinstance(v, dict) and all(_ident(k) and _list_of(_nonneg, 2)(r) for k, r in v.items()),
 }
-#: per modality: its saved config fields (``image``'s backbone and backbone_kwargs are checked further by
-#: :func:`modalities.image.check_backbone`)
-MODALITY_SCHEMAS: dict[str, dict[str, Check]] = {
-    "image": {"backbone": _str, "out_index": _int, "image_size": _pos, "mean": _list_of(_num, 3),
-              "std": _list_of(_num, 3), "resize": _str, "pretrained": _optional(_str),
-              "backbone_kwargs": lambda v: isinstance(v, dict)},
-    "sensor": {"channels": _list_of(_str), "sample_rate": _num, "patch_len": _pos, "patch_stride": _pos,
-               "max_len": _pos, "mean": _optional(_list_of(_num)), "std": _optional(_list_of(_num)),
-               "min_std": _num, "antialias": _bool},
-    "florence_image": {"tower": _ident, "depths": _optional(_list_of(_upto(2**10))),
-                       "embed_dims": _optional(_list_of(_upto(2**16))), "num_heads": _optional(_list_of(_upto(2**10))),
-                       "window_size": _optional(_upto(2**10)), "image_size": _upto(2**14), "mean": _list_of(_num, 3),
-                       "std": _list_of(_num, 3), "max_pos_embeddings": _upto(2**14),
-                       "max_temporal_embeddings": _upto(2**14), "drop_path_rate": _num, "norm_eps": _num},
-}
+
+
+def modality_schemas() -> dict[str, dict[str, Check]]:
+    """Per configurable modality (the registry's encoder inputs): its saved config's keys and value checks,
+    derived from the modality's config dataclass (:meth:`modalities.base.Modality.schema`)."""
+    return {m: get_modality(m).schema() for m in list_modalities() if get_modality(m).is_input}
+
+
+class _RegistrySchemas(Mapping):
+    """:func:`modality_schemas` as a read-only mapping, read from the registry on each access."""
+
+    def __getitem__(self, name: str) -> dict[str, Check]:
+        return modality_schemas()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(modality_schemas())
+
+    def __len__(self) -> int:
+        return len(modality_schemas())
+
+
+#: per modality: its saved config fields and value checks (from the modality registry)
+MODALITY_SCHEMAS: Mapping[str, dict[str, Check]] = _RegistrySchemas()
+
+
 #: a task's saved inference settings (``tasks.<name>.<key>``)
 TASK_SCHEMA: dict[str, Check] = {
     "max_new_tokens": _pos, "num_beams": _pos, "length_penalty": _num, "decoding": _ident,
@@ -332,7 +305,6 @@ def check_keys(d: dict[str, Any], schema: dict[str, Check], where: str, prefix: 
 def check_model_config(d: dict[str, Any], where: str) -> dict[str, Any]:
     """``config.json`` (or a checkpoint's model config) checked against :data:`MODEL_SCHEMA`; returns the
     ``ModelConfig`` fields with modality ``pretrained`` entries dropped (weights come from the folder)."""
-    from modalities.image import check_backbone
     from zoo.registry import list_models
 
     refuse_targets(d, where)
@@ -343,17 +315,19 @@ def check_model_config(d: dict[str, Any], where: str) -> dict[str, Any]:
                                f"(known: {', '.join(list_models())}, or 'custom'); upgrade mmzoo or re-export")
     check_keys(d.get("vocab") or {}, VOCAB_SCHEMA, where, "vocab.")
     mods = {}
+    schemas = modality_schemas()
     for name, mcfg in (d.get("modalities") or {}).items():
-        if name not in MODALITY_SCHEMAS:
+        if name not in schemas:
             raise UnsafeModelError(f"{where}: unknown modality 'modalities.{name}' (known: "
-                                   f"{', '.join(sorted(MODALITY_SCHEMAS))})")
+                                   f"{', '.join(sorted(schemas))})")
         if not isinstance(mcfg, dict):
             raise ModelFolderError(f"{where}: 'modalities.{name}' must be an object, got {type(mcfg).__name__}")
-        check_keys(mcfg, MODALITY_SCHEMAS[name], where, f"modalities.{name}.")
+        check_keys(mcfg, schemas[name], where, f"modalities.{name}.")
         mcfg = dict(mcfg)
-        if "backbone" in mcfg or "backbone_kwargs" in mcfg:
+        extra = get_modality(name).check
+        if extra is not None:
             try:
-                check_backbone(mcfg.get("backbone", "timm:resnet10t"), mcfg.get("backbone_kwargs") or {})
+                extra(mcfg)
             except ValueError as e:
                 raise UnsafeModelError(f"{where}: modalities.{name}.{e}; refused: a saved model names only registered "
                                        "backbones and architecture arguments, never files, URLs or Hub repos") from None

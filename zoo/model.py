@@ -1,6 +1,7 @@
 """The unified encoder-decoder: modality segments in, unified-vocabulary tokens out."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -8,10 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from modalities.image import ImageConfig, ImageEmbedder
-import math
-
-from zoo.config import MODALITY_TYPES, ModelConfig
+from modalities.base import get_modality
+from zoo.config import ModelConfig
 from zoo.cpu_linears import packed_applies, packed_linear
 from zoo.fast_decode import FastDecodeStep
 from zoo.layers import DecoderLayer, EncoderLayer, KVCache, causal_allowed
@@ -24,18 +23,9 @@ Segments = dict[str, Any]
 
 
 def build_embedder(name: str, mcfg: dict[str, Any], d_model: int) -> nn.Module:
-    """The ``nn.Module`` that embeds one non-text modality (text uses the shared token embedding)."""
-    if name == "image":
-        return ImageEmbedder(ImageConfig(**mcfg), d_model)
-    if name == "sensor":
-        from modalities.sensor import SensorConfig, SensorEmbedder
-
-        return SensorEmbedder(SensorConfig(**mcfg), d_model)
-    if name == "florence_image":
-        from modalities.florence_image import FlorenceImageConfig, FlorenceImageEmbedder
-
-        return FlorenceImageEmbedder(FlorenceImageConfig(**mcfg), d_model)
-    raise ValueError(f"no embedder for modality {name!r}")
+    """The ``nn.Module`` that embeds one configured modality (through the modality registry; text segments use
+    the shared token embedding)."""
+    return get_modality(name).build_embedder(mcfg, d_model)
 
 
 class UnifiedSeq2Seq(nn.Module):
@@ -60,7 +50,7 @@ class UnifiedSeq2Seq(nn.Module):
             self.dec_row = nn.Embedding(cfg.dec_grid[0], d)
             self.dec_col = nn.Embedding(cfg.dec_grid[1], d)
         if cfg.type_embed:
-            self.type_embed = nn.Embedding(len(MODALITY_TYPES), d)
+            self.type_embed = nn.Embedding(cfg.num_types, d)
         self.embedders = nn.ModuleDict({n: build_embedder(n, m, d) for n, m in cfg.modalities.items()})
         if cfg.embed_norm:  # BART's layernorm_embedding, on each side's input
             self.enc_embed_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
@@ -142,7 +132,7 @@ class UnifiedSeq2Seq(nn.Module):
                 raise KeyError(f"model has no embedder for input {name!r}; it has {['text', *self.embedders]}")
             if repeats is not None and name in repeats:
                 x, mask = x.repeat_interleave(repeats[name], dim=0), mask.repeat_interleave(repeats[name], dim=0)
-            xs.append(x + self.type_embed.weight[MODALITY_TYPES.index(name)] if self.cfg.type_embed else x)
+            xs.append(x + self.type_embed.weight[self.cfg.type_index[name]] if self.cfg.type_embed else x)
             masks.append(mask)
             if spans is not None:
                 spans.append((name, x.shape[1]))

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
+from modalities.base import get_modality
 from zoo.instructions import CAPTION_PROMPT, SENSOR_PROMPT, t2i_prompt
 from zoo.loading import (CONFIG_FILE, META_KEYS, PICKLE_SUFFIXES, WEIGHTS_FILE, ModelFolderError,  # noqa: F401
                          UnsafeModelError, check_state, confined, load_image_codes, load_text_tokenizer,
@@ -51,18 +52,7 @@ def _version() -> str:
 
 def full_modality_config(name: str, mcfg: dict[str, Any]) -> dict[str, Any]:
     """A modality's config with every field filled in (defaults and fitted statistics written out)."""
-    from dataclasses import asdict
-
-    if name == "image":
-        from modalities.image import ImageConfig
-
-        return ImageConfig(**mcfg).to_dict()
-    if name == "sensor":
-        from modalities.sensor import SensorConfig
-
-        c = SensorConfig(**mcfg)
-        return c.to_dict() if hasattr(c, "to_dict") else asdict(c)
-    return dict(mcfg)
+    return get_modality(name).full_config(mcfg)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -293,16 +283,7 @@ class Pretrained:
             if mcfg is None:
                 raise NotImplementedError(f"this model has no {modality!r} modality "
                                           f"(it has {['text', *self.model.cfg.modalities]})")
-            if modality == "image":
-                from modalities.image import ImageConfig, ImagePreprocessor
-
-                self._pre[modality] = ImagePreprocessor(ImageConfig(**mcfg))
-            elif modality == "sensor":
-                from modalities.sensor import SensorConfig, SensorTokenizer
-
-                self._pre[modality] = SensorTokenizer(SensorConfig(**mcfg))
-            else:
-                raise NotImplementedError(f"no preprocessing for modality {modality!r}")
+            self._pre[modality] = get_modality(modality).preprocessor(mcfg)
         return self._pre[modality]
 
     def _text_segment(self, texts: Sequence[str], max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
