@@ -1,6 +1,7 @@
 """Loading a model folder runs no code from it, reads nothing outside it and refuses every tampering clearly.
 
-The corpus (tests/safety_corpus.py) tampers with real saved tiny models in 147 ways and loads each through
+The corpus (tests/safety_corpus.py) tampers with real saved tiny models in 231 ways (84 of them Florence-2 folders
+in its three layouts) and loads each through
 ``zoo.load(folder)``, ``zoo.load("hf-hub:...")`` (a local Hub cache, offline), ``zoo-predict``, ``zoo-eval ckpt=``
 and ``zoo-finetune pretrained=``. ``pytest -s -k summary`` prints the counts.
 """
@@ -35,6 +36,31 @@ def test_tampered_folder(case, ctx):
     bad = [f"{o.entry}: {o.status}: {o.detail}" for o in outcomes if o.status not in ("refused", "loaded")]
     assert not bad, "\n".join(bad)
     assert all(o.status == ("loaded" if case.error is None else "refused") for o in outcomes)
+
+
+def test_florence_cases_cover_the_loader_and_their_payloads_are_live(ctx, tmp_path):
+    """The Florence-2 cases reach every layout and every file kind; the remote-code files placed by the auto_map
+    cases do create their marker when imported (so the corpus would see an import), and loading never imports them."""
+    import runpy
+
+    from safety_corpus import FLORENCE_BASES
+
+    fl = [c for c in CASES if c.name.startswith("fl_")]
+    assert {c.base for c in fl} == set(FLORENCE_BASES)
+    for part in ("pickle", "target", "symlink", "st_", "tensor", "key_", "config", "auto_map", "tokenizer",
+                 "generation", "processor"):
+        assert any(part in c.name for c in fl), part
+    case = next(c for c in CASES if c.name == "fl_ms_auto_map_remote_code")
+    folder = build_case(case, ctx)
+    assert json.loads((folder / "config.json").read_text())["auto_map"]
+    for m in ctx.markers.iterdir():
+        m.unlink()
+    m = zoo.load(folder)
+    assert m.meta["layout"] == "microsoft" and not ctx.marker(case.name).exists()
+    assert not any(k.startswith(("configuration_florence2", "modeling_florence2")) for k in sys.modules)
+    runpy.run_path(str(folder / "modeling_florence2.py"))
+    assert ctx.marker(case.name).exists()  # the payload is live: an import would have been seen
+    ctx.marker(case.name).unlink()
 
 
 def test_corpus_summary(ctx, capsys):
