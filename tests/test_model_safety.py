@@ -51,7 +51,8 @@ def test_florence_cases_cover_the_loader_and_their_payloads_are_live(ctx, tmp_pa
                  "generation", "processor"):
         assert any(part in c.name for c in fl), part
     case = next(c for c in CASES if c.name == "fl_ms_auto_map_remote_code")
-    folder = build_case(case, ctx)
+    folder = ctx.root / "cases" / case.name
+    folder = folder if folder.exists() else build_case(case, ctx)
     assert json.loads((folder / "config.json").read_text())["auto_map"]
     for m in ctx.markers.iterdir():
         m.unlink()
@@ -122,6 +123,23 @@ def test_loading_reads_only_the_folder_and_makes_no_network_call(ctx, base):
     if base == "t2i":
         expected |= {"image_codes/config.json", "image_codes/diffusion_pytorch_model.safetensors"}
     assert {str(Path(p).relative_to(root)) for _, p in events} == expected
+
+
+@pytest.mark.parametrize("base,files", [
+    ("florence", {"config.json", "processor_config.json", "generation_config.json", "model.safetensors",
+                  "tokenizer.json", "README.md"}),
+    ("florence_ms", {"config.json", "preprocessor_config.json", "generation_config.json", "pytorch_model.bin",
+                     "tokenizer.json", "README.md"}),
+    ("florence_saved", {"config.json", "model.safetensors", "tokenizer.json"}),
+])
+def test_florence_loading_reads_only_the_folder_and_makes_no_network_call(ctx, base, files):
+    """A Florence-2 folder of each layout: only its own allow-listed files are opened, nothing else, no network."""
+    folder = ctx.base(base)
+    events = _touched(lambda: zoo.load(folder))
+    assert events and all(e == "open" for e, _ in events), events
+    root = str(folder.resolve())
+    assert all(p.startswith(root + "/") for _, p in events), events
+    assert {str(Path(p).relative_to(root)) for _, p in events} == files
 
 
 def _blob_cache(folder: Path, cache: Path, repo_id: str) -> Path:
