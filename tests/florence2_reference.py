@@ -90,6 +90,60 @@ def build_reference(folder: Path, *, image_size: int = 64, depths=(1, 1, 2, 1), 
     return model, processor
 
 
+def microsoft_config(native: dict) -> dict:
+    """A Microsoft-layout config.json (remote-code names) for the same sizes."""
+    v, t = native["vision_config"], native["text_config"]
+    return {"model_type": "florence2", "architectures": ["Florence2ForConditionalGeneration"],
+            "auto_map": {"AutoConfig": "configuration_florence2.Florence2Config",
+                         "AutoModelForCausalLM": "modeling_florence2.Florence2ForConditionalGeneration"},
+            "vocab_size": t["vocab_size"], "projection_dim": v["projection_dim"],
+            "text_config": {**t, "model_type": "florence2_language"},
+            "vision_config": {"model_type": "davit", "dim_embed": v["embed_dim"], "depths": v["depths"],
+                              "num_heads": v["num_heads"], "num_groups": v["num_groups"],
+                              "window_size": v["window_size"], "projection_dim": v["projection_dim"],
+                              "patch_size": v["patch_size"], "patch_stride": v["patch_stride"],
+                              "patch_padding": v["patch_padding"], "patch_prenorm": v["patch_prenorm"],
+                              "image_pos_embed": {"type": "learned_abs_2d",
+                                                  "max_pos_embeddings": v["max_position_embeddings"]},
+                              "visual_temporal_embedding": {"type": "COSINE",
+                                                            "max_temporal_embeddings": v["max_temporal_embeddings"]},
+                              "image_feature_source": ["spatial_avg_pool", "temporal_avg_pool"]}}
+
+
+def write_microsoft(native_folder: Path, out: Path, model: Any) -> None:
+    """The same weights in Microsoft's layout: our state dict through the table's inverse, as pytorch_model.bin;
+    a tokenizer without the location tokens (the remote processor adds them); preprocessor_config.json."""
+    import json
+
+    import torch
+    from tokenizers import Tokenizer
+
+    from zoo.imported.florence2 import MS_EXTRA_TOKENS
+    from zoo.imported.florence2_keys import florence2_table
+    from zoo.imported.keymap import expand, invert
+
+    out.mkdir(parents=True)
+    cfg = model.model.cfg
+    image = cfg.modalities["florence_image"]
+    entries = expand(florence2_table("microsoft"), {"enc": cfg.enc_layers, "dec": cfg.dec_layers,
+                                                    "depths": image["depths"]})
+    ours = dict(model.model.state_dict())
+    ours["final_logits_bias"] = torch.zeros(model.layout.size)
+    theirs = invert(ours, entries)
+    theirs["language_model.lm_head.weight"] = theirs["language_model.model.shared.weight"]  # tied copy
+    torch.save(theirs, out / "pytorch_model.bin")
+    native = json.loads((native_folder / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(microsoft_config(native)))
+    proc = json.loads((native_folder / "processor_config.json").read_text())["image_processor"]
+    (out / "preprocessor_config.json").write_text(json.dumps({**proc, "processor_class": "Florence2Processor"}))
+    tok = json.loads((native_folder / "tokenizer.json").read_text())
+    extra = set(MS_EXTRA_TOKENS) | {"<image>"}
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] not in extra]
+    Tokenizer.from_str(json.dumps(tok)).save(str(out / "tokenizer.json"))
+    (out / "generation_config.json").write_text((native_folder / "generation_config.json").read_text())
+    (out / "README.md").write_text("---\nlicense: mit\n---\n")
+
+
 def demo(out: Path) -> None:
     """Build a tiny random Florence-2 with transformers into a local Hub cache under ``out``, load it offline with
     ``zoo.load("hf-hub:...")`` and run caption / detect / ground on scikit-image's photos; writes ``boxes.png``."""

@@ -3,7 +3,10 @@
 Each case copies a real saved tiny model (a captioner, or a text-to-image model with its ``image_codes/`` VQ
 tokenizer) and tampers with it: pickle payloads under every weight-file name, ``_target_`` anywhere, backbone
 names and kwargs that point outside the folder or to a hub, symlinks out of the folder, truncated and tampered
-safetensors, wrong shapes and dtypes, broken configs and tokenizers, escaping ``image_codes`` folders. Every pickle
+safetensors, wrong shapes and dtypes, broken configs and tokenizers, escaping ``image_codes`` folders. The ``fl_``
+cases do the same to a tiny Florence-2 in its three layouts (transformers', Microsoft's with ``pytorch_model.bin``
+and remote-code ``auto_map``, our own saved one), plus Python files named by ``auto_map`` that would create the
+marker if ever imported, and key-table mismatches. Every pickle
 payload, if ever unpickled, creates a marker file; a case passes when no marker appears and loading either refuses
 with the expected error (type + a message naming the file or key) or, for the few harmless tamperings, loads and
 ignores them.
@@ -61,7 +64,8 @@ class TouchPayload:
 
 @dataclass
 class Ctx:
-    """Where a corpus run lives: the base folders, a folder outside them, the marker folder."""
+    """Where a corpus run lives: the base folders, a folder outside them, the marker folder. The Florence-2 bases
+    (:data:`FLORENCE_BASES`) are built on first use, once per context."""
 
     root: Path
     caption: Path
@@ -69,9 +73,17 @@ class Ctx:
     outside: Path
     markers: Path
     image: Path
+    florence: dict[str, Path] = field(default_factory=dict)
 
     def marker(self, case: str) -> Path:
         return self.markers / case
+
+    def base(self, name: str) -> Path:
+        if name in ("caption", "t2i"):
+            return getattr(self, name)
+        if not self.florence:
+            self.florence.update(make_florence_bases(self.root / "base"))
+        return self.florence[name]
 
     def payload_pickle(self, case: str) -> bytes:
         return pickle.dumps({"encoder.0.weight": ShellPayload(self.marker(case))})
@@ -85,7 +97,7 @@ class Case:
     build: Callable[[Path, Ctx, str], None]
     error: type[BaseException] | None  # None: loads, the tampering ignored
     match: str = ""  # regex the error message must contain (it names the file or the key)
-    base: str = "caption"  # caption | t2i
+    base: str = "caption"  # caption | t2i | one of FLORENCE_BASES
     allow_pickle: bool = False
     match_without_opt_in: str | None = None  # for entry points that never pass allow_pickle (zoo-eval)
 
@@ -561,11 +573,255 @@ def _image_codes_cases(out: list[Case]) -> None:
     out.append(Case("stray_pickle_beside_safetensors", payload_at("pytorch_model.bin", unlink=()), None))
 
 
+# ------------------------------------------------------------------------------------------------
+# Florence-2 folders: the published layouts (transformers', Microsoft's) and our own saved one
+# ------------------------------------------------------------------------------------------------
+#: ``florence``: transformers' layout (model.safetensors, processor_config.json, generation_config.json);
+#: ``florence_ms``: Microsoft's original layout (pytorch_model.bin, remote-code ``auto_map`` in config.json);
+#: ``florence_saved``: our own folder (``save_pretrained``: config.json with a ``florence2`` entry)
+FLORENCE_BASES = ("florence", "florence_ms", "florence_saved")
+FL_ST = "model.safetensors"
+FL_BIN = "pytorch_model.bin"
+#: a published tensor / our saved tensor the tensor cases tamper with
+FL_TENSOR = "model.language_model.decoder.embed_positions.weight"
+FL_SAVED_TENSOR = "dec_pos.weight"
+REMOTE_CODE = ("configuration_florence2.py", "modeling_florence2.py", "processing_florence2.py", "__init__.py")
+
+
+def make_florence_bases(root: Path) -> dict[str, Path]:
+    """The tiny Florence-2 test model (as tests/test_florence2.py builds it: a random transformers
+    ``Florence2ForConditionalGeneration``, 64 px, d32) saved in the three layouts the Florence loader reads."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from florence2_reference import build_reference, write_microsoft
+
+    from zoo.imported.florence2 import load_folder
+
+    native = root / "florence"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        build_reference(native, image_size=64, depths=(1, 1, 2, 1), dims=(16, 32, 48, 64), heads=(2, 2, 4, 4),
+                        window=3, d_model=32, layers=2, n_heads=4, ffn=64, seed=0)
+    loaded = load_folder(native)
+    write_microsoft(native, root / "florence_ms", loaded)
+    loaded.save_pretrained(root / "florence_saved")
+    return {"florence": native, "florence_ms": root / "florence_ms", "florence_saved": root / "florence_saved"}
+
+
+def remote_code(extra: Callable[[dict], None] | None = None) -> Callable[[Path, Ctx, str], None]:
+    """Python files in the folder that create the case's marker when imported, named by config.json's
+    ``auto_map`` (and ``trust_remote_code: true``): loading must ignore them."""
+    def build(folder: Path, ctx: Ctx, name: str) -> None:
+        for f in REMOTE_CODE:
+            (folder / f).write_text(f"import pathlib\npathlib.Path({str(ctx.marker(name))!r}).touch()\n")
+
+        def edit(c: dict) -> None:
+            c["auto_map"] = {"AutoConfig": "configuration_florence2.Florence2Config",
+                             "AutoProcessor": "processing_florence2.Florence2Processor",
+                             "AutoModelForCausalLM": "modeling_florence2.Florence2ForConditionalGeneration"}
+            c["trust_remote_code"] = True
+            if extra is not None:
+                extra(c)
+        _edit_json(folder / "config.json", edit)
+    return build
+
+
+def bin_edit(fn: Callable[[dict], None]) -> Callable[[Path, Ctx, str], None]:
+    """Edit the tensors of ``pytorch_model.bin`` (a plain state dict: readable with weights_only=True)."""
+    def build(folder: Path, ctx: Ctx, name: str) -> None:
+        state = torch.load(folder / FL_BIN, map_location="cpu", weights_only=True)
+        fn(state)
+        torch.save(state, folder / FL_BIN)
+    return build
+
+
+def _set(key: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[dict], None]:
+    return lambda s: s.__setitem__(key, fn(s[key]))
+
+
+def _text_cfg(**edit: Any) -> Callable[[dict], None]:
+    return lambda c: c["text_config"].update(edit)
+
+
+def _pop_text(key: str) -> Callable[[dict], None]:
+    def fn(c: dict) -> None:
+        c["text_config"].pop(key)
+    return fn
+
+
+def _florence_cases(out: list[Case]) -> None:
+    t, ms, sv = "florence", "florence_ms", "florence_saved"
+    c, g, st = r"config\.json: ", r"generation_config\.json: ", r"model\.safetensors: "
+    restricted = r"pytorch_model\.bin: cannot be read with torch\.load\(weights_only=True\)"
+    outside = r"{f}: points to .*outside the model folder"
+    target = rf"{c}key '{{k}}' = .*instantiate"
+    out += [
+        # pickle payloads: .bin only through torch.load(weights_only=True), and only without safetensors
+        Case("fl_pickle_bin_only", payload_at(FL_BIN, (FL_ST,)), U, restricted, t),
+        Case("fl_pickle_bin_only_allow_pickle", payload_at(FL_BIN, (FL_ST,)), U, restricted, t, allow_pickle=True,
+             match_without_opt_in=restricted),
+        Case("fl_pickle_bin_torch_zip", payload_at(FL_BIN, (FL_ST,), kind="torch_zip"), U, restricted, t),
+        Case("fl_ms_pickle_bin", payload_at(FL_BIN, ()), U, restricted, ms),
+        Case("fl_ms_pickle_bin_state_dict", payload_at(FL_BIN, (), kind="state_dict"), U, restricted, ms),
+        Case("fl_saved_pickle_bin_only", payload_at(FL_BIN, (FL_ST,)), U, restricted, sv),
+        Case("fl_pickle_named_safetensors", lambda f, x, n: (f / FL_ST).write_bytes(x.payload_pickle(n)), M,
+             st + "not a valid safetensors file", t),
+        # harmless: a payload beside the safetensors weights is never read
+        Case("fl_stray_pickle_beside_safetensors", payload_at(FL_BIN, ()), None, base=t),
+        Case("fl_saved_stray_pickle_beside_safetensors", payload_at(FL_BIN, ()), None, base=sv),
+        # _target_ anywhere in any JSON file read
+        Case("fl_target_top", cfg_edit(lambda d: d.update(_target_="os.system")), U, target.format(k="_target_"), t),
+        Case("fl_target_text_config", cfg_edit(_text_cfg(_target_="transformers.BartModel")), U,
+             target.format(k=r"text_config\._target_"), t),
+        Case("fl_target_vision_list", cfg_edit(lambda d: d["vision_config"].update(depths=[{"_target_": "os.system"}])),
+             U, target.format(k=r"vision_config\.depths\[0\]\._target_"), t),
+        Case("fl_ms_target_vision", cfg_edit(lambda d: d["vision_config"]["image_pos_embed"].update(_target_="x.y")),
+             U, target.format(k=r"vision_config\.image_pos_embed\._target_"), ms),
+        Case("fl_target_generation_config",
+             lambda f, x, n: _edit_json(f / "generation_config.json", lambda d: d.update(_target_="os.system")), U,
+             g + "key '_target_' = .*instantiate", t),
+        Case("fl_target_processor_config",
+             lambda f, x, n: _edit_json(f / "processor_config.json",
+                                        lambda d: d["image_processor"].update(_target_="PIL.Image.open")), U,
+             r"processor_config\.json: key 'image_processor\._target_' = .*instantiate", t),
+        Case("fl_saved_target_meta", cfg_edit(lambda d: d["florence2"].update(_target_="os.system")), U,
+             target.format(k=r"florence2\._target_"), sv),
+        Case("fl_saved_target_generation", cfg_edit(lambda d: d["florence2"]["generation"].update(
+            logits_processor={"_target_": "os.system"})), U,
+             target.format(k=r"florence2\.generation\.logits_processor\._target_"), sv),
+        # remote code: auto_map / trust_remote_code are data that is never used; the .py files never import
+        Case("fl_auto_map_remote_code", remote_code(), None, base=t),
+        Case("fl_ms_auto_map_remote_code", remote_code(), None, base=ms),
+        Case("fl_auto_map_in_text_config", remote_code(lambda d: d["text_config"].update(
+            auto_map={"AutoModel": "modeling_florence2.Evil"})), None, base=t),
+        # harmless: unknown keys of a PUBLISHED config are ignored (nothing is built from them)
+        Case("fl_published_extra_keys_ignored", cfg_edit(lambda d: d.update(custom_pipeline="evil.py",
+                                                                           processor_class="Evil")), None, base=t),
+        # our own saved folder is strict: every key known, the florence2 entry through its schema
+        Case("fl_saved_auto_map", remote_code(), U, c + "unknown key 'auto_map'", sv),
+        Case("fl_saved_meta_unknown_key", cfg_edit(lambda d: d["florence2"].update(hooks="os.system")), U,
+             c + r"unknown key 'florence2\.hooks'", sv),
+        Case("fl_saved_generation_unknown_key", cfg_edit(lambda d: d["florence2"]["generation"].update(
+            streamer="evil")), U, c + r"unknown key 'florence2\.generation\.streamer'", sv),
+        Case("fl_saved_generation_bad_value", cfg_edit(lambda d: d["florence2"]["generation"].update(num_beams="3")),
+             M, c + r"key 'florence2\.generation\.num_beams' has an invalid value", sv),
+        Case("fl_saved_meta_layout", cfg_edit(lambda d: d["florence2"].update(layout="remote")), M,
+             c + r"key 'florence2\.layout' has an invalid value", sv),
+        Case("fl_saved_unknown_modality_key", cfg_edit(lambda d: d["modalities"]["florence_image"].update(
+            checkpoint_path="/tmp/x.pth")), U, c + r"unknown key 'modalities\.florence_image\.checkpoint_path'", sv),
+        Case("fl_saved_layers_huge", cfg_edit(lambda d: d.update(enc_layers=10**7)), M,
+             c + "key 'enc_layers' has an invalid value", sv),
+        # symlinks out of the folder, for every file the loader reads
+        *[Case(f"fl_symlink_{rel.replace('.', '_')}", link_out(rel), U, outside.format(f=re.escape(rel)), base)
+          for rel, base in (("config.json", t), (FL_ST, t), ("tokenizer.json", t), ("generation_config.json", t),
+                            ("processor_config.json", t), ("README.md", t), (FL_BIN, ms),
+                            ("preprocessor_config.json", ms))],
+        Case("fl_saved_symlink_tokenizer", link_out("tokenizer.json"), U, outside.format(f=r"tokenizer\.json"), sv),
+        Case("fl_saved_symlink_safetensors_relative", link_out(FL_ST, relative=True), U,
+             outside.format(f=re.escape(FL_ST)), sv),
+        Case("fl_symlink_payload_bin", link_payload_out(FL_BIN), U, outside.format(f=r"pytorch_model\.bin"), t),
+        # safetensors framing
+        Case("fl_st_truncated_half", truncate(FL_ST, lambda n: n // 2), M, st + "truncated", t),
+        Case("fl_st_empty", truncate(FL_ST, lambda n: 0), M, st + r"not a valid safetensors file \(0 bytes", t),
+        Case("fl_st_header_length_huge",
+             lambda f, x, n: (f / FL_ST).write_bytes(b"\xff" * 8 + (f / FL_ST).read_bytes()[8:]), M,
+             st + "not a valid safetensors file: its header length says", t),
+        Case("fl_saved_st_truncated", truncate(FL_ST, lambda n: n - 100), M, st + "truncated", sv),
+        # shapes and dtypes, named by the published tensor name and the file
+        Case("fl_tensor_wrong_shape", weights_edit(_set(FL_TENSOR, lambda v: torch.zeros(10, 32))), M,
+             st + rf"tensor '{re.escape(FL_TENSOR)}' has shape \[10, 32\] but the architecture in .*config\.json "
+                  r"needs \[258, 32\]", t),
+        Case("fl_tensor_int64", weights_edit(_set(FL_TENSOR, lambda v: v.long())), M,
+             st + rf"tensor '{re.escape(FL_TENSOR)}' is torch\.int64 but the model needs torch\.float32", t),
+        Case("fl_tensor_float64", weights_edit(_set(FL_TENSOR, lambda v: v.double())), M,
+             st + rf"tensor '{re.escape(FL_TENSOR)}' is torch\.float64", t),
+        Case("fl_tensor_qkv_wrong_shape", weights_edit(_set(
+            "model.language_model.encoder.layers.0.self_attn.k_proj.weight", lambda v: torch.zeros(32, 31))), M,
+             st + r"tensor 'model\.language_model\.encoder\.layers\.0\.self_attn\.k_proj\.weight' has shape "
+                  r"\[32, 31\] but .* needs \[32, 32\]", t),
+        Case("fl_ms_tensor_3d_for_transpose", bin_edit(lambda s: s.__setitem__("image_projection",
+                                                                              torch.zeros(2, 2, 2))), M,
+             r"pytorch_model\.bin: tensor 'image_projection' has shape \[2, 2, 2\] but .* needs \[64, 32\]", ms),
+        Case("fl_ms_tensor_wrong_shape", bin_edit(_set("language_model.model.shared.weight", lambda v: v[:100])), M,
+             r"pytorch_model\.bin: tensor 'language_model\.model\.shared\.weight' has shape \[100, 32\]", ms),
+        Case("fl_ms_tensor_int64", bin_edit(_set("language_model.final_logits_bias", lambda v: v.long())), M,
+             r"pytorch_model\.bin: tensor 'language_model\.final_logits_bias' is torch\.int64", ms),
+        Case("fl_saved_tensor_wrong_shape", weights_edit(_set(FL_SAVED_TENSOR, lambda v: torch.zeros(10, 32))), M,
+             st + r"tensor 'dec_pos\.weight' has shape \[10, 32\] but the architecture in .*config\.json "
+                  r"needs \[258, 32\]", sv),
+        Case("fl_saved_tensor_int64", weights_edit(_set(FL_SAVED_TENSOR, lambda v: v.long())), M,
+             st + r"tensor 'dec_pos\.weight' is torch\.int64 but the model needs torch\.float32", sv),
+        Case("fl_config_shape_change", cfg_edit(_text_cfg(max_position_embeddings=64)), M,
+             st + r"tensor 'model\.language_model\.(en|de)coder\.embed_positions\.weight' has shape \[258, 32\] "
+                  r"but .* needs \[66, 32\]", t),
+        # harmless: half-precision weights are upcast deliberately
+        Case("fl_tensor_fp16_upcast", weights_edit(_all_floats(torch.float16)), None, base=t),
+        Case("fl_tensor_bf16_upcast", weights_edit(_all_floats(torch.bfloat16)), None, base=t),
+        Case("fl_ms_tensor_fp16_upcast", bin_edit(_all_floats(torch.float16)), None, base=ms),
+        Case("fl_saved_tensor_bf16_upcast", weights_edit(_all_floats(torch.bfloat16)), None, base=sv),
+        # the key table: every tensor used exactly once
+        Case("fl_key_unknown", weights_edit(lambda s: s.__setitem__("model.evil.weight", torch.zeros(2))), M,
+             st + r"tensor 'model\.evil\.weight' is not used by the key table", t),
+        Case("fl_key_missing", weights_edit(lambda s: s.pop(FL_TENSOR)), M,
+             st + rf"tensor '{re.escape(FL_TENSOR)}' is missing \(needed for", t),
+        Case("fl_ms_key_unknown", bin_edit(lambda s: s.__setitem__("vision_tower.evil", torch.zeros(2))), M,
+             r"pytorch_model\.bin: tensor 'vision_tower\.evil' is not used by the key table", ms),
+        Case("fl_ms_tied_copy_differs", bin_edit(_set("language_model.lm_head.weight", lambda v: v + 1)), M,
+             r"pytorch_model\.bin: tensor 'language_model\.lm_head\.weight' should be a tied copy", ms),
+        Case("fl_saved_key_unknown", weights_edit(lambda s: s.__setitem__("evil.weight", torch.zeros(2))), M,
+             st + r"its tensors do not match .*unexpected \['evil\.weight'\]", sv),
+        # config.json: broken files and keys of the wrong type, each named
+        Case("fl_config_not_utf8", write("config.json", b'{"model_type": "florence2\xff"}'), M, c + "not UTF-8", t),
+        Case("fl_config_list", write("config.json", "[1, 2]"), M, c + "expected a JSON object, got a JSON list", t),
+        Case("fl_config_invalid_json", write("config.json", '{"model_type": "florence2", '), M, c + "invalid JSON", t),
+        Case("fl_config_text_config_string", cfg_edit(lambda d: d.update(text_config="bart")), M,
+             c + "key 'text_config' has an invalid value", t),
+        Case("fl_config_d_model_string", cfg_edit(_text_cfg(d_model="32")), M,
+             c + r"key 'text_config\.d_model' has an invalid value", t),
+        Case("fl_config_layers_huge", cfg_edit(_text_cfg(encoder_layers=10**7)), M,
+             c + r"key 'text_config\.encoder_layers' has an invalid value", t),
+        Case("fl_config_vocab_huge", cfg_edit(_text_cfg(vocab_size=10**12)), M,
+             c + r"key 'text_config\.vocab_size' has an invalid value", t),
+        Case("fl_config_missing_d_model", cfg_edit(_pop_text("d_model")), M,
+             c + r"key 'text_config\.d_model' is missing", t),
+        Case("fl_config_depths_not_list", cfg_edit(lambda d: d["vision_config"].update(depths="1,1,2,1")), M,
+             c + r"key 'vision_config\.depths' has an invalid value", t),
+        Case("fl_config_vision_neither_layout", cfg_edit(lambda d: d.update(vision_config={"hidden": 3})), M,
+             c + "model_type 'florence2' but the vision config matches neither published layout", t),
+        Case("fl_config_activation", cfg_edit(_text_cfg(activation_function="relu")), M,
+             c + r"unsupported Florence-2 config: activation 'relu'", t),
+        Case("fl_ms_config_pos_embed_string", cfg_edit(lambda d: d["vision_config"].update(image_pos_embed="50")), M,
+             c + r"key 'vision_config\.image_pos_embed' has an invalid value", ms),
+        Case("fl_saved_config_not_utf8",
+             lambda f, x, n: (f / "config.json").write_bytes((f / "config.json").read_text().encode("utf-16")), M,
+             c + "not UTF-8", sv),
+        # the other JSON / tokenizer files
+        Case("fl_generation_not_object", write("generation_config.json", "[2]"), M,
+             g + "expected a JSON object", t),
+        Case("fl_generation_bad_value", lambda f, x, n: _edit_json(f / "generation_config.json",
+                                                                    lambda d: d.update(num_beams="lots")), M,
+             g + "key 'num_beams' has an invalid value", t),
+        Case("fl_processor_not_utf8", write("processor_config.json", b'{"image_processor": "\xff"}'), M,
+             r"processor_config\.json: not UTF-8", t),
+        Case("fl_processor_size_string", lambda f, x, n: _edit_json(
+            f / "processor_config.json", lambda d: d["image_processor"].update(size="64")), M,
+             r"processor_config\.json: key 'image_processor\.size' has an invalid value", t),
+        Case("fl_ms_preprocessor_mean_object", lambda f, x, n: _edit_json(
+            f / "preprocessor_config.json", lambda d: d.update(image_mean={"module": "os"})), M,
+             r"preprocessor_config\.json: key 'image_mean' has an invalid value", ms),
+        Case("fl_tokenizer_not_json", write("tokenizer.json", "{broken"), M, r"tokenizer\.json: not a valid", t),
+        Case("fl_tokenizer_not_utf8", write("tokenizer.json", b"\xff\xfe\x00{"), M, r"tokenizer\.json: not UTF-8", t),
+        Case("fl_tokenizer_missing", lambda f, x, n: (f / "tokenizer.json").unlink(), F, "no tokenizer.json", t),
+        Case("fl_saved_tokenizer_wrong_object", write("tokenizer.json", '{"model": {"type": "Evil"}}'), M,
+             r"tokenizer\.json: not a valid", sv),
+    ]
+
+
 def corpus() -> list[Case]:
     """Every tampered-folder case."""
     out: list[Case] = []
     for add in (_pickle_cases, _target_cases, _backbone_cases, _symlink_cases, _safetensors_cases, _tensor_cases,
-                _config_cases, _tokenizer_cases, _image_codes_cases):
+                _config_cases, _tokenizer_cases, _image_codes_cases, _florence_cases):
         add(out)
     names = [c.name for c in out]
     assert len(names) == len(set(names)), "duplicate case names"
@@ -604,7 +860,7 @@ def make_context(root: Path) -> Ctx:
 
 def build_case(case: Case, ctx: Ctx) -> Path:
     folder = ctx.root / "cases" / case.name
-    shutil.copytree(ctx.caption if case.base == "caption" else ctx.t2i, folder)
+    shutil.copytree(ctx.base(case.base), folder)
     case.build(folder, ctx, case.name)
     return folder
 
@@ -654,6 +910,8 @@ def via_predict(folder: Path, case: Case, ctx: Ctx) -> None:
 
     if case.base == "t2i":
         args = ["task=t2i", "input=a red circle", f"out={ctx.root / 'out' / case.name}"]
+    elif case.base in FLORENCE_BASES:
+        args = ["task=detect", f"input={ctx.image}", "max_new_tokens=4", f"out={ctx.root / 'out' / case.name}.json"]
     else:
         args = ["task=caption", f"input={ctx.image}"]
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -664,7 +922,8 @@ def via_eval(folder: Path, case: Case, ctx: Ctx) -> None:
     """What ``zoo-eval ckpt=<folder>`` loads the model with (it never passes allow_pickle)."""
     from tasks.evaluate import load_for_eval
 
-    load_for_eval(str(folder))
+    # a Florence-2 folder holds no mmzoo task: zoo-eval is told which (task=caption)
+    load_for_eval(str(folder), "caption" if case.base in FLORENCE_BASES else None)
 
 
 def via_finetune(folder: Path, case: Case, ctx: Ctx) -> None:

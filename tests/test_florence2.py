@@ -20,14 +20,15 @@ import zoo
 from zoo.config import ModelConfig
 from zoo.hub import add_to_cache
 from zoo.imported.bart_keys import BART_ALIASES, BART_TABLE
-from zoo.imported.florence2 import (MS_EXTRA_TOKENS, Florence2, load_folder, parse_boxes, recognise, swap01)
+from zoo.imported.florence2 import Florence2, load_folder, parse_boxes, recognise, swap01
 from zoo.imported.florence2_keys import florence2_aliases, florence2_table
-from zoo.imported.keymap import KeyMapError, convert, expand, invert
+from zoo.imported.keymap import KeyMapError, convert, expand
 from zoo.model import UnifiedSeq2Seq
 from zoo.pretrained import UnsafeModelError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from florence2_reference import build_reference, grid  # noqa: E402
+from florence2_reference import write_microsoft as _write_microsoft  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -56,53 +57,6 @@ def _images(n: int = 3) -> list[Image.Image]:
         arr = (rng.random((40 + 17 * i, 90 - 11 * i, 3)) * 255).astype("uint8")
         out.append(Image.fromarray(arr).convert(mode))
     return out
-
-
-def _microsoft_config(native: dict) -> dict:
-    """A Microsoft-layout config.json (remote-code names) for the same sizes."""
-    v, t = native["vision_config"], native["text_config"]
-    return {"model_type": "florence2", "architectures": ["Florence2ForConditionalGeneration"],
-            "auto_map": {"AutoConfig": "configuration_florence2.Florence2Config",
-                         "AutoModelForCausalLM": "modeling_florence2.Florence2ForConditionalGeneration"},
-            "vocab_size": t["vocab_size"], "projection_dim": v["projection_dim"],
-            "text_config": {**t, "model_type": "florence2_language"},
-            "vision_config": {"model_type": "davit", "dim_embed": v["embed_dim"], "depths": v["depths"],
-                              "num_heads": v["num_heads"], "num_groups": v["num_groups"],
-                              "window_size": v["window_size"], "projection_dim": v["projection_dim"],
-                              "patch_size": v["patch_size"], "patch_stride": v["patch_stride"],
-                              "patch_padding": v["patch_padding"], "patch_prenorm": v["patch_prenorm"],
-                              "image_pos_embed": {"type": "learned_abs_2d",
-                                                  "max_pos_embeddings": v["max_position_embeddings"]},
-                              "visual_temporal_embedding": {"type": "COSINE",
-                                                            "max_temporal_embeddings": v["max_temporal_embeddings"]},
-                              "image_feature_source": ["spatial_avg_pool", "temporal_avg_pool"]}}
-
-
-def _write_microsoft(native_folder: Path, out: Path, model: Florence2) -> None:
-    """The same weights in Microsoft's layout: our state dict through the table's inverse, as pytorch_model.bin;
-    a tokenizer without the location tokens (the remote processor adds them); preprocessor_config.json."""
-    from tokenizers import Tokenizer
-
-    out.mkdir(parents=True)
-    cfg = model.model.cfg
-    image = cfg.modalities["florence_image"]
-    entries = expand(florence2_table("microsoft"), {"enc": cfg.enc_layers, "dec": cfg.dec_layers,
-                                                    "depths": image["depths"]})
-    ours = dict(model.model.state_dict())
-    ours["final_logits_bias"] = torch.zeros(model.layout.size)
-    theirs = invert(ours, entries)
-    theirs["language_model.lm_head.weight"] = theirs["language_model.model.shared.weight"]  # tied copy
-    torch.save(theirs, out / "pytorch_model.bin")
-    native = json.loads((native_folder / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps(_microsoft_config(native)))
-    proc = json.loads((native_folder / "processor_config.json").read_text())["image_processor"]
-    (out / "preprocessor_config.json").write_text(json.dumps({**proc, "processor_class": "Florence2Processor"}))
-    tok = json.loads((native_folder / "tokenizer.json").read_text())
-    extra = set(MS_EXTRA_TOKENS) | {"<image>"}
-    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] not in extra]
-    Tokenizer.from_str(json.dumps(tok)).save(str(out / "tokenizer.json"))
-    (out / "generation_config.json").write_text((native_folder / "generation_config.json").read_text())
-    (out / "README.md").write_text("---\nlicense: mit\n---\n")
 
 
 @pytest.fixture(scope="module")

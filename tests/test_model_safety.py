@@ -1,6 +1,7 @@
 """Loading a model folder runs no code from it, reads nothing outside it and refuses every tampering clearly.
 
-The corpus (tests/safety_corpus.py) tampers with real saved tiny models in 147 ways and loads each through
+The corpus (tests/safety_corpus.py) tampers with real saved tiny models in 231 ways (84 of them Florence-2 folders
+in its three layouts) and loads each through
 ``zoo.load(folder)``, ``zoo.load("hf-hub:...")`` (a local Hub cache, offline), ``zoo-predict``, ``zoo-eval ckpt=``
 and ``zoo-finetune pretrained=``. ``pytest -s -k summary`` prints the counts.
 """
@@ -35,6 +36,32 @@ def test_tampered_folder(case, ctx):
     bad = [f"{o.entry}: {o.status}: {o.detail}" for o in outcomes if o.status not in ("refused", "loaded")]
     assert not bad, "\n".join(bad)
     assert all(o.status == ("loaded" if case.error is None else "refused") for o in outcomes)
+
+
+def test_florence_cases_cover_the_loader_and_their_payloads_are_live(ctx, tmp_path):
+    """The Florence-2 cases reach every layout and every file kind; the remote-code files placed by the auto_map
+    cases do create their marker when imported (so the corpus would see an import), and loading never imports them."""
+    import runpy
+
+    from safety_corpus import FLORENCE_BASES
+
+    fl = [c for c in CASES if c.name.startswith("fl_")]
+    assert {c.base for c in fl} == set(FLORENCE_BASES)
+    for part in ("pickle", "target", "symlink", "st_", "tensor", "key_", "config", "auto_map", "tokenizer",
+                 "generation", "processor"):
+        assert any(part in c.name for c in fl), part
+    case = next(c for c in CASES if c.name == "fl_ms_auto_map_remote_code")
+    folder = ctx.root / "cases" / case.name
+    folder = folder if folder.exists() else build_case(case, ctx)
+    assert json.loads((folder / "config.json").read_text())["auto_map"]
+    for m in ctx.markers.iterdir():
+        m.unlink()
+    m = zoo.load(folder)
+    assert m.meta["layout"] == "microsoft" and not ctx.marker(case.name).exists()
+    assert not any(k.startswith(("configuration_florence2", "modeling_florence2")) for k in sys.modules)
+    runpy.run_path(str(folder / "modeling_florence2.py"))
+    assert ctx.marker(case.name).exists()  # the payload is live: an import would have been seen
+    ctx.marker(case.name).unlink()
 
 
 def test_corpus_summary(ctx, capsys):
@@ -96,6 +123,23 @@ def test_loading_reads_only_the_folder_and_makes_no_network_call(ctx, base):
     if base == "t2i":
         expected |= {"image_codes/config.json", "image_codes/diffusion_pytorch_model.safetensors"}
     assert {str(Path(p).relative_to(root)) for _, p in events} == expected
+
+
+@pytest.mark.parametrize("base,files", [
+    ("florence", {"config.json", "processor_config.json", "generation_config.json", "model.safetensors",
+                  "tokenizer.json", "README.md"}),
+    ("florence_ms", {"config.json", "preprocessor_config.json", "generation_config.json", "pytorch_model.bin",
+                     "tokenizer.json", "README.md"}),
+    ("florence_saved", {"config.json", "model.safetensors", "tokenizer.json"}),
+])
+def test_florence_loading_reads_only_the_folder_and_makes_no_network_call(ctx, base, files):
+    """A Florence-2 folder of each layout: only its own allow-listed files are opened, nothing else, no network."""
+    folder = ctx.base(base)
+    events = _touched(lambda: zoo.load(folder))
+    assert events and all(e == "open" for e, _ in events), events
+    root = str(folder.resolve())
+    assert all(p.startswith(root + "/") for _, p in events), events
+    assert {str(Path(p).relative_to(root)) for _, p in events} == files
 
 
 def _blob_cache(folder: Path, cache: Path, repo_id: str) -> Path:

@@ -23,7 +23,10 @@ from zoo.config import ModelConfig
 from zoo.generation_hf import HFGenerationConfig, hf_generate
 from zoo.imported.florence2_keys import florence2_aliases, florence2_table
 from zoo.imported.keymap import convert, expand
-from zoo.pretrained import CONFIG_FILE, Pretrained, UnsafeModelError, _as_list, _version
+from zoo.loading import (Check, ModelFolderError, UnsafeModelError, _bool, _list_of, _nonneg, _num, _optional, _str,
+                         _upto, check_keys, check_state, model_config_from_dict, model_root, read_json_object,
+                         read_limited, read_pickle_weights, read_safetensors, refuse_targets)
+from zoo.pretrained import CONFIG_FILE, Pretrained, _as_list, _version
 
 WEIGHTS_ST, WEIGHTS_BIN = "model.safetensors", "pytorch_model.bin"
 #: Florence-2's patch embeddings, fixed by timm's DaViT (stem 7/4/3 post-norm, then 3/2/1 pre-norm)
@@ -71,6 +74,23 @@ _GEN_KEYS = {"max_new_tokens": "max_new_tokens", "min_new_tokens": "min_new_toke
              "eos_token_id": "eos_id", "pad_token_id": "pad_id", "forced_bos_token_id": "forced_bos_id",
              "forced_eos_token_id": "forced_eos_id"}
 _ID_FIELDS = ("decoder_start_id", "eos_id", "pad_id", "forced_bos_id", "forced_eos_id")
+_ID = _upto(2**22, 0)
+#: generation_config.json: the keys read (transformers' names) and the values accepted; other keys are ignored
+GEN_FILE_SCHEMA: dict[str, Check] = {
+    "max_new_tokens": _upto(2**16), "min_new_tokens": _upto(2**16, 0), "max_length": _upto(2**16 + 1),
+    "min_length": _upto(2**16, 0), "num_beams": _upto(2**10), "do_sample": _bool, "temperature": _num,
+    "top_k": _upto(2**22, 0), "top_p": _num, "no_repeat_ngram_size": _upto(2**10, 0), "length_penalty": _num,
+    "early_stopping": lambda v: v in (True, False, "never"), "decoder_start_token_id": _ID,
+    "eos_token_id": lambda v: _ID(v) or _list_of(_ID)(v), "pad_token_id": _ID, "forced_bos_token_id": _ID,
+    "forced_eos_token_id": lambda v: _ID(v) or _list_of(_ID)(v)}
+#: our saved folder's ``florence2.generation`` (HFGenerationConfig fields, unified ids)
+GEN_SCHEMA: dict[str, Check] = {
+    **{ours: GEN_FILE_SCHEMA[theirs] for theirs, ours in _GEN_KEYS.items() if ours not in _ID_FIELDS},
+    **{ours: _optional(_ID) for ours in _ID_FIELDS}}
+#: our saved folder's ``florence2`` entry (provenance + generation defaults)
+META_SCHEMA: dict[str, Check] = {
+    "layout": lambda v: v in ("transformers", "microsoft"), "source": _optional(_str), "revision": _optional(_str),
+    "license": _optional(_str), "generation": lambda v: isinstance(v, dict)}
 
 
 def swap01(i: int) -> int:
@@ -81,130 +101,190 @@ def swap01(i: int) -> int:
 # ------------------------------------------------------------------------------------------------
 # Recognising a folder (config.json read as data)
 # ------------------------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from a file of the model folder (confined to it; clear errors naming the file)."""
-    from zoo.loading import model_root, read_json_object
+def _read_json(path: Path, root: Path | None = None) -> dict[str, Any]:
+    """A JSON object from a file of the model folder (confined to ``root``, default :func:`zoo.loading.model_root`;
+    size-limited; clear errors naming the file); a ``_target_`` anywhere in it is refused."""
+    obj = read_json_object(model_root(path.parent) if root is None else root, path)
+    refuse_targets(obj, str(path))
+    return obj
 
-    return read_json_object(model_root(path.parent), path)
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()  # a dangling / outside link is refused by confined(), not skipped
 
 
 def recognise(folder: str | Path) -> str | None:
     """``"transformers"`` / ``"microsoft"`` for a published Florence-2 folder, ``"mmzoo"`` for one saved by
-    :meth:`Florence2.save_pretrained`, else ``None``."""
+    :meth:`Florence2.save_pretrained`, else ``None``. ``config.json`` is read as data (nothing in it is imported:
+    ``auto_map`` and the like are ignored)."""
     path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
+    if not Path(folder).is_dir() or not _exists(path):
         return None
-    cfg = _read_json(path)
+    cfg = read_json_object(model_root(Path(folder)), path)
     if isinstance(cfg.get("florence2"), dict) and "arch" in cfg:
         return "mmzoo"
     if cfg.get("model_type") != "florence2":
         return None
-    vision = cfg.get("vision_config") or {}
+    vision = cfg.get("vision_config")
+    vision = vision if isinstance(vision, dict) else {}
     if "embed_dim" in vision or vision.get("model_type") == "florence_vision":
         return "transformers"
     if "dim_embed" in vision or vision.get("model_type") == "davit":
         return "microsoft"
-    raise ValueError(f"{path}: model_type 'florence2' but the vision config matches neither published layout "
-                     f"(keys {sorted(vision)})")
+    raise ModelFolderError(f"{path}: model_type 'florence2' but the vision config matches neither published layout "
+                           f"(keys {sorted(map(str, vision))[:20]})")
 
 
 # ------------------------------------------------------------------------------------------------
-# Config translation
+# Config translation: only the keys used, each type-checked and bounded (other keys of a published config are
+# ignored: nothing is instantiated from them)
 # ------------------------------------------------------------------------------------------------
+_REQUIRED = object()
+
+
 def _need(cond: bool, where: str, what: str) -> None:
     if not cond:
-        raise ValueError(f"{where}: unsupported Florence-2 config: {what}")
+        raise ModelFolderError(f"{where}: unsupported Florence-2 config: {what}")
 
 
-def _vision_fields(vision: dict[str, Any], layout: str) -> dict[str, Any]:
-    """The DaViT sizes of either layout's vision config, in transformers' names."""
+def _field(d: dict[str, Any], key: str, check: Check, where: str, prefix: str = "", default: Any = _REQUIRED) -> Any:
+    """``d[key]`` after ``check``; a missing key gives ``default`` (or an error when it is required)."""
+    if key not in d or (d[key] is None and default is not _REQUIRED):
+        if default is _REQUIRED:
+            raise ModelFolderError(f"{where}: key '{prefix}{key}' is missing (a Florence-2 config needs it)")
+        return default
+    if not check(d[key]):
+        raise ModelFolderError(f"{where}: key '{prefix}{key}' has an invalid value {d[key]!r:.200}")
+    return d[key]
+
+
+def _section(d: dict[str, Any], key: str, where: str, prefix: str = "") -> dict[str, Any]:
+    return _field(d, key, lambda v: isinstance(v, dict), where, prefix)
+
+
+_STAGES4 = lambda limit: _list_of(_upto(limit), 4)  # noqa: E731
+_PATCH_CHECKS: dict[str, Check] = {"patch_size": _list_of(_upto(64), 4), "patch_stride": _list_of(_upto(64), 4),
+                                   "patch_padding": _list_of(_upto(64, 0), 4), "patch_prenorm": _list_of(_bool, 4)}
+
+
+def _vision_fields(vision: dict[str, Any], layout: str, where: str) -> dict[str, Any]:
+    """The DaViT sizes of either layout's vision config, in transformers' names, each checked."""
+    p = "vision_config."
+    common = {"depths": _field(vision, "depths", _STAGES4(2**10), where, p),
+              "num_heads": _field(vision, "num_heads", _STAGES4(2**10), where, p),
+              "num_groups": _field(vision, "num_groups", _STAGES4(2**10), where, p),
+              "projection_dim": _field(vision, "projection_dim", _upto(2**16), where, p),
+              **{k: _field(vision, k, c, where, p, PATCH[k]) for k, c in _PATCH_CHECKS.items()}}
     if layout == "microsoft":
-        return {"embed_dim": vision.get("dim_embed"), "depths": vision.get("depths"),
-                "num_heads": vision.get("num_heads"), "num_groups": vision.get("num_groups"),
-                "window_size": vision.get("window_size", 12), "projection_dim": vision.get("projection_dim"),
-                "max_position_embeddings": (vision.get("image_pos_embed") or {}).get("max_pos_embeddings", 50),
-                "max_temporal_embeddings": (vision.get("visual_temporal_embedding") or {}).get(
-                    "max_temporal_embeddings", 100),
-                **{k: vision.get(k, v) for k, v in PATCH.items()}}
-    return {k: vision.get(k) for k in ("embed_dim", "depths", "num_heads", "num_groups", "window_size",
-                                       "projection_dim", "max_position_embeddings", "max_temporal_embeddings",
-                                       *PATCH)}
+        pos = _field(vision, "image_pos_embed", lambda v: isinstance(v, dict), where, p, {})
+        tmp = _field(vision, "visual_temporal_embedding", lambda v: isinstance(v, dict), where, p, {})
+        return {**common, "embed_dim": _field(vision, "dim_embed", _STAGES4(2**16), where, p),
+                "window_size": _field(vision, "window_size", _upto(2**10), where, p, 12),
+                "max_position_embeddings": _field(pos, "max_pos_embeddings", _upto(2**14), where,
+                                                  p + "image_pos_embed.", 50),
+                "max_temporal_embeddings": _field(tmp, "max_temporal_embeddings", _upto(2**14), where,
+                                                  p + "visual_temporal_embedding.", 100)}
+    return {**common, "embed_dim": _field(vision, "embed_dim", _STAGES4(2**16), where, p),
+            "window_size": _field(vision, "window_size", _upto(2**10), where, p),
+            "max_position_embeddings": _field(vision, "max_position_embeddings", _upto(2**14), where, p),
+            "max_temporal_embeddings": _field(vision, "max_temporal_embeddings", _upto(2**14), where, p)}
 
 
 def model_config(cfg: dict[str, Any], layout: str, image_size: int, where: str = CONFIG_FILE) -> ModelConfig:
     """Our ``ModelConfig`` for a published Florence-2 ``config.json`` (BART text config + DaViT vision config)."""
     from modalities.florence_image import FlorenceImageConfig
 
-    text = cfg.get("text_config") or {}
-    vision = _vision_fields(cfg.get("vision_config") or {}, layout)
-    for k in ("d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
-              "max_position_embeddings"):
-        _need(isinstance(text.get(k), int), where, f"text_config.{k} missing")
-    d = text["d_model"]
-    _need(text.get("decoder_attention_heads", text["encoder_attention_heads"]) == text["encoder_attention_heads"],
-          where, "encoder and decoder head counts differ")
-    _need(text.get("decoder_ffn_dim", text["encoder_ffn_dim"]) == text["encoder_ffn_dim"], where,
+    refuse_targets(cfg, where)
+    text = _section(cfg, "text_config", where)
+    vision = _vision_fields(_section(cfg, "vision_config", where), layout, where)
+    t = "text_config."
+    d = _field(text, "d_model", _upto(2**16), where, t)
+    heads = _field(text, "encoder_attention_heads", _upto(2**10), where, t)
+    ffn = _field(text, "encoder_ffn_dim", _upto(2**20), where, t)
+    enc = _field(text, "encoder_layers", _upto(2**10, 0), where, t)
+    dec = _field(text, "decoder_layers", _upto(2**10, 0), where, t)
+    positions = _field(text, "max_position_embeddings", _upto(2**20), where, t)
+    _need(_field(text, "decoder_attention_heads", _upto(2**10), where, t, heads) == heads, where,
+          "encoder and decoder head counts differ")
+    _need(_field(text, "decoder_ffn_dim", _upto(2**20), where, t, ffn) == ffn, where,
           "encoder and decoder FFN sizes differ")
-    _need(text.get("activation_function", "gelu") == "gelu", where,
-          f"activation {text.get('activation_function')!r} (only 'gelu')")
-    _need((text.get("bos_token_id", 0), text.get("pad_token_id", 1), text.get("eos_token_id", 2)) == (0, 1, 2), where,
-          "BART special ids other than <s>=0, <pad>=1, </s>=2")
+    act = _field(text, "activation_function", _str, where, t, "gelu")
+    _need(act == "gelu", where, f"activation {act!r} (only 'gelu')")
+    specials = tuple(_field(text, k, _upto(2**22, 0), where, t, v)
+                     for k, v in (("bos_token_id", 0), ("pad_token_id", 1), ("eos_token_id", 2)))
+    _need(specials == (0, 1, 2), where, "BART special ids other than <s>=0, <pad>=1, </s>=2")
+    scale = _field(text, "scale_embedding", _bool, where, t, False)
+    vocab = _field(text, "vocab_size", _upto(2**22, 5), where, t, None)
+    if vocab is None:
+        vocab = _field(cfg, "vocab_size", _upto(2**22, 5), where)
     for k, v in PATCH.items():
         _need(list(vision[k]) == v, where, f"vision {k}={vision[k]} (timm's DaViT has {v})")
     _need(vision["num_groups"] == vision["num_heads"], where, "channel groups differ from heads")
     _need(vision["projection_dim"] == d, where, f"projection_dim {vision['projection_dim']} != d_model {d}")
-    vocab = int(text.get("vocab_size") or cfg.get("vocab_size"))
+    _need(d % heads == 0, where, f"d_model {d} is not a multiple of the {heads} heads")
     dims = [int(x) for x in vision["embed_dim"]]
     tower = "davit_huge_fl" if dims == [256, 512, 1024, 2048] else "davit_base_fl"
-    image = FlorenceImageConfig(tower=tower, depths=vision["depths"], embed_dims=dims, num_heads=vision["num_heads"],
-                                window_size=int(vision["window_size"]), image_size=int(image_size),
-                                max_pos_embeddings=int(vision["max_position_embeddings"]),
-                                max_temporal_embeddings=int(vision["max_temporal_embeddings"]))
+    try:
+        image = FlorenceImageConfig(tower=tower, depths=vision["depths"], embed_dims=dims,
+                                    num_heads=vision["num_heads"], window_size=int(vision["window_size"]),
+                                    image_size=int(image_size), max_pos_embeddings=int(vision["max_position_embeddings"]),
+                                    max_temporal_embeddings=int(vision["max_temporal_embeddings"]))
+    except ValueError as e:
+        raise ModelFolderError(f"{where}: unsupported Florence-2 vision config: {e}") from None
     return ModelConfig(
-        arch="custom", d_model=d, n_heads=text["encoder_attention_heads"], enc_layers=text["encoder_layers"],
-        dec_layers=text["decoder_layers"], ffn_dim=text["encoder_ffn_dim"], activation="gelu",
-        max_positions=text["max_position_embeddings"], norm_first=False, embed_norm=True,
-        embed_scale=bool(text.get("scale_embedding", False)), pos_offset=2, enc_positions="sequence",
-        type_embed=False, logits_bias=layout == "microsoft", vocab={"text_size": vocab - 4},
+        arch="custom", d_model=d, n_heads=heads, enc_layers=enc, dec_layers=dec, ffn_dim=ffn, activation="gelu",
+        max_positions=positions, norm_first=False, embed_norm=True, embed_scale=scale, pos_offset=2,
+        enc_positions="sequence", type_embed=False, logits_bias=layout == "microsoft", vocab={"text_size": vocab - 4},
         modalities={"florence_image": image.to_dict()})
 
 
-def image_settings(folder: Path) -> dict[str, Any]:
-    """The image processor's settings (``preprocessor_config.json`` or ``processor_config.json``), as data."""
+def image_settings(folder: Path, root: Path | None = None) -> dict[str, Any]:
+    """The image processor's settings (``preprocessor_config.json`` or ``processor_config.json``), as checked data."""
+    root = model_root(folder) if root is None else root
     for name in ("preprocessor_config.json", "processor_config.json"):
         path = folder / name
-        if path.is_file():
-            data = _read_json(path)
-            data = data.get("image_processor", data)
-            size = data.get("size") or {}
-            if "height" not in size:
-                raise ValueError(f"{path}: size {size} is not {{height, width}}")
-            _need(size["height"] == size.get("width"), str(path), f"non-square size {size}")
-            _need(not data.get("do_center_crop", False), str(path), "do_center_crop=true")
-            _need(int(data.get("resample", 3)) == 3, str(path), f"resample={data.get('resample')} (bicubic is 3)")
-            _need(abs(float(data.get("rescale_factor", 1 / 255)) - 1 / 255) < 1e-9, str(path), "rescale_factor")
-            return {"image_size": int(size["height"]), "mean": data.get("image_mean"), "std": data.get("image_std"),
-                    "image_seq_length": data.get("image_seq_length")}
+        if not _exists(path):
+            continue
+        where = str(path)
+        data, p = _read_json(path, root), ""
+        if "image_processor" in data:
+            data, p = _section(data, "image_processor", where), "image_processor."
+        size = _field(data, "size", lambda v: isinstance(v, dict), where, p)
+        side = _field(size, "height", _upto(2**14, 32), where, p + "size.")
+        _need(_field(size, "width", _upto(2**14, 32), where, p + "size.", side) == side, where,
+              f"non-square size {size}")
+        _need(not _field(data, "do_center_crop", _bool, where, p, False), where, "do_center_crop=true")
+        resample = _field(data, "resample", _upto(5, 0), where, p, 3)
+        _need(resample == 3, where, f"resample={resample} (bicubic is 3)")
+        _need(abs(_field(data, "rescale_factor", _num, where, p, 1 / 255) - 1 / 255) < 1e-9, where, "rescale_factor")
+        mean = _field(data, "image_mean", _list_of(_num, 3), where, p, None)
+        std = _field(data, "image_std", _list_of(lambda v: _num(v) and v > 0, 3), where, p, None)
+        _need((mean is None) == (std is None), where, "image_mean and image_std come together")
+        return {"image_size": side, "mean": mean, "std": std,
+                "image_seq_length": _field(data, "image_seq_length", _upto(2**20), where, p, None)}
     return {"image_size": 768, "mean": None, "std": None, "image_seq_length": None}
 
 
-def generation_defaults(folder: Path) -> dict[str, Any]:
-    """``generation_config.json`` → :class:`HFGenerationConfig` fields (ids in unified ids)."""
+def generation_defaults(folder: Path, root: Path | None = None) -> dict[str, Any]:
+    """``generation_config.json`` → :class:`HFGenerationConfig` fields (ids in unified ids); only the keys of
+    :data:`GEN_FILE_SCHEMA` are read, each checked."""
     path = folder / "generation_config.json"
     out: dict[str, Any] = {}
-    if path.is_file():
-        data = _read_json(path)
-        if "max_new_tokens" not in data and isinstance(data.get("max_length"), int):
-            data["max_new_tokens"] = data["max_length"] - 1
-        if "min_new_tokens" not in data and isinstance(data.get("min_length"), int):
+    if _exists(path):
+        raw = _read_json(path, model_root(folder) if root is None else root)
+        data = {k: _field(raw, k, c, str(path), default=None) for k, c in GEN_FILE_SCHEMA.items()}
+        if data["max_new_tokens"] is None and data["max_length"] is not None:
+            data["max_new_tokens"] = max(1, data["max_length"] - 1)
+        if data["min_new_tokens"] is None and data["min_length"] is not None:
             data["min_new_tokens"] = max(0, data["min_length"] - 1)
         for theirs, ours in _GEN_KEYS.items():
-            if data.get(theirs) is not None:
-                v = data[theirs]
-                if isinstance(v, list):  # eos_token_id may be a list
-                    _need(len(v) == 1, str(path), f"{theirs}={v} (one id only)")
-                    v = v[0]
-                out[ours] = swap01(v) if ours in _ID_FIELDS else v
+            v = data[theirs]
+            if v is None:
+                continue
+            if isinstance(v, list):  # eos_token_id may be a list
+                _need(len(v) == 1, str(path), f"{theirs}={v} (one id only)")
+                v = v[0]
+            out[ours] = swap01(v) if ours in _ID_FIELDS else v
     out.setdefault("decoder_start_id", swap01(2))
     out.setdefault("eos_id", swap01(2))
     out.setdefault("pad_id", swap01(1))
@@ -222,29 +302,43 @@ class FlorenceTokenizer:
         self.tok = tokenizer
 
     @classmethod
-    def from_folder(cls, folder: Path, vocab_rows: int | None = None) -> "FlorenceTokenizer":
+    def from_folder(cls, folder: Path, vocab_rows: int | None = None, root: Path | None = None) -> "FlorenceTokenizer":
+        """The tokenizer files of ``folder`` (read confined to ``root``, as data: a ``tokenizers`` JSON, or BPE
+        ``vocab.json`` + ``merges.txt``)."""
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-        if (folder / "tokenizer.json").is_file():
-            try:
-                tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-            except Exception as e:  # tokenizers raises bare Exceptions
-                raise ValueError(f"{folder / 'tokenizer.json'} is not a valid tokenizer.json: {e}") from e
-        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            tok = Tokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+        root = model_root(folder) if root is None else root
+        tj, vj, mt = folder / "tokenizer.json", folder / "vocab.json", folder / "merges.txt"
+        if _exists(tj):
+            tok = _parse(tj, lambda text: Tokenizer.from_str(text), read_limited(root, tj), "tokenizer.json")
+            where = tj
+        elif _exists(vj) and _exists(mt):
+            vocab = read_json_object(root, vj)
+            if not all(isinstance(k, str) and _nonneg(v) for k, v in vocab.items()):
+                raise ModelFolderError(f"{vj}: expected an object of token -> non-negative id")
+            merges = []
+            for n, line in enumerate(_utf8(mt, read_limited(root, mt)).splitlines(), 1):
+                if not line or line.startswith("#version"):
+                    continue
+                pair = line.split(" ")
+                if len(pair) != 2:
+                    raise ModelFolderError(f"{mt}: line {n} is not a merge 'a b': {line[:80]!r}")
+                merges.append((pair[0], pair[1]))
+            tok = _parse(vj, lambda _: Tokenizer(models.BPE(vocab=vocab, merges=merges)), b"", "BPE vocabulary")
             tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
             tok.decoder = decoders.ByteLevel()
             tok.add_special_tokens(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+            where = vj
         else:
             raise FileNotFoundError(f"{folder}: no tokenizer.json (nor vocab.json + merges.txt)")
         if tok.token_to_id("<loc_0>") is None:  # Microsoft's layout: the processor adds these at run time
             tok.add_special_tokens(list(MS_EXTRA_TOKENS))
         ids = [tok.token_to_id(t) for t in ("<s>", "<pad>", "</s>", "<unk>")]
         if ids != [0, 1, 2, 3]:
-            raise ValueError(f"{folder}: tokenizer has <s>, <pad>, </s>, <unk> at {ids}, expected [0, 1, 2, 3]")
+            raise ModelFolderError(f"{where}: tokenizer has <s>, <pad>, </s>, <unk> at {ids}, expected [0, 1, 2, 3]")
         if vocab_rows is not None and tok.get_vocab_size(with_added_tokens=True) > vocab_rows:
-            raise ValueError(f"{folder}: tokenizer has {tok.get_vocab_size(with_added_tokens=True)} tokens but the "
-                             f"model's embedding only {vocab_rows} rows")
+            raise ModelFolderError(f"{where}: tokenizer has {tok.get_vocab_size(with_added_tokens=True)} tokens but "
+                                   f"the model's embedding only {vocab_rows} rows")
         return cls(tok)
 
     @property
@@ -269,6 +363,22 @@ class FlorenceTokenizer:
 
     def save(self, folder: Path) -> None:
         self.tok.save(str(folder / "tokenizer.json"))
+
+
+def _utf8(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ModelFolderError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def _parse(path: Path, fn: Any, data: bytes, what: str) -> Any:
+    """``fn(text)`` with any tokenizers error turned into one naming ``path``."""
+    text = _utf8(path, data)
+    try:
+        return fn(text)
+    except Exception as e:  # noqa: BLE001 — tokenizers raises bare Exceptions
+        raise ModelFolderError(f"{path}: not a valid {what} ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -541,81 +651,97 @@ class Florence2(Pretrained):
 # ------------------------------------------------------------------------------------------------
 # Loading
 # ------------------------------------------------------------------------------------------------
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """``model.safetensors`` (preferred) or ``pytorch_model.bin`` with ``torch.load(weights_only=True)`` only."""
-    if (folder / WEIGHTS_ST).is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(folder / WEIGHTS_ST))
-    if (folder / WEIGHTS_BIN).is_file():
-        try:
-            state = torch.load(folder / WEIGHTS_BIN, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 — never fall back to full unpickling
-            raise UnsafeModelError(f"{folder / WEIGHTS_BIN}: not loadable with torch.load(weights_only=True) ({e}); "
-                                   "mmzoo never unpickles beyond that") from e
-        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-            raise ValueError(f"{folder / WEIGHTS_BIN}: expected a flat state dict of tensors")
-        return state
+def read_weights(folder: Path, root: Path | None = None) -> tuple[dict[str, torch.Tensor], Path]:
+    """``(state, file)``: ``model.safetensors`` (preferred; framing checked) or, only when there is none,
+    ``pytorch_model.bin`` through ``torch.load(weights_only=True)`` (:func:`zoo.loading.read_pickle_weights`)."""
+    root = model_root(folder) if root is None else root
+    for name, read in ((WEIGHTS_ST, read_safetensors), (WEIGHTS_BIN, read_pickle_weights)):
+        if _exists(folder / name):
+            return read(root, folder / name), folder / name
     raise FileNotFoundError(f"{folder}: no {WEIGHTS_ST} or {WEIGHTS_BIN} (files: "
                             f"{sorted(p.name for p in folder.iterdir())})")
 
 
-def _license(folder: Path) -> str | None:
+def _license(folder: Path, root: Path) -> str | None:
     card = folder / "README.md"
-    if card.is_file():
-        m = re.search(r"^license:\s*(\S+)", card.read_text(encoding="utf-8", errors="replace"), re.MULTILINE)
+    if _exists(card):
+        text = read_limited(root, card, 2**20).decode("utf-8", errors="replace")
+        m = re.search(r"^license:\s*(\S+)", text, re.MULTILINE)
         if m:
-            return m.group(1)
+            return m.group(1)[:64]
     return None
+
+
+def _shapes(cfg: ModelConfig, where: str) -> dict[str, torch.Tensor]:
+    """The architecture's state dict on the meta device (no memory: a config cannot make loading allocate at will)."""
+    from zoo.model import UnifiedSeq2Seq
+
+    try:
+        with torch.device("meta"):
+            return UnifiedSeq2Seq(cfg).state_dict()
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelFolderError(f"{where}: cannot build its architecture ({type(e).__name__}: {e})") from None
+
+
+def _check_meta(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Our saved folder's ``florence2`` entry, checked: ``(meta, generation)``."""
+    meta = dict(raw["florence2"])
+    check_keys(meta, META_SCHEMA, where, "florence2.")
+    generation = dict(meta.pop("generation", None) or {})
+    check_keys(generation, GEN_SCHEMA, where, "florence2.generation.")
+    return meta, generation
 
 
 def load_folder(folder: str | Path, *, device: str | torch.device | None = None, source: str | None = None,
                 revision: str | None = None) -> Florence2:
-    """A Florence-2 folder of either published layout, or one saved by :meth:`Florence2.save_pretrained`."""
+    """A Florence-2 folder of either published layout, or one saved by :meth:`Florence2.save_pretrained`.
+
+    Every file is read through :mod:`zoo.loading`, confined to the folder (a Hub snapshot: its repo's cache folder);
+    nothing in the folder is imported or executed."""
     from modalities.florence_image import FlorenceImageConfig
     from zoo.model import UnifiedSeq2Seq
 
     folder = Path(folder)
+    root = model_root(folder)
     layout = recognise(folder)
     if layout is None:
-        raise ValueError(f"{folder}: not a Florence-2 folder (config.json has no model_type 'florence2')")
-    raw = _read_json(folder / CONFIG_FILE)
+        raise ModelFolderError(f"{folder}: not a Florence-2 folder (config.json has no model_type 'florence2')")
+    cfg_path = folder / CONFIG_FILE
+    where = str(cfg_path)
+    raw = _read_json(cfg_path, root)
     if layout == "mmzoo":
-        from zoo.pretrained import model_config_from_dict
-
-        meta = dict(raw["florence2"])
-        generation = dict(meta.pop("generation", {}) or {})
-        cfg = model_config_from_dict({k: v for k, v in raw.items() if k != "florence2"}, str(folder / CONFIG_FILE))
+        meta, generation = _check_meta(raw, where)
+        cfg = model_config_from_dict({k: v for k, v in raw.items() if k != "florence2"}, where)
+        state, file = read_weights(folder, root)
+        check_state(state, _shapes(cfg, where), file, where)
         model = UnifiedSeq2Seq(cfg)
-        state = read_weights(folder)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{folder}: weights do not match config.json: missing {missing[:5]}, unexpected "
-                             f"{unexpected[:5]}")
+        model.load_state_dict(check_state(state, model.state_dict(), file, where))
     else:
-        settings = image_settings(folder)
-        cfg = model_config(raw, layout, settings["image_size"], str(folder / CONFIG_FILE))
+        settings = image_settings(folder, root)
+        cfg = model_config(raw, layout, settings["image_size"], where)
         image_cfg = FlorenceImageConfig(**cfg.modalities["florence_image"])
         if settings["mean"] is not None:
             image_cfg.mean, image_cfg.std = tuple(settings["mean"]), tuple(settings["std"])
             cfg.modalities["florence_image"] = image_cfg.to_dict()
         seq = settings["image_seq_length"]
         if seq is not None and int(seq) != image_cfg.num_tokens:
-            raise ValueError(f"{folder}: image_seq_length {seq} but a {image_cfg.image_size}-px image gives "
-                             f"{image_cfg.num_tokens} tokens")
-        model = UnifiedSeq2Seq(cfg)
+            raise ModelFolderError(f"{folder}: image_seq_length {seq} but a {image_cfg.image_size}-px image gives "
+                                   f"{image_cfg.num_tokens} tokens")
+        expected = _shapes(cfg, where)
         sizes = {"enc": cfg.enc_layers, "dec": cfg.dec_layers, "depths": image_cfg.depths}
-        state = convert(read_weights(folder), expand(florence2_table(layout), sizes), florence2_aliases(layout),
-                        where=str(folder))
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"{folder}: checkpoint does not fit its config.json: {e}") from e
-        generation = generation_defaults(folder)
+        theirs, file = read_weights(folder, root)
+        state = convert(theirs, expand(florence2_table(layout), sizes), florence2_aliases(layout), where=str(file),
+                        expected=expected, config=where)
+        model = UnifiedSeq2Seq(cfg)
+        model.load_state_dict(check_state(state, model.state_dict(), file, where), strict=True)
+        generation = generation_defaults(folder, root)
         meta = {"layout": layout, "source": source or str(folder), "revision": revision or _snapshot(folder),
-                "license": _license(folder)}
-    tokenizer = FlorenceTokenizer.from_folder(folder, model.layout.size)
-    HFGenerationConfig(**generation)  # validate the defaults now, naming nothing later
+                "license": _license(folder, root)}
+    tokenizer = FlorenceTokenizer.from_folder(folder, model.layout.size, root)
+    try:
+        HFGenerationConfig(**generation)  # validate the defaults now, naming the file
+    except (TypeError, ValueError) as e:
+        raise ModelFolderError(f"{folder}: invalid generation defaults: {e}") from None
     model.eval()
     bundle = Florence2(model=model, tokenizer=tokenizer, source=source or str(folder), generation=generation,
                        meta=meta)

@@ -18,13 +18,16 @@ from typing import Iterable, Sequence
 
 import torch
 
+from zoo.loading import UPCAST_FROM, ModelFolderError
+
 Entry = tuple[str, "str | Sequence[str]", str]
 Table = dict[str, list[Entry]]
 OPS = ("copy", "t", "cat", "vocab")
 
 
-class KeyMapError(KeyError):
-    """A checkpoint does not match its key table (a missing, unused or misshapen tensor)."""
+class KeyMapError(ModelFolderError, KeyError):
+    """A checkpoint does not match its key table (a missing, unused or misshapen tensor); the message names the
+    tensor and the file."""
 
     def __str__(self) -> str:  # KeyError quotes its message; print it plainly
         return str(self.args[0]) if self.args else ""
@@ -67,11 +70,35 @@ def _swap01(t: torch.Tensor) -> torch.Tensor:
     return t.index_select(0, perm)
 
 
+def _their_shapes(op: str, n: int, want: torch.Size) -> list[tuple[int, ...]]:
+    """The shapes a published tensor may have to give ``want`` through ``op`` (one of ``n`` for ``cat``)."""
+    if op == "t":
+        return [tuple(reversed(want))] if len(want) == 2 else []
+    if op == "cat":
+        return [(want[0] // n, *want[1:])] if len(want) >= 1 and want[0] % n == 0 else []
+    if op == "vocab" and len(want) == 1:
+        return [tuple(want), (1, want[0])]
+    return [tuple(want)]
+
+
+def _check_tensor(name: str, got: torch.Tensor, shapes: list[tuple[int, ...]], dtype: torch.dtype, where: str,
+                  config: str) -> None:
+    if tuple(got.shape) not in shapes:
+        need = " or ".join(str(list(s)) for s in shapes) or "another shape"
+        raise KeyMapError(f"{where}: tensor {name!r} has shape {list(got.shape)} but the architecture in {config} "
+                          f"needs {need}")
+    if got.dtype != dtype and not (dtype == torch.float32 and got.dtype in UPCAST_FROM):
+        raise KeyMapError(f"{where}: tensor {name!r} is {got.dtype} but the model needs {dtype} (only float16 / "
+                          "bfloat16 are upcast to float32)")
+
+
 def convert(state: dict[str, torch.Tensor], entries: Iterable[tuple[str, list[str], str]],
-            aliases: Sequence[tuple[str, str]] = (), where: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Their ``state`` → our state dict. Raises :class:`KeyMapError` naming a missing or an unused key."""
+            aliases: Sequence[tuple[str, str]] = (), where: str = "checkpoint",
+            expected: dict[str, torch.Tensor] | None = None, config: str = "config.json") -> dict[str, torch.Tensor]:
+    """Their ``state`` → our state dict. Raises :class:`KeyMapError` naming a missing or an unused key, and, given
+    our ``expected`` state dict (meta tensors suffice), a tensor of the wrong shape or dtype before any op runs."""
+    entries = list(entries)
     used: set[str] = set()
-    ours: dict[str, torch.Tensor] = {}
     for key, theirs, op in entries:
         missing = [n for n in theirs if n not in state]
         if missing:
@@ -80,6 +107,25 @@ def convert(state: dict[str, torch.Tensor], entries: Iterable[tuple[str, list[st
         if dup:
             raise KeyMapError(f"{where}: tensor {dup[0]!r} is mapped twice by the key table")
         used.update(theirs)
+        if expected is not None:
+            if key not in expected:
+                raise KeyMapError(f"{where}: the key table maps {theirs[0]!r} to {key!r}, which the architecture in "
+                                  f"{config} does not have")
+            shapes = _their_shapes(op, len(theirs), expected[key].shape)
+            for n in theirs:
+                _check_tensor(n, state[n], shapes, expected[key].dtype, where, config)
+    for alias, source in aliases:
+        if alias in state:
+            a, b = state[alias], state.get(source)
+            if b is None or a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b):
+                raise KeyMapError(f"{where}: tensor {alias!r} should be a tied copy of {source!r} but differs")
+            used.add(alias)
+    unused = sorted(set(state) - used)
+    if unused:
+        raise KeyMapError(f"{where}: tensor {unused[0]!r} is not used by the key table "
+                          f"({len(unused)} unused: {unused[:5]})")
+    ours: dict[str, torch.Tensor] = {}
+    for key, theirs, op in entries:
         ts = [state[n] for n in theirs]
         if op == "copy":
             ours[key] = ts[0]
@@ -89,15 +135,6 @@ def convert(state: dict[str, torch.Tensor], entries: Iterable[tuple[str, list[st
             ours[key] = torch.cat(ts, dim=0)
         else:  # vocab
             ours[key] = _swap01(ts[0])
-    for alias, source in aliases:
-        if alias in state:
-            if source not in state or not torch.equal(state[alias], state[source]):
-                raise KeyMapError(f"{where}: tensor {alias!r} should be a tied copy of {source!r} but differs")
-            used.add(alias)
-    unused = sorted(set(state) - used)
-    if unused:
-        raise KeyMapError(f"{where}: tensor {unused[0]!r} is not used by the key table "
-                          f"({len(unused)} unused: {unused[:5]})")
     return ours
 
 
