@@ -23,7 +23,7 @@ from zoo.config import ModelConfig
 from zoo.generation_hf import HFGenerationConfig, hf_generate
 from zoo.imported.florence2_keys import florence2_aliases, florence2_table
 from zoo.imported.keymap import convert, expand
-from zoo.loading import (Check, ModelFolderError, UnsafeModelError, _bool, _list_of, _nonneg, _num, _optional, _str,
+from zoo.loading import (Check, ModelFolderError, _bool, _list_of, _nonneg, _num, _optional, _str,
                          _upto, check_keys, check_state, model_config_from_dict, model_root, read_json_object,
                          read_limited, read_pickle_weights, read_safetensors, refuse_targets)
 from zoo.pretrained import CONFIG_FILE, Pretrained, _as_list, _version
