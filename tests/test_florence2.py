@@ -384,3 +384,7 @@ def test_zoo_predict_detect_and_ground(cache_env, tmp_path):
     predict_main(["pretrained=hf-hub:florence-community/tiny-a", "task=ground", f"input={photos / 'p0.png'}",
                   "text=a red cat", f"out={tmp_path / 'g.json'}"])
     assert json.loads((tmp_path / "g.json").read_text())[0]["text"] == "a red cat"
+    predict_main(["pretrained=hf-hub:florence-community/tiny-a", "task=caption", f"input={photos}",
+                  f"out={tmp_path / 'c.json'}"])
+    caps = json.loads((tmp_path / "c.json").read_text())
+    assert [c["caption"] for c in caps] == m.caption([str(photos / "p0.png"), str(photos / "p1.png")])

@@ -458,6 +458,8 @@ class Florence2(Pretrained):
 
     # --- inputs -------------------------------------------------------------------------------
     def preprocessor(self, modality: str = "florence_image") -> Any:
+        """The CPU image preprocessing (``"image"`` is an alias: zoo-predict's caption path asks for it)."""
+        modality = "florence_image" if modality == "image" else modality
         if modality not in self._pre:
             from modalities.florence_image import FlorenceImageConfig, FlorenceImagePreprocessor
 
