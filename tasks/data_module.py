@@ -99,6 +99,15 @@ class TextDataModule(L.LightningDataModule):
                 ids = [x[:max_len] for x in ids]
         return [[t + off for t in x] for x in ids]
 
+    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool, collate: Any = None) -> DataLoader:
+        """Shuffled training batches drop the last partial one and resume exactly (:class:`ResumableLoader`);
+        evaluation keeps every record."""
+        kwargs = dict(batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate or self.collate,
+                      persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+        if shuffle:
+            return ResumableLoader(ds, seed=run_seed(), drop_last=True, **kwargs)
+        return DataLoader(ds, shuffle=False, drop_last=False, generator=eval_generator(self.num_workers), **kwargs)
+
     def split_info(self, split: str) -> SplitInfo | None:
         """The split's :class:`SplitInfo` (``None``: the split is not configured). Subclasses implement it."""
         return None
@@ -116,15 +125,6 @@ class FileSplitsMixin:
         if split == "train":
             info.units, info.batches = len(recs), len(recs) // self.batch_size
         return info
-
-    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool, collate: Any = None) -> DataLoader:
-        """Shuffled training batches drop the last partial one and resume exactly (:class:`ResumableLoader`);
-        evaluation keeps every record."""
-        kwargs = dict(batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate or self.collate,
-                      persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
-        if shuffle:
-            return ResumableLoader(ds, seed=run_seed(), drop_last=True, **kwargs)
-        return DataLoader(ds, shuffle=False, drop_last=False, generator=eval_generator(self.num_workers), **kwargs)
 
 
 def image_preprocessor(model_cfg: Any, task: str) -> ImagePreprocessor:
