@@ -37,7 +37,8 @@ def _experiment_data(experiment: str, shapes_root: Path, tmp_path: Path) -> list
                                      f"++model.overrides.max_positions={272 if big else 80}", "data.max_prompt_len=48",
                                      "data.vq.max_steps=2", f"data.vq.task.vq.channels={'[8,8,8]' if big else '[8,8,8,8]'}",
                                      "data.vq.task.vq.num_codes=16", "data.vq.data.batch_size=4", "data.vq.task.autoencode_steps=1",
-                                     "task.probe_train.epochs=1"]
+                                     "task.probe_train.epochs=1"] + \
+            ([] if big else ["data.layout.max_layout_len=64", "task.layout.max_layout_len=64"])  # the layout route
     if experiment == "multitask":
         return multitask_overrides(shapes_root, tmp_path)
     return _data(shapes_root)

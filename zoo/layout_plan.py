@@ -1,0 +1,108 @@
+"""Scene layouts as text with location tokens: text-to-image's first stage ("plan, then render").
+
+The unified model reads ``what is the layout of the image? caption: <text>`` and writes the layout as one
+sequence of the unified vocabulary, LayoutGPT / OFA style::
+
+    <tone words> <loc x0><loc y0><loc x1><loc y1> <size> <colour> <shape> <loc …>×4 <size> <colour> <shape> …
+
+e.g. ``dark <loc 12><loc 20><loc 31><loc 39> small red triangle <loc …> large blue circle``: one entry per
+object, its box as four location tokens (the same ``loc_bins`` bins per side as grounding), then its words.
+:func:`layout_target` writes the ids of a layout, :func:`parse_layout` reads generated ids back (entries that
+are not four location tokens and known words are dropped and counted).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from zoo.layout_renderer import Layout, LayoutRendererConfig
+from zoo.vocab import EOS_ID, PAD_ID, VocabLayout
+
+#: ``what is the layout of the image? caption: <text>`` → the layout sequence
+LAYOUT_PROMPT = "what is the layout of the image? caption: {}"
+
+
+def layout_prompt(caption: str) -> str:
+    """The layout-planning instruction for one caption."""
+    return LAYOUT_PROMPT.format(caption.strip())
+
+
+def box_to_bins(box: Sequence[float], loc_bins: int) -> list[int]:
+    """``(x0, y0, x1, y1)`` in ``[0, 1]`` → four bin indices in ``[0, loc_bins)``."""
+    if loc_bins < 2:
+        raise ValueError(f"layouts need location tokens; the model's vocabulary has loc_bins={loc_bins}")
+    n = loc_bins - 1
+    return [min(max(round(float(v) * n), 0), n) for v in box]
+
+
+def bins_to_box(bins: Sequence[int], loc_bins: int) -> tuple[float, float, float, float]:
+    n = loc_bins - 1
+    return tuple(b / n for b in bins)  # type: ignore[return-value]
+
+
+def quantize_box(box: Sequence[float], loc_bins: int) -> tuple[float, float, float, float]:
+    """The box the model can write: ``box`` rounded to the location bins (what the renderer trains on)."""
+    return bins_to_box(box_to_bins(box, loc_bins), loc_bins)
+
+
+def layout_target(lay: Layout, layout: VocabLayout, tokenizer: Any) -> list[int]:
+    """Unified ids of a layout (without BOS/EOS): tone words, then per object 4 location tokens and its words."""
+    off = layout.text_start
+    ids = [t + off for t in tokenizer.encode(lay.tone)]
+    for o in lay.objects:
+        ids += [layout.loc_start + b for b in box_to_bins(o["box"], layout.loc_bins)]
+        ids += [t + off for t in tokenizer.encode(f"{o['size']} {o['colour']} {o['shape']}")]
+    return ids
+
+
+def parse_layout(ids: Sequence[int], layout: VocabLayout, tokenizer: Any, words: LayoutRendererConfig
+                 ) -> tuple[Layout, int]:
+    """Generated unified ids → ``(Layout, number of dropped entries)``.
+
+    Reading stops at EOS. The text before the first location token names the tone (the first of ``words.tones``
+    when it names none); each entry is four location tokens followed by text naming one size, colour and shape
+    of ``words``. An entry with fewer location tokens, with a box of zero area, or whose text does not name one
+    known word of each kind is dropped."""
+    lo, hi = layout.text_start, layout.image_code_start
+    loc_lo, loc_hi = layout.loc_start, layout.size
+    seq = []
+    for t in ids:
+        t = int(t)
+        if t == EOS_ID:
+            break
+        if t != PAD_ID:
+            seq.append(t)
+    # split into [text before the first box] + [(locs, text)] entries
+    head: list[int] = []
+    entries: list[tuple[list[int], list[int]]] = []
+    for t in seq:
+        if loc_lo <= t < loc_hi:
+            if not entries or entries[-1][1] or len(entries[-1][0]) == 4:
+                entries.append(([], []))
+            entries[-1][0].append(t - loc_lo)
+        elif lo <= t < hi:
+            (entries[-1][1] if entries else head).append(t - lo)
+    head_words = tokenizer.decode(head).split()
+    tone = next((w for w in head_words if w in words.tones), words.tones[0])
+    objects, dropped = [], 0
+    for locs, text in entries:
+        found = {}
+        toks = tokenizer.decode(text).split() if text else []
+        for key, vocab in (("size", words.sizes), ("colour", words.colours), ("shape", words.shapes)):
+            hits = [w for w in toks if w in vocab]
+            if len(hits) == 1:
+                found[key] = hits[0]
+        box = bins_to_box(locs, layout.loc_bins) if len(locs) == 4 else None
+        if box is None or len(found) != 3 or box[2] <= box[0] or box[3] <= box[1]:
+            dropped += 1
+            continue
+        objects.append({"box": box, **found})
+    return Layout(tone, objects), dropped
+
+
+def layout_text(lay: Layout, image_size: int = 64) -> str:
+    """A readable one-line form of a layout (boxes in pixels), for sample grids and logs."""
+    parts = [lay.tone]
+    for o in lay.objects:
+        x0, y0, x1, y1 = (round(v * image_size) for v in o["box"])
+        parts.append(f"[{x0},{y0},{x1},{y1}] {o['size']} {o['colour']} {o['shape']}")
+    return "; ".join(parts)

@@ -1,0 +1,195 @@
+"""The layout renderer: a learned decoder that draws an image from a scene layout (text-to-image's second stage).
+
+A layout is a background tone and a list of objects, each a box ``(x0, y0, x1, y1)`` in ``[0, 1]`` with a shape,
+a colour and a size word. The renderer paints a spatially aligned conditioning map, GLIGEN / layout-map style:
+every pixel carries the tone's learned embedding, and the pixels of an object's box (one pixel of margin)
+also carry the sum of its shape, colour and size embeddings, the pixel's offset from the box centre in units
+of the box's half side (``u, v``), the box's half side and a box mask. A small convolutional decoder
+(per-pixel 1×1 layers, then 3×3 layers for edges) turns the map into RGB. Nothing is drawn by rule: which
+pixels of a box a triangle covers, and in which colour, is learnt from the images (pixel loss).
+
+Saved in a model folder as ``renderer/config.json`` (the typed keys of :class:`LayoutRendererConfig`, checked on
+load) and ``renderer/renderer.safetensors``; nothing else is read.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "renderer.safetensors"
+FORMAT = "mmzoo.LayoutRenderer"
+
+
+@dataclass
+class LayoutRendererConfig:
+    """The renderer's vocabulary of attribute words and its size (the whole saved config)."""
+
+    shapes: list[str] = field(default_factory=lambda: ["circle", "square", "triangle", "diamond", "cross"])
+    colours: list[str] = field(default_factory=lambda: ["red", "green", "blue", "yellow", "purple", "orange"])
+    sizes: list[str] = field(default_factory=lambda: ["small", "large"])
+    tones: list[str] = field(default_factory=lambda: ["light", "dark"])
+    image_size: int = 64
+    embed_dim: int = 16
+    width: int = 64
+    edge_width: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("shapes", "colours", "sizes", "tones"):
+            words = getattr(self, name)
+            if (not isinstance(words, list) or not words or len(set(words)) != len(words)
+                    or not all(isinstance(w, str) and w.strip() and " " not in w for w in words)):
+                raise ValueError(f"LayoutRendererConfig.{name} must be a list of distinct single words, got {words!r}")
+        for name in ("image_size", "embed_dim", "width", "edge_width"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"LayoutRendererConfig.{name} must be a positive int, got {v!r}")
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> "LayoutRendererConfig":
+        """Build from a loaded JSON object, refusing unknown keys (types are checked by ``__post_init__``)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        extra = sorted(set(d) - known - {"format"})
+        if extra:
+            raise ValueError(f"{where}: unknown renderer config key(s) {extra}; known: {sorted(known)}")
+        if d.get("format", FORMAT) != FORMAT:
+            raise ValueError(f"{where}: format {d.get('format')!r} is not {FORMAT!r}")
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
+
+
+@dataclass
+class Layout:
+    """One scene plan: the background tone and its objects (box in ``[0, 1]``, shape, colour and size words)."""
+
+    tone: str
+    objects: list[dict[str, Any]]
+
+
+class LayoutRenderer(nn.Module):
+    """Layout → RGB image ``[3, S, S]`` in ``[0, 1]`` (see the module docstring)."""
+
+    def __init__(self, cfg: LayoutRendererConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or LayoutRendererConfig()
+        e, w = cfg.embed_dim, cfg.width
+        self.shape_embed = nn.Embedding(len(cfg.shapes), e)
+        self.colour_embed = nn.Embedding(len(cfg.colours), e)
+        self.size_embed = nn.Embedding(len(cfg.sizes), e)
+        self.tone_embed = nn.Embedding(len(cfg.tones), e)
+        self.pixel = nn.Sequential(nn.Conv2d(e + 4, w, 1), nn.GELU(), nn.Conv2d(w, w, 1), nn.GELU(),
+                                   nn.Conv2d(w, w, 1), nn.GELU())
+        self.edge = nn.Sequential(nn.Conv2d(w, cfg.edge_width, 3, padding=1), nn.GELU(),
+                                  nn.Conv2d(cfg.edge_width, 3, 3, padding=1))
+
+    # --- words → indices ----------------------------------------------------------------------
+    def encode(self, layouts: Sequence[Layout], max_objects: int | None = None) -> dict[str, torch.Tensor]:
+        """Tensors of a batch of layouts: ``boxes [B,K,4]``, ``attrs [B,K,3]`` (shape, colour, size indices),
+        ``valid [B,K]`` and ``tone [B]``. Objects whose words the renderer does not know raise ``ValueError``."""
+        cfg = self.cfg
+        k = max(1, max_objects or max((len(lay.objects) for lay in layouts), default=1))
+        boxes = torch.zeros(len(layouts), k, 4)
+        attrs = torch.zeros(len(layouts), k, 3, dtype=torch.long)
+        valid = torch.zeros(len(layouts), k, dtype=torch.bool)
+        tone = torch.zeros(len(layouts), dtype=torch.long)
+        for i, lay in enumerate(layouts):
+            if lay.tone not in cfg.tones:
+                raise ValueError(f"layout {i}: unknown tone {lay.tone!r}; the renderer knows {cfg.tones}")
+            tone[i] = cfg.tones.index(lay.tone)
+            for j, o in enumerate(lay.objects[:k]):
+                for a, (key, words) in enumerate((("shape", cfg.shapes), ("colour", cfg.colours),
+                                                  ("size", cfg.sizes))):
+                    if o.get(key) not in words:
+                        raise ValueError(f"layout {i}, object {j}: unknown {key} {o.get(key)!r}; known: {words}")
+                    attrs[i, j, a] = words.index(o[key])
+                boxes[i, j] = torch.tensor([float(v) for v in o["box"]])
+                valid[i, j] = True
+        return {"boxes": boxes, "attrs": attrs, "valid": valid, "tone": tone}
+
+    # --- the conditioning map and the decoder -------------------------------------------------
+    def condition(self, boxes: torch.Tensor, attrs: torch.Tensor, valid: torch.Tensor, tone: torch.Tensor
+                  ) -> torch.Tensor:
+        """The layout map ``[B, E+4, S, S]``: tone embedding everywhere; in each box (plus one pixel) the object's
+        embedding, its ``u, v`` offsets from the box centre (in half sides), its half side and a mask."""
+        s = self.cfg.image_size
+        dev = self.tone_embed.weight.device
+        boxes, attrs, valid, tone = boxes.to(dev), attrs.to(dev), valid.to(dev), tone.to(dev)
+        centres = (torch.arange(s, device=dev, dtype=torch.float32) + 0.5) / s  # pixel centres in [0, 1]
+        x0, y0, x1, y1 = boxes.float().unbind(-1)  # [B,K]
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        hx, hy = ((x1 - x0) / 2).clamp(min=1 / s), ((y1 - y0) / 2).clamp(min=1 / s)
+        u = (centres.view(1, 1, 1, s) - cx[..., None, None]) / hx[..., None, None]  # [B,K,1,S]
+        v = (centres.view(1, 1, s, 1) - cy[..., None, None]) / hy[..., None, None]  # [B,K,S,1]
+        mx, my = 1 + 1 / (s * hx[..., None, None]), 1 + 1 / (s * hy[..., None, None])  # one pixel of margin
+        inside = ((u.abs() <= mx) & (v.abs() <= my) & valid[..., None, None]).float()  # [B,K,S,S]
+        emb = self.shape_embed(attrs[..., 0]) + self.colour_embed(attrs[..., 1]) + self.size_embed(attrs[..., 2])
+        obj = torch.einsum("bkhw,bke->behw", inside, emb)  # boxes never overlap in a valid layout; sums if they do
+        half = ((hx + hy) / 2)[..., None, None]
+        geo = torch.stack([inside * u, inside * v, inside * half, inside], 2).sum(1)  # [B,4,S,S]
+        back = self.tone_embed(tone)[..., None, None].expand(-1, -1, s, s)
+        return torch.cat([back + obj, geo], 1)
+
+    def forward(self, boxes: torch.Tensor, attrs: torch.Tensor, valid: torch.Tensor, tone: torch.Tensor
+                ) -> torch.Tensor:
+        """Images ``[B, 3, S, S]`` (unclamped; :meth:`render` clamps to ``[0, 1]``)."""
+        return self.edge(self.pixel(self.condition(boxes, attrs, valid, tone))) + 0.5
+
+    def loss(self, images: torch.Tensor, boxes: torch.Tensor, attrs: torch.Tensor, valid: torch.Tensor,
+             tone: torch.Tensor) -> torch.Tensor:
+        """Mean squared error against real images ``[B,3,S,S]`` (``uint8`` or ``[0, 1]`` floats)."""
+        target = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+        return F.mse_loss(self(boxes, attrs, valid, tone), target.to(self.tone_embed.weight.device))
+
+    @torch.no_grad()
+    def render(self, layouts: Sequence[Layout], batch_size: int = 64) -> torch.Tensor:
+        """Images ``[B, 3, S, S]`` in ``[0, 1]`` of layouts (on the CPU)."""
+        out = []
+        for i in range(0, len(layouts), batch_size):
+            t = self.encode(layouts[i: i + batch_size])
+            out.append(self(**t).clamp(0, 1).float().cpu())
+        if not out:
+            return torch.zeros(0, 3, self.cfg.image_size, self.cfg.image_size)
+        return torch.cat(out)
+
+    # --- I/O ----------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, **asdict(self.cfg)}, indent=1) + "\n",
+                                          encoding="utf-8")
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(folder / WEIGHTS_FILE))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "LayoutRenderer":
+        """Load ``config.json`` (known, typed keys only) and ``renderer.safetensors`` (nothing else is read)."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        cfg_path, weights = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+        for p in (cfg_path, weights):
+            if not p.is_file():
+                raise FileNotFoundError(f"{folder}: not a layout renderer folder (no {p.name})")
+        try:
+            raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{cfg_path}: invalid JSON: {e}") from None
+        renderer = cls(LayoutRendererConfig.from_dict(raw, str(cfg_path)))
+        state = load_file(str(weights))
+        missing, unexpected = renderer.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{weights}: weights do not match {cfg_path}: missing {missing[:4]}, "
+                             f"unexpected {unexpected[:4]}")
+        return renderer.eval()
