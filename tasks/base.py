@@ -278,6 +278,10 @@ class Seq2SeqTask(L.LightningModule):
         mesh = self.device_mesh
         fully_shard_model(self.model, mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh)
 
+    def own_modules(self) -> dict[str, torch.nn.Module]:
+        """The task's own networks beside the shared model (trained and saved with it; e.g. a renderer)."""
+        return {}
+
     def extra_param_groups(self) -> list[dict[str, Any]]:
         """Optimizer groups of the task's own networks beside the model (e.g. a renderer); same schedule."""
         return []

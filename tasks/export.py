@@ -137,12 +137,14 @@ def renderer_for(ckpt: dict[str, Any], where: str) -> tuple[Any, int]:
     weights under ``renderer.``) and its planner's longest layout; ``(None, 48)`` for other checkpoints."""
     from zoo.layout_renderer import LayoutRenderer, LayoutRendererConfig
 
-    meta = ckpt["mmzoo"]
+    meta, prefix = ckpt["mmzoo"], "renderer."
+    if meta.get("renderer") is None:  # a multi-task checkpoint: the text-to-image task's own entry and modules
+        meta, prefix = (meta.get("tasks") or {}).get("text_to_image") or {}, "task_modules.text_to_image.renderer."
     cfg = meta.get("renderer")
     if cfg is None:
         return None, 48
-    renderer = LayoutRenderer(LayoutRendererConfig.from_dict(dict(cfg), f"{where}['mmzoo']['renderer']"))
-    state = {k[len("renderer."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("renderer.")}
+    renderer = LayoutRenderer(LayoutRendererConfig.from_dict(dict(cfg), f"{where}: the renderer config"))
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     renderer.load_state_dict(state, strict=True)
     return renderer.eval(), int(meta.get("max_layout_len", 48))
 

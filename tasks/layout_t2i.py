@@ -246,7 +246,7 @@ class LayoutT2IDataModule(CaptionDataModule):
 
 
 #: ``task.layout``: ``renderer`` (:class:`zoo.layout_renderer.LayoutRendererConfig` fields; the attribute words
-#: default to the training scenes'), its learning rate (the model's schedule), the weight of its pixel loss, and
+#: default to the Shapes words, and data naming others is refused before training), its learning rate (the model's schedule), the weight of its pixel loss, and
 #: the longest layout the planner writes (tokens)
 LAYOUT_DEFAULTS: dict[str, Any] = {"renderer": None, "renderer_lr": 3e-3, "renderer_weight": 1.0, "max_layout_len": 48}
 
@@ -274,26 +274,34 @@ class LayoutTextToImageTask(Seq2SeqTask):
         if unknown:
             raise ValueError(f"unknown task.layout key(s) {unknown}; known: {sorted(LAYOUT_DEFAULTS)}")
         self.opts = {**LAYOUT_DEFAULTS, **opts}
-        self.renderer_spec = dict(self.opts["renderer"] or {})
-        self.renderer: LayoutRenderer | None = None
-        if {"shapes", "colours", "sizes", "tones"} <= set(self.renderer_spec):
-            self.renderer = LayoutRenderer(LayoutRendererConfig(**self.renderer_spec))
+        self.renderer = LayoutRenderer(LayoutRendererConfig(**dict(self.opts["renderer"] or {})))
         self._probe: Any = None
 
+    @classmethod
+    def eval_data_config(cls, settings: dict[str, Any], data_dir: str) -> Any:
+        """zoo-eval: the default Shapes text-to-image data, read by the layout route."""
+        data = super().eval_data_config(settings, data_dir)
+        data.decoder = "layout"
+        data.pop("vq", None)
+        return data
+
     # --- wiring -------------------------------------------------------------------------------
-    def build_renderer(self, words: dict[str, list[str]], image_size: int) -> LayoutRenderer:
-        """Create the renderer for the data's attribute words (once; a checkpoint's config wins)."""
-        if self.renderer is None:
-            spec = {"image_size": image_size, **words, **self.renderer_spec}
-            self.renderer_spec = spec
-            self.renderer = LayoutRenderer(LayoutRendererConfig(**spec)).to(self.device)
-        return self.renderer
+    def check_words(self, words: dict[str, list[str]], image_size: int) -> None:
+        """Refuse data whose scenes name attribute words (or an image size) the renderer was not built for."""
+        cfg = self.renderer.cfg
+        for key, seen in words.items():
+            extra = sorted(set(seen) - set(getattr(cfg, key)))
+            if extra:
+                raise ValueError(f"the training scenes name {key} {extra} that the renderer does not know "
+                                 f"({getattr(cfg, key)}); set task.layout.renderer.{key}=[...] to all of them")
+        if image_size != cfg.image_size:
+            raise ValueError(f"the images are {image_size} px but task.layout.renderer.image_size={cfg.image_size}")
 
     def setup(self, stage: str) -> None:
         dm = self.datamodule
         if dm is not None and hasattr(dm, "renderer_words"):
-            self.build_renderer(dm.renderer_words(), dm.image_size())
             if stage == "fit":
+                self.check_words(dm.renderer_words(), dm.image_size())
                 self.probe()
 
     def probe(self) -> tuple[Any, dict[str, float]]:
@@ -304,9 +312,10 @@ class LayoutTextToImageTask(Seq2SeqTask):
             self._probe = load_probe(path)
         return self._probe
 
+    def own_modules(self) -> dict[str, torch.nn.Module]:
+        return {"renderer": self.renderer}
+
     def extra_param_groups(self) -> list[dict[str, Any]]:
-        if self.renderer is None:
-            raise RuntimeError("the renderer is built in setup(); attach a LayoutT2IDataModule")
         return [{"params": list(self.renderer.parameters()), "lr": self.opts["renderer_lr"], "weight_decay": 0.0}]
 
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -322,9 +331,10 @@ class LayoutTextToImageTask(Seq2SeqTask):
         plan = super().loss(batch)
         t = self.renderer.encode(batch["render_layout"])
         render = self.renderer.loss(torch.stack(batch["render_image"]), **t)
-        n = len(batch["labels"])
-        self.log("train/plan_loss", plan.detach(), batch_size=n)
-        self.log("train/render_loss", render.detach(), batch_size=n)
+        if self._trainer is not None and self.trainer.lightning_module is self:  # not as a multi-task part
+            n = len(batch["labels"])
+            self.log("train/plan_loss", plan.detach(), batch_size=n)
+            self.log("train/render_loss", render.detach(), batch_size=n)
         return plan + self.opts["renderer_weight"] * render
 
     # --- generation ---------------------------------------------------------------------------
@@ -399,8 +409,3 @@ class LayoutTextToImageTask(Seq2SeqTask):
         checkpoint["mmzoo"]["renderer"] = asdict(self.renderer.cfg)
         checkpoint["mmzoo"]["max_layout_len"] = int(self.opts["max_layout_len"])
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        cfg = (checkpoint.get("mmzoo") or {}).get("renderer")
-        if cfg is not None and self.renderer is None:
-            self.renderer_spec = dict(cfg)
-            self.renderer = LayoutRenderer(LayoutRendererConfig(**cfg))

@@ -63,6 +63,16 @@ def register_t2i_decoder(name: str, task: str, datamodule: str) -> None:
     _T2I_DECODERS[name] = (task, datamodule)
 
 
+def task_class_for(name: str, settings: dict[str, Any] | None = None) -> type:
+    """A registered task's class for its settings: text-to-image's ``decoder`` picks its route's class."""
+    decoder = (settings or {}).get("decoder")
+    if name == "text_to_image" and decoder is not None:
+        if decoder not in _T2I_DECODERS:
+            raise ValueError(f"unknown task.decoder={decoder!r}; registered: {', '.join(sorted(_T2I_DECODERS))}")
+        return TaskEntry._load(_T2I_DECODERS[decoder][0])
+    return get_task(name).task_class()
+
+
 def t2i_target(part: str, decoder: str) -> str:
     """The Hydra ``_target_`` (dotted path) of a text-to-image route's ``task`` or ``data`` class."""
     if decoder not in _T2I_DECODERS:

@@ -275,6 +275,7 @@ class TextToImageTask(Seq2SeqTask):
         if not settings.get("vq_tokenizer"):
             raise ValueError("the checkpoint names no VQ tokenizer folder; give data=shapes_t2i data.vq_path=<folder>")
         data = super().eval_data_config(settings, data_dir)
+        data.decoder = "codes"
         data.vq_path = settings["vq_tokenizer"]
         data.pop("vq", None)
         return data

@@ -121,8 +121,8 @@ class LayoutRenderer(nn.Module):
 
     # --- the conditioning map and the decoder -------------------------------------------------
     def box_pixels(self, boxes: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Which pixels each box covers (one pixel of margin): ``inside [B,K,S,S]`` and the offsets ``u, v``
-        ``[B,K,S,S]`` of pixel centres from the box centre, in units of the box's half width / height."""
+        """Which pixels each box covers (one pixel of margin): ``inside [B,K,S,S]``, and the offsets ``u [B,K,1,S]``
+        and ``v [B,K,S,1]`` of pixel columns / rows from the box centre, in units of the box's half width / height."""
         s = self.cfg.image_size
         dev = self.tone_embed.weight.device
         boxes, valid = boxes.to(dev).float(), valid.to(dev)
@@ -133,7 +133,7 @@ class LayoutRenderer(nn.Module):
         v = (centres.view(1, 1, s, 1) - ((y0 + y1) / 2)[..., None, None]) / hy[..., None, None]  # [B,K,S,1]
         mx, my = 1 + 1 / (s * hx[..., None, None]), 1 + 1 / (s * hy[..., None, None])  # one pixel of margin
         inside = (u.abs() <= mx) & (v.abs() <= my) & valid[..., None, None]
-        return inside, u.expand_as(inside), v.expand_as(inside)
+        return inside, u, v
 
     def condition(self, boxes: torch.Tensor, attrs: torch.Tensor, valid: torch.Tensor, tone: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +147,7 @@ class LayoutRenderer(nn.Module):
                + self.tone_embed(tone)[:, None])  # [B,K,E]
         boxes = boxes.to(dev).float()
         half = ((boxes[..., 2] - boxes[..., 0] + boxes[..., 3] - boxes[..., 1]) / 4)[b, k]  # [N]
-        feats = torch.cat([emb[b, k], torch.stack([u[b, k, y, x], v[b, k, y, x], half * 4], 1)], 1)
+        feats = torch.cat([emb[b, k], torch.stack([u[b, k, 0, x], v[b, k, y, 0], half * 4], 1)], 1)
         return torch.stack([b, y, x], 1), feats
 
     def forward(self, boxes: torch.Tensor, attrs: torch.Tensor, valid: torch.Tensor, tone: torch.Tensor
