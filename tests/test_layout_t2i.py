@@ -41,6 +41,7 @@ def test_malformed_entries_are_dropped(text_tok):
     vocab = VocabLayout(text_size=text_tok.vocab_size, loc_bins=100)
     ids = layout_target(SCENE, vocab, text_tok)
     first_loc = next(i for i, t in enumerate(ids) if t >= vocab.loc_start)
+    assert first_loc > 1 and all(t < vocab.loc_start for t in ids[:first_loc])  # the tone and the words come first
     broken = ids[:first_loc + 2] + ids[first_loc + 4:]  # the first object keeps only 2 of its 4 location tokens
     lay, dropped = parse_layout(broken, vocab, text_tok, LayoutRendererConfig())
     assert dropped == 1 and [o["colour"] for o in lay.objects] == ["blue"]

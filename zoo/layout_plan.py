@@ -1,21 +1,22 @@
 """Scene layouts as text with location tokens: text-to-image's first stage ("plan, then render").
 
 The unified model reads ``what is the layout of the image? caption: <text>`` and writes the layout as one
-sequence of the unified vocabulary, LayoutGPT / OFA style::
+sequence of the unified vocabulary (LayoutGPT-style: the object, then its box)::
 
-    <tone words> <loc x0><loc y0><loc x1><loc y1> <size> <colour> <shape> <loc …>×4 <size> <colour> <shape> …
+    <tone> <size> <colour> <shape> <loc x0><loc y0><loc x1><loc y1> <size> <colour> <shape> <loc …>×4 …
 
-e.g. ``dark <loc 12><loc 20><loc 31><loc 39> small red triangle <loc …> large blue circle``: one entry per
-object, its box as four location tokens (the same ``loc_bins`` bins per side as grounding), then its words.
+e.g. ``dark small red triangle <loc 12><loc 20><loc 31><loc 39> large blue circle <loc …>×4``: one entry per
+object, left to right, its words then its box as four location tokens (the same ``loc_bins`` bins per side as
+grounding). Writing the words first lets the box follow from them (a "small" object gets a small box).
 :func:`layout_target` writes the ids of a layout, :func:`parse_layout` reads generated ids back (entries that
-are not four location tokens and known words are dropped and counted).
+are not known words followed by four location tokens are dropped and counted).
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
 from zoo.layout_renderer import Layout, LayoutRendererConfig
-from zoo.vocab import EOS_ID, PAD_ID, VocabLayout
+from zoo.vocab import EOS_ID, VocabLayout
 
 #: ``what is the layout of the image? caption: <text>`` → the layout sequence
 LAYOUT_PROMPT = "what is the layout of the image? caption: {}"
@@ -45,12 +46,12 @@ def quantize_box(box: Sequence[float], loc_bins: int) -> tuple[float, float, flo
 
 
 def layout_target(lay: Layout, layout: VocabLayout, tokenizer: Any) -> list[int]:
-    """Unified ids of a layout (without BOS/EOS): tone words, then per object 4 location tokens and its words."""
+    """Unified ids of a layout (without BOS/EOS): the tone word, then per object its words and 4 location tokens."""
     off = layout.text_start
     ids = [t + off for t in tokenizer.encode(lay.tone)]
     for o in lay.objects:
-        ids += [layout.loc_start + b for b in box_to_bins(o["box"], layout.loc_bins)]
         ids += [t + off for t in tokenizer.encode(f"{o['size']} {o['colour']} {o['shape']}")]
+        ids += [layout.loc_start + b for b in box_to_bins(o["box"], layout.loc_bins)]
     return ids
 
 
@@ -58,35 +59,33 @@ def parse_layout(ids: Sequence[int], layout: VocabLayout, tokenizer: Any, words:
                  ) -> tuple[Layout, int]:
     """Generated unified ids → ``(Layout, number of dropped entries)``.
 
-    Reading stops at EOS. The text before the first location token names the tone (the first of ``words.tones``
-    when it names none); each entry is four location tokens followed by text naming one size, colour and shape
-    of ``words``. An entry with fewer location tokens, with a box of zero area, or whose text does not name one
-    known word of each kind is dropped."""
+    Reading stops at EOS. Each entry is a run of text naming one size, colour and shape of ``words`` followed by
+    four location tokens; the first run also names the tone (the first of ``words.tones`` when it names none).
+    An entry whose text does not name exactly one known word of each kind, with other than four location
+    tokens, or with a box of zero area is dropped; so is trailing text without a box."""
     lo, hi = layout.text_start, layout.image_code_start
     loc_lo, loc_hi = layout.loc_start, layout.size
-    seq = []
+    runs: list[tuple[list[int], list[int]]] = [([], [])]  # (text ids, location bins)
     for t in ids:
         t = int(t)
         if t == EOS_ID:
             break
-        if t != PAD_ID:
-            seq.append(t)
-    # split into [text before the first box] + [(locs, text)] entries
-    head: list[int] = []
-    entries: list[tuple[list[int], list[int]]] = []
-    for t in seq:
         if loc_lo <= t < loc_hi:
-            if not entries or entries[-1][1] or len(entries[-1][0]) == 4:
-                entries.append(([], []))
-            entries[-1][0].append(t - loc_lo)
+            runs[-1][1].append(t - loc_lo)
         elif lo <= t < hi:
-            (entries[-1][1] if entries else head).append(t - lo)
-    head_words = tokenizer.decode(head).split()
-    tone = next((w for w in head_words if w in words.tones), words.tones[0])
+            if runs[-1][1]:  # text after a box starts the next entry
+                runs.append(([], []))
+            runs[-1][0].append(t - lo)
+    tone = words.tones[0]
     objects, dropped = [], 0
-    for locs, text in entries:
-        found = {}
+    for i, (text, locs) in enumerate(runs):
         toks = tokenizer.decode(text).split() if text else []
+        if i == 0:
+            tone = next((w for w in toks if w in words.tones), tone)
+            toks = [w for w in toks if w not in words.tones]
+            if not toks and not locs:
+                continue
+        found = {}
         for key, vocab in (("size", words.sizes), ("colour", words.colours), ("shape", words.shapes)):
             hits = [w for w in toks if w in vocab]
             if len(hits) == 1:
