@@ -36,22 +36,33 @@ def scene_layout(scene: dict[str, Any], image_size: int) -> Layout:
     return Layout(scene.get("tone", "light"), objs)
 
 
-class LayoutTrainSet(Dataset):
-    """Item ``i``: a random caption of scene ``i`` → its layout ids, plus one random (image, layout) pair of the
-    renderer's images."""
+def mention_order(lay: Layout, caption: str) -> Layout:
+    """The layout with its objects in the order the caption first names them ("<colour> <shape>"; objects it does
+    not name keep their place after the named ones). The planner then writes the objects as it reads them, a
+    monotonic copy, instead of having to sort them left to right."""
+    text = caption.lower()
+    pos = [text.find(f"{o['colour']} {o['shape']}") for o in lay.objects]
+    order = sorted(range(len(pos)), key=lambda i: (pos[i] < 0, pos[i], i))
+    return Layout(lay.tone, [lay.objects[i] for i in order])
 
-    def __init__(self, prompts: list[list[list[int]]], targets: list[list[int]], ids: list[Any],
-                 images: torch.Tensor, layouts: list[Layout]):
+
+class LayoutTrainSet(Dataset):
+    """Item ``i``: a random caption of scene ``i`` → the layout ids for that caption, plus ``per_item`` random (image, layout) pairs
+    of the renderer's images."""
+
+    def __init__(self, prompts: list[list[list[int]]], targets: list[list[list[int]]], ids: list[Any],
+                 images: torch.Tensor, layouts: list[Layout], per_item: int = 1):
         self.prompts, self.targets, self.ids, self.images, self.layouts = prompts, targets, ids, images, layouts
+        self.per_item = per_item
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        caps = self.prompts[i]
-        j = int(torch.randint(len(self.images), ()))
-        return {"prompt": caps[int(torch.randint(len(caps), ()))], "target": self.targets[i], "id": self.ids[i],
-                "render_image": self.images[j], "render_layout": self.layouts[j]}
+        c = int(torch.randint(len(self.prompts[i]), ()))
+        js = torch.randint(len(self.images), (self.per_item,))
+        return {"prompt": self.prompts[i][c], "target": self.targets[i][c], "id": self.ids[i],
+                "render_image": self.images[js], "render_layout": [self.layouts[j] for j in js.tolist()]}
 
 
 class LayoutEvalSet(Dataset):
@@ -65,10 +76,11 @@ class LayoutEvalSet(Dataset):
         return {"prompt": self.prompts[i], "caption": self.captions[i], "id": self.ids[i]}
 
 
-#: ``data.layout``: training images the renderer learns from, the longest layout target (tokens), and a
+#: ``data.layout``: training images the renderer learns from and how many it sees per planner example (its batch is
+#: that many times the planner's), the longest layout target (tokens), and a
 #: composition split (``holdout_pairs``, ``eval_holdout``; see :class:`LayoutT2IDataModule`)
-DATA_DEFAULTS: dict[str, Any] = {"renderer_images": 8000, "max_layout_len": 48, "holdout_pairs": None,
-                                 "eval_holdout": False}
+DATA_DEFAULTS: dict[str, Any] = {"renderer_images": 8000, "renderer_per_item": 2, "max_layout_len": 48,
+                                 "holdout_pairs": None, "eval_holdout": False}
 
 
 class LayoutT2IDataModule(CaptionDataModule):
@@ -96,6 +108,9 @@ class LayoutT2IDataModule(CaptionDataModule):
         if int(opts["renderer_images"]) < 1:
             raise ValueError(f"data.layout.renderer_images must be >= 1, got {opts['renderer_images']}")
         self.renderer_images, self.max_layout_len = int(opts["renderer_images"]), int(opts["max_layout_len"])
+        self.renderer_per_item = int(opts["renderer_per_item"])
+        if self.renderer_per_item < 1:
+            raise ValueError(f"data.layout.renderer_per_item must be >= 1, got {self.renderer_per_item}")
         self.max_prompt_len = max_prompt_len
         pairs = []
         for p in opts["holdout_pairs"] or []:
@@ -201,11 +216,12 @@ class LayoutT2IDataModule(CaptionDataModule):
         prompts = [[next(flat) for _ in r.captions] for r in recs]
         targets = []
         for r in recs:
-            t = layout_target(self.layout_of("train", r.image_id), self.layout, self.tokenizer)
-            if len(t) + 1 > self.max_layout_len:
-                raise ValueError(f"{source}: image id={r.image_id}: its layout takes {len(t) + 1} tokens, more than "
+            lay = self.layout_of("train", r.image_id)
+            targets.append([layout_target(mention_order(lay, c), self.layout, self.tokenizer) for c in r.captions])
+            longest = max(len(t) for t in targets[-1]) + 1
+            if longest > self.max_layout_len:
+                raise ValueError(f"{source}: image id={r.image_id}: its layout takes {longest} tokens, more than "
                                  f"data.layout.max_layout_len={self.max_layout_len}")
-            targets.append(t)
         n = min(self.renderer_images, len(recs))
         images = load_images([r.path for r in recs[:n]])
         bins = self.layout.loc_bins
@@ -213,7 +229,7 @@ class LayoutT2IDataModule(CaptionDataModule):
         for r in recs[:n]:
             lay = self.layout_of("train", r.image_id)
             layouts.append(Layout(lay.tone, [{**o, "box": quantize_box(o["box"], bins)} for o in lay.objects]))
-        ds = LayoutTrainSet(prompts, targets, [r.image_id for r in recs], images, layouts)
+        ds = LayoutTrainSet(prompts, targets, [r.image_id for r in recs], images, layouts, self.renderer_per_item)
         return self._loader(ds, self.batch_size, shuffle=True)
 
     def eval_records(self, stage: str) -> list[Any]:
@@ -329,8 +345,8 @@ class LayoutTextToImageTask(Seq2SeqTask):
     # --- training -----------------------------------------------------------------------------
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         plan = super().loss(batch)
-        t = self.renderer.encode(batch["render_layout"])
-        render = self.renderer.loss(torch.stack(batch["render_image"]), **t)
+        t = self.renderer.encode([lay for item in batch["render_layout"] for lay in item])
+        render = self.renderer.loss(torch.cat(batch["render_image"]), **t)
         if self._trainer is not None and self.trainer.lightning_module is self:  # not as a multi-task part
             n = len(batch["labels"])
             self.log("train/plan_loss", plan.detach(), batch_size=n)

@@ -130,3 +130,13 @@ def test_layout_scores():
     assert s["layout_count_acc"] == 1 and s["layout_size_acc"] == 0  # the blue cross is missing
     overlapping = [Layout("dark", [{**truth[0].objects[0], "box": (0.1, 0.1, 0.6, 0.6)}, truth[0].objects[1]])]
     assert not box_sane(overlapping[0], 64)
+
+
+def test_layout_targets_follow_the_order_the_caption_names_objects():
+    from tasks.layout_t2i import mention_order
+
+    lay = mention_order(SCENE, "a large blue circle to the right of a small red triangle")
+    assert [o["shape"] for o in lay.objects] == ["circle", "triangle"] and lay.tone == "dark"
+    assert [o["shape"] for o in mention_order(SCENE, "a small red triangle left of a large blue circle").objects] == \
+        ["triangle", "circle"]
+    assert mention_order(SCENE, "two shapes").objects == SCENE.objects  # named nowhere: the scene's own order

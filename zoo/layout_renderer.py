@@ -4,7 +4,7 @@ A layout is a background tone and a list of objects, each a box ``(x0, y0, x1, y
 a colour and a size word. The conditioning is spatially aligned, as in layout-map / GLIGEN-style generators:
 every pixel of an object's box (one pixel of margin) carries the sum of the object's shape, colour and size
 embeddings and of the tone's embedding, the pixel's offset from the box centre in units of the box's half side
-(``u, v``) and that half side. A per-pixel decoder (an MLP, i.e. 1×1 convolutions over the layout map) turns
+(``u, v``, also as sines and cosines of a few frequencies, NeRF-style) and that half side. A per-pixel decoder (an MLP, i.e. 1×1 convolutions over the layout map) turns
 these into RGB; the pixels outside every box get the tone's learned background colour. The decoder runs only
 on the pixels that boxes cover, a fifth of the image or less, which is what makes it cheap on a CPU.
 Nothing is drawn by rule: which pixels of a box a triangle covers, its edges and its colour are learnt from
@@ -16,6 +16,7 @@ load) and ``renderer/renderer.safetensors``; nothing else is read.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -41,6 +42,7 @@ class LayoutRendererConfig:
     embed_dim: int = 32
     width: int = 64
     depth: int = 3
+    octaves: int = 3        # u, v also enter as sin/cos at frequencies pi * 2^0..octaves-1 (sharp edges learn sooner)
 
     def __post_init__(self) -> None:
         for name in ("shapes", "colours", "sizes", "tones"):
@@ -48,9 +50,9 @@ class LayoutRendererConfig:
             if (not isinstance(words, list) or not words or len(set(words)) != len(words)
                     or not all(isinstance(w, str) and w.strip() and " " not in w for w in words)):
                 raise ValueError(f"LayoutRendererConfig.{name} must be a list of distinct single words, got {words!r}")
-        for name in ("image_size", "embed_dim", "width", "depth"):
+        for name in ("image_size", "embed_dim", "width", "depth", "octaves"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "octaves" else 1):
                 raise ValueError(f"LayoutRendererConfig.{name} must be a positive int, got {v!r}")
 
     @classmethod
@@ -90,7 +92,8 @@ class LayoutRenderer(nn.Module):
         self.size_embed = nn.Embedding(len(cfg.sizes), e)
         self.tone_embed = nn.Embedding(len(cfg.tones), e)
         self.background = nn.Linear(e, 3)
-        layers: list[nn.Module] = [nn.Linear(e + 3, w), nn.GELU()]
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(cfg.octaves, dtype=torch.float32), persistent=False)
+        layers: list[nn.Module] = [nn.Linear(e + 3 + 4 * cfg.octaves, w), nn.GELU()]
         for _ in range(cfg.depth - 1):
             layers += [nn.Linear(w, w), nn.GELU()]
         self.pixel = nn.Sequential(*layers, nn.Linear(w, 3))
@@ -137,8 +140,8 @@ class LayoutRenderer(nn.Module):
 
     def condition(self, boxes: torch.Tensor, attrs: torch.Tensor, valid: torch.Tensor, tone: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layout map at the pixels boxes cover: ``index [N,3]`` (image, row, column) and ``features [N,E+3]``
-        (object + tone embedding, ``u``, ``v``, half side). Where boxes overlap, one of them wins."""
+        """The layout map at the pixels boxes cover: ``index [N,3]`` (image, row, column) and ``features``
+        ``[N, E+3+4*octaves]`` (object + tone embedding, ``u``, ``v``, half side, sin/cos of ``u``, ``v``). Where boxes overlap, one of them wins."""
         dev = self.tone_embed.weight.device
         attrs, tone = attrs.to(dev), tone.to(dev)
         inside, u, v = self.box_pixels(boxes, valid)
@@ -147,7 +150,9 @@ class LayoutRenderer(nn.Module):
                + self.tone_embed(tone)[:, None])  # [B,K,E]
         boxes = boxes.to(dev).float()
         half = ((boxes[..., 2] - boxes[..., 0] + boxes[..., 3] - boxes[..., 1]) / 4)[b, k]  # [N]
-        feats = torch.cat([emb[b, k], torch.stack([u[b, k, 0, x], v[b, k, y, 0], half * 4], 1)], 1)
+        uv = torch.stack([u[b, k, 0, x], v[b, k, y, 0]], 1)  # [N,2]
+        waves = (uv[..., None] * self.freqs).flatten(1)  # [N, 2*octaves]
+        feats = torch.cat([emb[b, k], uv, half[:, None] * 4, waves.sin(), waves.cos()], 1)
         return torch.stack([b, y, x], 1), feats
 
     def forward(self, boxes: torch.Tensor, attrs: torch.Tensor, valid: torch.Tensor, tone: torch.Tensor
