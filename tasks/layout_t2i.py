@@ -22,7 +22,7 @@ from tasks.caption import CaptionDataModule
 from tasks.data.shapes_images import load_images, scene_labels
 from tasks.layout_metrics import layout_scores
 from zoo.generation import generate
-from zoo.layout_plan import layout_prompt, layout_target, parse_layout, quantize_box
+from zoo.layout_plan import layout_pieces, layout_prompt, parse_layout, quantize_box
 from zoo.layout_renderer import Layout, LayoutRenderer, LayoutRendererConfig
 
 log = logging.getLogger(__name__)
@@ -36,14 +36,13 @@ def scene_layout(scene: dict[str, Any], image_size: int) -> Layout:
     return Layout(scene.get("tone", "light"), objs)
 
 
-def mention_order(lay: Layout, caption: str) -> Layout:
-    """The layout with its objects in the order the caption first names them ("<colour> <shape>"; objects it does
-    not name keep their place after the named ones). The planner then writes the objects as it reads them, a
-    monotonic copy, instead of having to sort them left to right."""
+def mention_order(lay: Layout, caption: str) -> list[int]:
+    """The indices of the layout's objects in the order the caption first names them ("<colour> <shape>"; objects
+    it does not name keep their place after the named ones). The planner then writes the objects as it reads them,
+    a monotonic copy, instead of having to sort them left to right."""
     text = caption.lower()
     pos = [text.find(f"{o['colour']} {o['shape']}") for o in lay.objects]
-    order = sorted(range(len(pos)), key=lambda i: (pos[i] < 0, pos[i], i))
-    return Layout(lay.tone, [lay.objects[i] for i in order])
+    return sorted(range(len(pos)), key=lambda i: (pos[i] < 0, pos[i], i))
 
 
 class LayoutTrainSet(Dataset):
@@ -214,10 +213,11 @@ class LayoutT2IDataModule(CaptionDataModule):
         flat = iter(self.encode_prompts([c for r in recs for c in r.captions],
                                         [f"{source}: image id={r.image_id}" for r in recs for _ in r.captions]))
         prompts = [[next(flat) for _ in r.captions] for r in recs]
-        targets = []
+        targets, cache = [], {}
         for r in recs:
             lay = self.layout_of("train", r.image_id)
-            targets.append([layout_target(mention_order(lay, c), self.layout, self.tokenizer) for c in r.captions])
+            tone, pieces = layout_pieces(lay, self.layout, self.tokenizer, cache)
+            targets.append([tone + [t for i in mention_order(lay, c) for t in pieces[i]] for c in r.captions])
             longest = max(len(t) for t in targets[-1]) + 1
             if longest > self.max_layout_len:
                 raise ValueError(f"{source}: image id={r.image_id}: its layout takes {longest} tokens, more than "

@@ -45,14 +45,27 @@ def quantize_box(box: Sequence[float], loc_bins: int) -> tuple[float, float, flo
     return bins_to_box(box_to_bins(box, loc_bins), loc_bins)
 
 
+def layout_pieces(lay: Layout, layout: VocabLayout, tokenizer: Any, cache: dict[str, list[int]] | None = None
+                  ) -> tuple[list[int], list[list[int]]]:
+    """The unified ids of a layout's tone word and of each object's entry (its words, then 4 location tokens);
+    ``cache`` memoises the text ids of repeated words."""
+    cache = {} if cache is None else cache
+    off = layout.text_start
+
+    def text(s: str) -> list[int]:
+        if s not in cache:
+            cache[s] = [t + off for t in tokenizer.encode(s)]
+        return cache[s]
+
+    objects = [text(f"{o['size']} {o['colour']} {o['shape']}")
+               + [layout.loc_start + b for b in box_to_bins(o["box"], layout.loc_bins)] for o in lay.objects]
+    return text(lay.tone), objects
+
+
 def layout_target(lay: Layout, layout: VocabLayout, tokenizer: Any) -> list[int]:
     """Unified ids of a layout (without BOS/EOS): the tone word, then per object its words and 4 location tokens."""
-    off = layout.text_start
-    ids = [t + off for t in tokenizer.encode(lay.tone)]
-    for o in lay.objects:
-        ids += [t + off for t in tokenizer.encode(f"{o['size']} {o['colour']} {o['shape']}")]
-        ids += [layout.loc_start + b for b in box_to_bins(o["box"], layout.loc_bins)]
-    return ids
+    tone, objects = layout_pieces(lay, layout, tokenizer)
+    return tone + [t for o in objects for t in o]
 
 
 def parse_layout(ids: Sequence[int], layout: VocabLayout, tokenizer: Any, words: LayoutRendererConfig
