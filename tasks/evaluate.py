@@ -105,6 +105,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("data") is None:
         with open_dict(cfg):
             cfg.data = task_cls.eval_data_config(settings, cfg.paths.data_dir)
+    elif "decoder" in cfg.data and settings.get("decoder"):  # text-to-image data read by the checkpoint's route
+        cfg.data.decoder = settings["decoder"]
     dm = instantiate(cfg.data)
     dm.bind(model.cfg, model.layout, tokenizer=tokenizer)  # the checkpoint's tokenizer, never retrained
     dm.prepare_data()
