@@ -263,8 +263,10 @@ class LayoutT2IDataModule(CaptionDataModule):
 
 #: ``task.layout``: ``renderer`` (:class:`zoo.layout_renderer.LayoutRendererConfig` fields; the attribute words
 #: default to the Shapes words, and data naming others is refused before training), its learning rate (the model's schedule), the weight of its pixel loss, and
-#: the longest layout the planner writes (tokens)
-LAYOUT_DEFAULTS: dict[str, Any] = {"renderer": None, "renderer_lr": 3e-3, "renderer_weight": 1.0, "max_layout_len": 48}
+#: the longest layout the planner writes (tokens), and the planner's loss weight on location tokens against words
+#: (the words are what must be read from the caption; the boxes are mostly free choices of high entropy)
+LAYOUT_DEFAULTS: dict[str, Any] = {"renderer": None, "renderer_lr": 3e-3, "renderer_weight": 1.0, "max_layout_len": 48,
+                                   "loc_weight": 0.2}
 
 
 class LayoutTextToImageTask(Seq2SeqTask):
@@ -343,6 +345,14 @@ class LayoutTextToImageTask(Seq2SeqTask):
         return self._allowed
 
     # --- training -----------------------------------------------------------------------------
+    def token_weights(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """Location tokens weigh ``task.layout.loc_weight`` in the planner's loss, words and EOS 1."""
+        w = float(self.opts["loc_weight"])
+        if w == 1.0:
+            return None
+        is_loc = (labels >= self.layout.loc_start) & (labels < self.layout.size)
+        return torch.where(is_loc, torch.full_like(labels, w, dtype=torch.float), torch.ones_like(labels, dtype=torch.float))
+
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         plan = super().loss(batch)
         t = self.renderer.encode([lay for item in batch["render_layout"] for lay in item])
