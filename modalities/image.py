@@ -8,18 +8,21 @@ adds learned 2-D positions.
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import nn
 
+from modalities.base import ModalityConfig, is_dict, is_pos, register_modality
+
 
 @dataclass
-class ImageConfig:
+class ImageConfig(ModalityConfig):
     """Config of the image tokenizer; saved with the model."""
 
     backbone: str = "timm:resnet10t"
@@ -106,12 +109,95 @@ class ImagePreprocessor:
 # ------------------------------------------------------------------------------------------------
 # Embedding (inside the model)
 # ------------------------------------------------------------------------------------------------
+_NAME = re.compile(r"[A-Za-z0-9_]+")
+_TIMM_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)?")  # architecture[.pretrained tag]
+_OPEN_CLIP_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _rate(v: Any) -> bool:
+    return _is_number(v) and 0.0 <= v <= 1.0
+
+
+def _pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _size(v: Any) -> bool:
+    return _pos_int(v) or (isinstance(v, list) and len(v) == 2 and all(_pos_int(x) for x in v))
+
+
+def _layer_name(v: Any) -> bool:  # timm resolves these strings through its own name → layer tables
+    return isinstance(v, str) and (v == "" or bool(_NAME.fullmatch(v)))
+
+
+#: The backbone keyword arguments a config may set, per backbone kind, with the values each accepts. All of them only
+#: shape the architecture; anything that names a file, a URL, a Hub repo, a cache or pretrained weights
+#: (``pretrained_cfg_overlay``, ``checkpoint_path``, ``pretrained_image_path``, ``weights_only``, ...) is refused.
+BACKBONE_KWARGS: dict[str, dict[str, Callable[[Any], bool]]] = {
+    "timm": {
+        "drop_rate": _rate, "drop_path_rate": _rate, "attn_drop_rate": _rate, "proj_drop_rate": _rate,
+        "pos_drop_rate": _rate, "drop_block_rate": _rate, "output_stride": _pos_int, "norm_layer": _layer_name,
+        "act_layer": _layer_name, "stem_type": _layer_name, "stem_width": _pos_int, "embed_dim": _pos_int,
+        "depth": _pos_int, "num_heads": _pos_int, "mlp_ratio": lambda v: _is_number(v) and v > 0,
+        "patch_size": _size, "img_size": _size, "qkv_bias": lambda v: isinstance(v, bool),
+        "class_token": lambda v: isinstance(v, bool), "reg_tokens": lambda v: _pos_int(v) or v == 0,
+    },
+    "open_clip": {"force_quick_gelu": lambda v: isinstance(v, bool), "force_patch_dropout": _rate,
+                  "force_image_size": _size},
+    "patch": {"embed_dim": _pos_int},
+}
+
+
+def check_backbone(backbone: str, kwargs: dict[str, Any] | None = None) -> None:
+    """Raise ``ValueError`` (message starting with the offending key) unless ``backbone`` is ``timm:<registered
+    architecture>``, ``open_clip:<built-in model name>`` or ``patch:<size>`` and every ``kwargs`` entry is in
+    :data:`BACKBONE_KWARGS` with an accepted value. Nothing here reads a file or the network: a backbone is
+    built from its library's registry only (no ``hf-hub:``, ``local-dir:``, paths or URLs)."""
+    kind, sep, name = str(backbone).partition(":")
+    if not sep or kind not in BACKBONE_KWARGS:
+        raise ValueError(f"backbone: {backbone!r} is not 'timm:<name>', 'open_clip:<name>' or 'patch:<size>'")
+    if kind == "timm":
+        import timm
+
+        if not _TIMM_NAME.fullmatch(name) or not timm.is_model(name.split(".", 1)[0]):
+            raise ValueError(f"backbone: {backbone!r} is not a registered timm architecture (a plain name such as "
+                             "'timm:resnet10t'; Hub ids, local folders, paths and URLs are refused)")
+    elif kind == "open_clip":
+        import open_clip
+
+        if not _OPEN_CLIP_NAME.fullmatch(name) or name not in open_clip.list_models():
+            raise ValueError(f"backbone: {backbone!r} is not a built-in open_clip model (a plain name such as "
+                             "'open_clip:ViT-B-32'; 'hf-hub:', 'local-dir:', paths and URLs are refused)")
+        if "hf_model_name" in (open_clip.get_model_config(name) or {}).get("text_cfg", {}):
+            raise ValueError(f"backbone: {backbone!r} has a Hugging Face text tower, which would be fetched from the "
+                             "Hub; use an open_clip model with a built-in text tower")
+    elif not name.isdigit():
+        raise ValueError(f"backbone: {backbone!r}: the patch size must be a positive integer")
+    if kwargs is None:
+        return
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"backbone_kwargs: expected an object, got {type(kwargs).__name__}")
+    allowed = BACKBONE_KWARGS[kind]
+    for key, value in kwargs.items():
+        if key not in allowed:
+            raise ValueError(f"backbone_kwargs.{key}: not an architecture argument mmzoo passes to {kind} "
+                             f"(allowed: {', '.join(sorted(allowed))})")
+        if not allowed[key](value):
+            raise ValueError(f"backbone_kwargs.{key}: value {value!r} is not accepted")
+
+
 def _build_backbone(cfg: ImageConfig) -> tuple[nn.Module, str]:
+    check_backbone(cfg.backbone, cfg.backbone_kwargs)
     kind, name = cfg.backbone.split(":", 1)
     if kind == "timm":
         import timm
 
-        kwargs: dict[str, Any] = dict(features_only=True, out_indices=(cfg.out_index,), **cfg.backbone_kwargs)
+        kwargs: dict[str, Any] = dict(features_only=True, out_indices=(cfg.out_index,), pretrained=False,
+                                      **cfg.backbone_kwargs)
         if cfg.pretrained:
             if Path(cfg.pretrained).is_file():
                 kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(cfg.pretrained)))
@@ -121,7 +207,10 @@ def _build_backbone(cfg: ImageConfig) -> tuple[nn.Module, str]:
     if kind == "open_clip":
         import open_clip
 
-        model = open_clip.create_model(name, pretrained=cfg.pretrained or None, **cfg.backbone_kwargs)
+        # only the visual tower is used: never fetch base weights for either tower
+        model = open_clip.create_model(name, pretrained=cfg.pretrained or None, load_weights=bool(cfg.pretrained),
+                                       pretrained_image=False, pretrained_text=False,
+                                       device=torch.get_default_device(), **cfg.backbone_kwargs)
         visual = model.visual
         visual.output_tokens = True
         return visual, "open_clip"
@@ -187,3 +276,14 @@ class ImageEmbedder(nn.Module):
         x = self.norm(x.flatten(1, 2))  # [B, h*w, d]
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         return x, mask
+
+
+def _check_saved(d: dict[str, Any]) -> None:
+    """A saved image config names only a registered backbone with allow-listed arguments."""
+    if "backbone" in d or "backbone_kwargs" in d:
+        check_backbone(d.get("backbone", ImageConfig.backbone), d.get("backbone_kwargs") or {})
+
+
+register_modality("image", config=ImageConfig, embedder=ImageEmbedder, preprocess=ImagePreprocessor, typed=True,
+                  legacy_type_index=1, field_checks={"image_size": is_pos, "backbone_kwargs": is_dict},
+                  check=_check_saved)

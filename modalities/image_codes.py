@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from modalities.base import register_modality
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 #: :meth:`ImageCodeTokenizer.encode` / ``decode`` run on the CPU this many images at a time: on the 2-core CPU, 16 at
@@ -301,3 +303,7 @@ class ImageCodeTokenizer(nn.Module):
         vq = vqmodel_from_config(cfg)
         vq.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
         return cls(vq.eval())
+
+
+# image codes are decoder targets (unified-vocabulary ids); their VQ tokenizer is saved beside the model
+register_modality("image_codes", typed=True, legacy_type_index=2)

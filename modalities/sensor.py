@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from modalities.base import ModalityConfig, is_pos, register_modality
+
 #: Channel names of a 6-axis IMU (accelerometer in m/s², gyroscope in rad/s).
 IMU_CHANNELS: tuple[str, ...] = ("acc_x", "acc_y", "acc_z", "gyro_x", "gyro_y", "gyro_z")
 
@@ -32,7 +34,7 @@ class SensorDataError(ValueError):
 
 
 @dataclass
-class SensorConfig:
+class SensorConfig(ModalityConfig):
     """Config of the sensor tokenizer; saved with the model (``ModelConfig.modalities["sensor"]``)."""
 
     channels: list[str] = field(default_factory=lambda: list(IMU_CHANNELS))
@@ -323,3 +325,14 @@ class SensorEmbedder(nn.Module):
         feats = feats.permute(0, 2, 1, 3).flatten(2)  # [B, N, C*(2P+3)]
         x = self.norm(self.proj(feats) + self.pos[:n])
         return x, m.any(-1).any(1)  # [B, N]
+
+
+def collate_sensor(items: list[Any]) -> Any:
+    """A batch of sensor segments: ``(values, valid)`` pairs of any length padded (:func:`pad_sensor_batch`),
+    plain tensors stacked."""
+    return pad_sensor_batch(items) if isinstance(items[0], tuple) else torch.stack(items)
+
+
+register_modality("sensor", config=SensorConfig, embedder=SensorEmbedder, preprocess=SensorTokenizer,
+                  collate=collate_sensor, typed=True, legacy_type_index=3,
+                  field_checks={"patch_len": is_pos, "patch_stride": is_pos, "max_len": is_pos})

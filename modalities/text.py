@@ -10,6 +10,8 @@ from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from modalities.base import register_modality
+
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -110,3 +112,7 @@ class TextTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.decode_batch([ids])[0]
+
+
+# text segments use the model's shared token embedding (no config or embedder of their own)
+register_modality("text", typed=True, legacy_type_index=0)

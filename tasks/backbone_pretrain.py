@@ -156,7 +156,8 @@ def pretrain_backbone(spec: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor],
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(spec["lr"]), total_steps=steps, pct_start=0.15)
     gen = torch.Generator().manual_seed(int(spec["seed"]))
     t0 = time.perf_counter()
-    for _ in range(int(spec["epochs"])):
+    epochs = int(spec["epochs"])
+    for epoch in range(epochs):
         order = torch.randperm(len(images), generator=gen)
         for idx in order[: len(order) // bs * bs].view(-1, bs):
             loss = dense_scene_loss(forward(images[idx]), {k: v[idx].to(device) for k, v in targets.items()})
@@ -164,6 +165,8 @@ def pretrain_backbone(spec: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor],
             loss.backward()
             opt.step()
             sched.step()
+        print(f"[mmzoo] backbone pretraining epoch {epoch + 1}/{epochs}: loss {float(loss.detach()):.3f} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
     seconds = time.perf_counter() - t0
     net.eval(), head.eval()
     val_images, val_ids, _ = load("val")
@@ -171,7 +174,7 @@ def pretrain_backbone(spec: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor],
         preds = [grid_to_sets(**forward(c)) for c in val_images.split(256)]
     pred = {k: torch.cat([p[k] for p in preds]).cpu() for k in ("colour", "shape", "count")}
     metrics = score_attributes(pred, scene_labels(root, "val", val_ids))
-    metrics.update(train_seconds=seconds, final_loss=float(loss))
+    metrics.update(train_seconds=seconds, final_loss=float(loss.detach()))
     return {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, metrics
 
 

@@ -136,11 +136,53 @@ class Seq2SeqTask(L.LightningModule):
     def compute_metrics(self, stage: str, predictions: dict[Any, Any]) -> dict[str, float]:
         raise NotImplementedError
 
+    def partial_eval(self, stage: str) -> bool:
+        """Whether this ``stage`` pass runs only some of its batches on purpose (``trainer.fast_dev_run``,
+        ``limit_val_batches`` / ``limit_test_batches`` below the whole split)."""
+        trainer = self._trainer
+        if trainer is None:
+            return False
+        if trainer.fast_dev_run:
+            return True
+        limit = getattr(trainer, f"limit_{stage}_batches", 1.0)
+        # an int is a batch count (Lightning's convention), a float a fraction
+        return limit is not None and (isinstance(limit, int) or float(limit) < 1.0)
+
+    def scored_references(self, stage: str, references: dict[Any, Any], predictions: dict[Any, Any],
+                          what: str = "records") -> dict[Any, Any]:
+        """The references to score: all of them, or in a deliberately partial pass (:meth:`partial_eval`) those
+        of the records that ran. A full pass that missed records is a bug: it raises naming a few."""
+        missing = set(references) - set(predictions)
+        if not missing:
+            return references
+        if self.partial_eval(stage):
+            return {k: v for k, v in references.items() if k in predictions}
+        raise RuntimeError(f"{len(missing)} {stage} {what} got no prediction (e.g. {sorted(missing)[:3]})")
+
     def format_predictions(self, predictions: dict[Any, Any]) -> list[dict[str, Any]]:
         return [{"id": k, "prediction": v} for k, v in predictions.items()]
 
     def write_samples(self, path: Path, stage: str) -> None:
         """Write a human-readable sample grid for ``stage`` (optional)."""
+
+    def sample_references(self, stage: str) -> list[str] | None:
+        """One reference text per sample of ``stage`` (the first caption or description, the most common answer)
+        to print under its prediction; ``None`` when the data has none."""
+        s, dm = self.samples.get(stage), self.datamodule
+        if not s or "ids" not in s or dm is None or not hasattr(dm, "references"):
+            return None
+        refs = dm.references(stage)
+        out = []
+        for k in s["ids"]:
+            k = k.item() if torch.is_tensor(k) else k
+            ref = refs.get(k)
+            if isinstance(ref, dict):  # VQA: {"answers": [...], ...}
+                answers = [a for a in ref.get("answers") or [] if a]
+                ref = max(set(answers), key=answers.count) if answers else ""
+            elif isinstance(ref, (list, tuple)):
+                ref = ref[0] if ref else ""
+            out.append("" if ref is None else str(ref))
+        return out
 
     # --- training -----------------------------------------------------------------------------
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:

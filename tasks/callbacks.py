@@ -8,9 +8,27 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from zoo.atomic import atomic_file, atomic_write_text
+
+
+class MonitoredCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that waits quietly for its monitored metric.
+
+    Lightning's saves the top-k at the end of a training epoch that ran no validation, and warns that the monitor
+    is missing. In mmzoo that is normal (a time budget or a step total validates once after the loop, and
+    :func:`tasks.train.save_final_best` writes ``best.ckpt`` then), so this one skips that save instead.
+    """
+
+    def _generate_state_key(self, **kwargs: Any) -> str:
+        return f"ModelCheckpoint{kwargs!r}"  # the parent's key: checkpoints resume and export either way
+
+    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        if self.monitor is not None and self.monitor not in monitor_candidates:
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -41,11 +59,18 @@ class RunArtifacts(L.Callback):
     def _write(self, trainer: L.Trainer, task: Any, stage: str) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
+        started = time.time()
         writer = getattr(task, "write_artifacts", None)  # a multi-task model writes one pair per task
         if writer is not None:
             writer(self.output_dir, stage, self.predictions_file, self.samples_file)
         else:
             write_task_artifacts(task, self.output_dir, stage, self.predictions_file, self.samples_file)
+        stem, suffix = Path(self.samples_file).stem, Path(self.samples_file).suffix
+        grids = [p for p in sorted(self.output_dir.glob(f"{stem}*{suffix}")) if p.stat().st_mtime >= started - 1]
+        if grids and trainer.loggers:  # the experiment loggers show the grids too (TensorBoard, W&B, MLflow, ...)
+            from tasks.logger_images import log_images_to_loggers
+
+            log_images_to_loggers(trainer, grids, stage)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._write(trainer, pl_module, "val")
@@ -77,13 +102,16 @@ class TimeBudget(L.Callback):
     """
 
     def __init__(self, minutes: float, start: int = 10, window: int = 20, min_steps: int = 50,
-                 whole_epochs: bool = False, rechecks: Sequence[float] = (0.25, 0.5, 0.75)):
+                 whole_epochs: bool = False, rechecks: Sequence[float] = (0.25, 0.5, 0.75),
+                 deadline_s: float | None = None):
         if minutes <= 0:
             raise ValueError(f"TimeBudget minutes must be > 0, got {minutes}")
         if any(not 0 < f < 1 for f in rechecks):
             raise ValueError(f"TimeBudget rechecks are fractions of the run in (0, 1), got {list(rechecks)}")
         self.seconds, self.start, self.window, self.min_steps = 60.0 * minutes, start, window, min_steps
         self.whole_epochs, self.rechecks = whole_epochs, sorted(rechecks)
+        # deadline_s (tasks.budget): the loop ends that many seconds after the run started, whatever came before
+        self.deadline_s = deadline_s
         self.total: int | None = None
         self._t_fit: float | None = None
         self._t_start: float | None = None
@@ -96,6 +124,14 @@ class TimeBudget(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._t_fit = time.perf_counter()
+        if self.deadline_s is not None and self.total is None:
+            from tasks.budget import elapsed_s
+
+            spent = elapsed_s()
+            self.seconds = max(60.0, self.deadline_s - spent)
+            if trainer.is_global_zero:
+                print(f"[mmzoo] {spent / 60:.1f} min spent before training: the training loop gets "
+                      f"{self.seconds / 60:.1f} min", flush=True)
         if self.total is not None:  # resumed
             self._apply(trainer, pl_module)
 
@@ -146,6 +182,17 @@ class TimeBudget(L.Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.total = state.get("total")
+
+
+class FinetuneInfo(L.Callback):
+    """Records the starting point and mode in every checkpoint (``checkpoint["mmzoo_finetune"]``), so
+    ``zoo-export`` can rebuild LoRA checkpoints and write the model card."""
+
+    def __init__(self, info: dict[str, Any]):
+        self.info = info
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mmzoo_finetune"] = dict(self.info)
 
 
 class Throughput(L.Callback):

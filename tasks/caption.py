@@ -15,7 +15,7 @@ from modalities.text import TextTokenizer
 from tasks.base import Seq2SeqTask
 from tasks.data.coco import CaptionRecord, DataError, read_coco_captions
 from tasks.data.collate import Seq2SeqCollator
-from tasks.data_module import SplitInfo, TextDataModule, empty_split_error, image_preprocessor
+from tasks.data_module import FileSplitsMixin, SplitInfo, TextDataModule, empty_split_error, image_preprocessor
 from zoo.instructions import CAPTION_PROMPT
 from zoo.vocab import VocabLayout
 
@@ -58,7 +58,7 @@ class ImageEvalSet(Dataset):
         return {"image": self.preprocess(r.path), "prompt": self.prompt, "id": r.image_id}
 
 
-class CaptionDataModule(TextDataModule):
+class CaptionDataModule(FileSplitsMixin, TextDataModule):
     """COCO-captions data (``captions_{split}.json`` + images); generates Shapes on first use.
 
     Call :meth:`prepare_data` (dataset and tokenizer), then :meth:`bind` with the model's image config
@@ -128,15 +128,6 @@ class CaptionDataModule(TextDataModule):
             self.records[split] = recs
         return self.records[split]
 
-    def split_info(self, split: str) -> SplitInfo | None:
-        if not self.files.get(split):
-            return None
-        recs = self._read(split)
-        info = self.split_infos[split]
-        if split == "train":
-            info.units, info.batches = len(recs), len(recs) // self.batch_size
-        return info
-
     def ensure_data(self) -> None:
         """Generate the embedded dataset on first use (``generate``)."""
         if self.generate == "shapes":
@@ -201,6 +192,10 @@ class CaptionDataModule(TextDataModule):
         return self._loader(ImageEvalSet(self._eval_records("val"), self.prompt_ids, self.preprocess),
                             self.eval_batch_size, shuffle=False)
 
+    def has_split(self, stage: str) -> bool:
+        """Whether the data has a ``stage`` split (``data.test_file: null``: none to test on)."""
+        return bool(self.files.get(stage))
+
     def test_dataloader(self) -> DataLoader:
         if not self.files["test"]:
             raise ValueError("this dataset has no test split (data.test_file is null)")
@@ -220,10 +215,7 @@ class CaptionTask(Seq2SeqTask):
     def compute_metrics(self, stage: str, predictions: dict[Any, str]) -> dict[str, float]:
         from tasks.metrics import caption_scores
 
-        refs = self.datamodule.references(stage)
-        missing = set(refs) - set(predictions)
-        if missing:
-            raise RuntimeError(f"{len(missing)} {stage} images got no prediction (e.g. {sorted(missing)[:3]})")
+        refs = self.scored_references(stage, self.datamodule.references(stage), predictions, "images")
         scores = caption_scores({k: predictions[k] for k in refs}, refs)
         return {"cider": scores["cider"], "bleu4": scores["bleu4"], "rouge_l": scores["rouge_l"]}
 
@@ -238,4 +230,4 @@ class CaptionTask(Seq2SeqTask):
             return
         pre = self.datamodule.preprocess
         images = [pre.denormalize(x) for x in s["image"]]
-        save_grid(images, s["predictions"], path)
+        save_grid(images, s["predictions"], path, references=self.sample_references(stage))

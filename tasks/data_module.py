@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from modalities.image import ImageConfig, ImagePreprocessor
 from modalities.text import TextTokenizer
+from tasks.resume import ResumableLoader, eval_generator, run_seed
 from zoo.vocab import VocabLayout
 
 log = logging.getLogger(__name__)
@@ -98,15 +99,32 @@ class TextDataModule(L.LightningDataModule):
                 ids = [x[:max_len] for x in ids]
         return [[t + off for t in x] for x in ids]
 
+    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool, collate: Any = None) -> DataLoader:
+        """Shuffled training batches drop the last partial one and resume exactly (:class:`ResumableLoader`);
+        evaluation keeps every record."""
+        kwargs = dict(batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate or self.collate,
+                      persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+        if shuffle:
+            return ResumableLoader(ds, seed=run_seed(), drop_last=True, **kwargs)
+        return DataLoader(ds, shuffle=False, drop_last=False, generator=eval_generator(self.num_workers), **kwargs)
+
     def split_info(self, split: str) -> SplitInfo | None:
         """The split's :class:`SplitInfo` (``None``: the split is not configured). Subclasses implement it."""
         return None
 
-    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool, collate: Any = None) -> DataLoader:
-        """Shuffled training batches drop the last partial one; evaluation keeps every record."""
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=collate or self.collate, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available(), drop_last=shuffle)
+
+class FileSplitsMixin:
+    """``split_info`` for datamodules with one file per split (``self.files``) read by ``self._read(split)``,
+    which fills ``self.split_infos``; the train split's batch count uses ``self.batch_size``."""
+
+    def split_info(self, split: str) -> SplitInfo | None:
+        if not self.files.get(split):
+            return None
+        recs = self._read(split)
+        info = self.split_infos[split]
+        if split == "train":
+            info.units, info.batches = len(recs), len(recs) // self.batch_size
+        return info
 
 
 def image_preprocessor(model_cfg: Any, task: str) -> ImagePreprocessor:

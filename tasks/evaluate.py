@@ -86,6 +86,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     from tasks.registry import task_class_for
     from tasks.train import report_metrics
+    from tasks.logs import tidy_logging
+
+    tidy_logging()
 
     if cfg.split not in ("val", "test"):
         raise ValueError(f"split must be val or test, got {cfg.split!r}")
@@ -128,6 +131,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 def main() -> None:
+    from tasks.cli_help import maybe_print_help
+
+    maybe_print_help("zoo-eval")  # before Hydra and Lightning load
     import hydra
 
     register_resolvers()

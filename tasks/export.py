@@ -5,20 +5,28 @@ task; text-to-image runs also the path of their VQ tokenizer folder, copied into
 ``image_codes/``) and the task's weights under the ``model.`` prefix; fine-tuning runs add
 ``checkpoint["mmzoo_finetune"]`` (starting point, mode, LoRA settings; LoRA is merged on export).
 
-A ``.ckpt`` is a pickle: export only your own / trusted checkpoints. It is read with
-``weights_only=True``; full unpickling needs ``unsafe_pickle=true``.
+A ``.ckpt`` is a pickle: it is read only with ``torch.load(weights_only=True)`` (tensors and plain containers),
+never unpickled further.
 """
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch loads lazily: `zoo-export --help` stays instant
+    import torch
 
-USAGE = """usage: zoo-export ckpt=<run>/checkpoints/best.ckpt out=<folder> [adapter_out=<folder>] [name=<title>]
-                  [push_to_hub=<org/name>] [unsafe_pickle=false] [vq=<VQ tokenizer folder>]
+USAGE = """zoo-export: turn a training checkpoint into a model folder that zoo.load() and zoo-predict read.
+
+usage: zoo-export ckpt=<run>/checkpoints/best.ckpt out=<folder> [adapter_out=<folder>] [name=<title>]
+                  [push_to_hub=<org/name>] [vq=<VQ tokenizer folder>]
+
+examples:
+  zoo-export ckpt=outputs/quickstart/runs/<run>/checkpoints/best.ckpt out=exports/quickstart
+  zoo-export ckpt=outputs/multitask/runs/<run>/checkpoints/best.ckpt out=exports/ofa-tiny-multitask
+  zoo-export ckpt=<...>.ckpt out=exports/mine push_to_hub=org/name     # then zoo.load("hf-hub:org/name")
 
 Text-to-image checkpoints name the VQ tokenizer folder they were trained with; it is copied into
 <out>/image_codes/. vq= overrides that path (e.g. when the checkpoint moved to another machine).
@@ -34,20 +42,23 @@ TASK_SETTINGS = ("max_new_tokens", "num_beams", "length_penalty", "decoding",
 
 
 def read_checkpoint(path: str | Path, unsafe_pickle: bool = False) -> dict[str, Any]:
-    """Load a training checkpoint, refusing arbitrary objects unless ``unsafe_pickle``."""
+    """Load a training checkpoint with ``torch.load(weights_only=True)`` (tensors and plain containers only; mmzoo
+    never unpickles further, so ``unsafe_pickle=True`` is refused)."""
     path = Path(path)
+    if unsafe_pickle:
+        raise ValueError(f"{path}: unsafe_pickle=true is no longer supported: mmzoo never unpickles beyond "
+                         "torch.load(weights_only=True) (a pickle can run code); mmzoo's own checkpoints load that way")
     if not path.is_file():
         near = sorted(p.name for p in path.parent.glob("*.ckpt")) if path.parent.is_dir() else []
         raise FileNotFoundError(f"checkpoint {path} does not exist"
                                 + (f"; {path.parent} holds {', '.join(near)}" if near else ""))
+    import torch
+
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        if not unsafe_pickle:
-            raise ValueError(f"{path}: cannot be read with weights_only=True ({type(e).__name__}: {str(e)[:300]}). "
-                             "If it is your own training output, re-run with unsafe_pickle=true") from e
-        print(f"[mmzoo] warning: unpickling {path} fully (unsafe_pickle=true)", file=sys.stderr)
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True) ({type(e).__name__}: "
+                         f"{str(e)[:300]}); mmzoo reads checkpoints only that way (a pickle can run code)") from None
     if not isinstance(ckpt, dict) or "mmzoo" not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"{path}: not an mmzoo training checkpoint (no 'mmzoo' entry with the model config)")
     return ckpt

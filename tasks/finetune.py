@@ -8,11 +8,13 @@ is exported to ``<run>/model`` (LoRA merged) and, for LoRA, the adapters to ``<r
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import lightning as L
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
+
+if TYPE_CHECKING:  # torch and Lightning load lazily: `zoo-finetune --help` stays instant
+    import lightning as L
+    from torch import nn
 
 FINETUNE_MODES = ("full", "frozen_encoder", "lora")
 #: The backbone's linear layers: fused self-attention QKV, cross-attention Q and KV, outputs, FFN.
@@ -85,9 +87,11 @@ def _stay_eval(module: nn.Module, args: Any) -> None:
 def freeze_batchnorm_stats(module: nn.Module) -> int:
     """Keep the BatchNorm layers of a frozen part in eval mode (their running statistics are weights too:
     training would change them, and LoRA adapters would then not describe the whole change)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
     n = 0
     for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, _BatchNorm):
             m.register_forward_pre_hook(_stay_eval)
             n += 1
     return n
@@ -114,15 +118,12 @@ def count_trainable(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-class FinetuneInfo(L.Callback):
-    """Records the starting point and mode in every checkpoint (``checkpoint["mmzoo_finetune"]``), so
-    ``zoo-export`` can rebuild LoRA checkpoints and write the model card."""
+def __getattr__(name: str) -> Any:
+    if name == "FinetuneInfo":  # lives with the other callbacks (tasks.callbacks imports Lightning)
+        from tasks.callbacks import FinetuneInfo
 
-    def __init__(self, info: dict[str, Any]):
-        self.info = info
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        checkpoint["mmzoo_finetune"] = dict(self.info)
+        return FinetuneInfo
+    raise AttributeError(f"module 'tasks.finetune' has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,6 +149,8 @@ def from_pretrained(cfg: DictConfig) -> tuple[nn.Module, Any, list[L.Callback]]:
     info = {"pretrained": str(cfg.pretrained), "mode": ft["mode"], "tasks": bundle.tasks}
     if ft["mode"] == "lora":
         info["lora"] = ft["lora"]
+    from tasks.callbacks import FinetuneInfo
+
     return model, bundle.tokenizer, [FinetuneInfo(info)]
 
 
@@ -171,6 +174,9 @@ def finetune(cfg: DictConfig) -> dict[str, float]:
 
 
 def main() -> None:
+    from tasks.cli_help import maybe_print_help
+
+    maybe_print_help("zoo-finetune")  # before Hydra and Lightning load
     import hydra
 
     from tasks.resolvers import register_resolvers

@@ -183,7 +183,10 @@ def ensure_probe(root: str | Path, **train_kwargs: Any) -> Path:
     folder = root / "probes" / f"probe-{key}"
     if (folder / "probe.json").is_file():
         return folder
-    probe, metrics = train_probe(root, **train_kwargs)
+    from tasks.resume import isolated_rng
+
+    with isolated_rng():  # a cache miss leaves the RNG of the run that asked for the probe as it was
+        probe, metrics = train_probe(root, **train_kwargs)
     tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}")
     save_probe(probe, tmp, metrics)
     try:

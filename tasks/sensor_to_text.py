@@ -24,7 +24,7 @@ from tasks.data.collate import Seq2SeqCollator
 from tasks.data.motion import ACTIVITIES
 from tasks.data.sensor_formats import ManifestRecord, read_manifest, read_recording
 from tasks.data.coco import DataError
-from tasks.data_module import SplitInfo, TextDataModule, empty_split_error
+from tasks.data_module import FileSplitsMixin, SplitInfo, TextDataModule, empty_split_error
 from zoo.atomic import atomic_file
 from zoo.instructions import SENSOR_PROMPT
 from zoo.vocab import VocabLayout
@@ -108,7 +108,7 @@ class SensorEvalSet(Dataset):
         return {"sensor": self.tokenizer(self.recordings[i]), "prompt": self.prompt, "id": self.ids[i]}
 
 
-class SensorTextDataModule(TextDataModule):
+class SensorTextDataModule(FileSplitsMixin, TextDataModule):
     """Sensor recordings listed in JSONL manifests (``manifest_{split}.jsonl``); Motion on first use.
 
     :meth:`prepare_data` makes the data, the text tokenizer and the per-channel statistics (fitted on
@@ -208,15 +208,6 @@ class SensorTextDataModule(TextDataModule):
                 raise DataError(f"{empty_split_error(info, split)}: nothing to train on")
             self.records[split], self._recs[split] = kept, recordings
         return self.records[split]
-
-    def split_info(self, split: str) -> SplitInfo | None:
-        if not self.files.get(split):
-            return None
-        recs = self._read(split)
-        info = self.split_infos[split]
-        if split == "train":
-            info.units, info.batches = len(recs), len(recs) // self.batch_size
-        return info
 
     def recordings(self, split: str) -> list[SensorRecording]:
         """The split's recordings read through the format readers (kept in memory: they are small)."""
@@ -326,10 +317,7 @@ class SensorToTextTask(Seq2SeqTask):
         from tasks.metrics import caption_scores
 
         dm = self.datamodule
-        refs = dm.references(stage)
-        missing = set(refs) - set(predictions)
-        if missing:
-            raise RuntimeError(f"{len(missing)} {stage} recordings got no prediction (e.g. {sorted(missing)[:3]})")
+        refs = self.scored_references(stage, dm.references(stage), predictions, "recordings")
         preds = {k: predictions[k] for k in refs}
         scores = caption_scores(preds, refs)
         return {"bleu4": scores["bleu4"], "cider": scores["cider"], **activity_scores(preds, dm.activities(stage))}
@@ -342,12 +330,13 @@ class SensorToTextTask(Seq2SeqTask):
         if not s:
             return
         values, valid = s["sensor"]
-        plot_recordings(values, valid, s["predictions"], path)
+        plot_recordings(values, valid, s["predictions"], path, references=self.sample_references(stage))
 
 
 def plot_recordings(values: torch.Tensor, valid: torch.Tensor, texts: Sequence[str], path: str | Path,
-                    cols: int = 2, size: tuple[int, int] = (360, 120)) -> Path:
-    """A PIL grid: each recording's normalised channels as lines, its text below."""
+                    cols: int = 2, size: tuple[int, int] = (360, 120),
+                    references: Sequence[str] | None = None) -> Path:
+    """A PIL grid: each recording's normalised channels as lines, its text below (and its reference, in green)."""
     import textwrap
 
     from PIL import Image, ImageDraw, ImageFont
@@ -355,7 +344,7 @@ def plot_recordings(values: torch.Tensor, valid: torch.Tensor, texts: Sequence[s
     colours = [(200, 30, 30), (30, 140, 30), (30, 60, 200), (230, 140, 0), (140, 40, 170), (0, 150, 160)]
     font = ImageFont.load_default()
     w, h = size
-    text_h = 3 * 12 + 6
+    text_h = (3 + (2 if references is not None else 0)) * 12 + 6
     n = len(texts)
     rows = max(1, -(-n // cols))
     canvas = Image.new("RGB", (cols * w, rows * (h + text_h)), "white")
@@ -369,8 +358,12 @@ def plot_recordings(values: torch.Tensor, valid: torch.Tensor, texts: Sequence[s
             ys = y0 + h / 2 - v[c, :t_len] * (h / 10)
             draw.line(list(zip(xs.tolist(), ys.tolist())), fill=colours[c % len(colours)], width=1)
         draw.rectangle([x0 + 2, y0 + 2, x0 + w - 3, y0 + h - 3], outline=(180, 180, 180))
-        for j, line in enumerate(textwrap.wrap(str(text), w // 6)[:3]):
+        lines = textwrap.wrap(str(text), w // 6)[:3]
+        for j, line in enumerate(lines):
             draw.text((x0 + 4, y0 + h + 2 + j * 12), line, fill="black", font=font)
+        if references is not None:
+            for j, line in enumerate(textwrap.wrap(f"ref: {references[i]}", w // 6)[:2]):
+                draw.text((x0 + 4, y0 + h + 2 + (len(lines) + j) * 12), line, fill=(0, 120, 0), font=font)
     with atomic_file(path, "wb") as f:
         canvas.save(f, format="PNG")
     return Path(path)

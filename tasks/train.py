@@ -8,6 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from tasks.budget import RUN_START  # noqa: F401  (starts the run's clock: budget.total_minutes counts from here)
 from tasks.resolvers import register_resolvers
 
 
@@ -57,7 +58,11 @@ def build_model(model_cfg: DictConfig, text_vocab_size: int, data_overrides: dic
         user_spec: dict[str, Any] = OmegaConf.to_container(pretrain, resolve=True)  # type: ignore[assignment]
         freeze = bool(user_spec.pop("freeze", False))
         spec = resolve_spec(user_spec, image_cfg)
-        with prepare_lock(spec["root"]):  # torchrun/srun ranks: the first pretrains, the others load its cache
+        from tasks.resume import isolated_rng
+
+        # torchrun/srun ranks: the first pretrains, the others load its cache; pretraining or reading the cache
+        # leaves the RNG as it was, so the model's initialisation does not depend on whether the cache existed
+        with prepare_lock(spec["root"]), isolated_rng():
             weights = ensure_pretrained_backbone(spec)
         overrides.setdefault("modalities", {})["image"] = {**image_over, "pretrained": str(weights)}
     vocab = dict(zoo.model_config(model_cfg.name).vocab)
@@ -107,6 +112,45 @@ def save_final_best(trainer) -> None:
         cb.best_model_path, cb.best_model_score, cb.best_k_models = path, score, {path: score}
 
 
+def instantiate_loggers(logger_cfg: Any) -> list[Any]:
+    """The configured experiment loggers (``logger=...``). MLflow 3 refuses its local file store unless asked:
+    ``logger=mlflow`` writes one under the run directory (no server, no database), so it is allowed here."""
+    import os
+
+    from hydra.utils import instantiate
+
+    for c in logger_cfg.values():
+        if c is not None and "MLFlowLogger" in str(c.get("_target_", "")) and str(c.get("tracking_uri") or "").startswith("file:"):
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return [instantiate(c) for c in logger_cfg.values() if c is not None]
+
+
+def has_test_split(dm: Any) -> bool:
+    """Whether the datamodule has test data (``has_split("test")``; a multi-task one: every task's)."""
+    subs = getattr(dm, "subs", None)
+    if isinstance(subs, dict) and subs:
+        return all(has_test_split(d) for d in subs.values())
+    check = getattr(dm, "has_split", None)
+    return bool(check("test")) if callable(check) else True
+
+
+def remove_orphans(cfg: DictConfig) -> None:
+    """Rank 0, before anything is written: delete the temp files of atomic writes that a kill interrupted
+    (a checkpoint's can be tens of MB) in the run directory and the checkpoint folders of its callbacks."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from zoo.atomic import remove_orphan_temps
+
+    if rank_zero_only.rank != 0:
+        return
+    out = Path(cfg.paths.output_dir)
+    folders = {out, out / "checkpoints"}
+    folders |= {Path(c.dirpath) for c in (cfg.get("callbacks") or {}).values() if c is not None and c.get("dirpath")}
+    for folder in sorted(folders):
+        for p in remove_orphan_temps(folder):
+            print(f"[mmzoo] removed {p}, left by an interrupted write")
+
+
 def report_metrics(task: Any, metrics: dict[str, float], out: Path, title: str) -> None:
     """Write ``out/metrics.json`` and print the task's summary table (multi-task), then every metric."""
     from zoo.atomic import atomic_write_text
@@ -128,16 +172,28 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     from tasks.callbacks import AtomicCheckpointIO, Throughput
     from tasks.distributed import check_trainer, prepare_lock, single_job_relaunch
+    from tasks.logs import tidy_logging
+    from tasks.resume import ResumeState, isolated_rng
+
+    tidy_logging()
 
     check_trainer(cfg.trainer)
     single_job_relaunch()  # Hydra multirun + ddp: re-launched ranks run this job, in this job's folder
     out = Path(cfg.paths.output_dir)
+    remove_orphans(cfg)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
 
+    deadline = None
+    budget = cfg.get("budget")
+    if budget and budget.get("total_minutes"):  # one wall-clock budget for the whole run (tasks/budget.py)
+        from tasks.budget import plan_run
+
+        _, deadline = plan_run(budget, bf16="bf16" in str(cfg.trainer.get("precision")))
     dm = instantiate(cfg.data)
-    with prepare_lock(cfg.data.get("root") or cfg.paths.data_dir):  # torchrun/srun ranks: one prepares, the others read its cache
+    # torchrun/srun ranks: one prepares, the others read its cache; the RNG is left as it was (cache hit or miss)
+    with prepare_lock(cfg.data.get("root") or cfg.paths.data_dir), isolated_rng():
         dm.prepare_data()
     extra_callbacks = []
     from hydra.utils import get_class
@@ -161,10 +217,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
         task = instantiate(cfg.task, model=model, tokenizer=tokenizer)
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if deadline is not None:
+        from tasks.callbacks import TimeBudget
+
+        for cb in callbacks:
+            if isinstance(cb, TimeBudget):
+                cb.deadline_s = deadline
     callbacks += extra_callbacks
     throughput = Throughput()
-    callbacks.append(throughput)
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    callbacks += [throughput, ResumeState()]  # RNG states in checkpoints: a resumed run continues exactly
+    loggers = instantiate_loggers(cfg.get("logger") or {})
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
     if trainer.is_global_zero:
         n_params = model.num_parameters()
@@ -178,6 +240,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_run(cfg, dm, trainer)  # 0 training steps, no validation or test data: refused before the run
     metrics: dict[str, float] = {}
     ckpt_path = resolve_ckpt_path(cfg)
+    run_test = bool(cfg.get("test", True))
+    if run_test and not has_test_split(dm):
+        run_test = False
+        if trainer.is_global_zero:
+            print("[mmzoo] this data has no test split (e.g. data.test_file=null): the run validates but skips testing")
     if cfg.get("train", True):
         t0 = time.perf_counter()
         trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
@@ -189,7 +256,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer.validate(task, datamodule=dm, verbose=False)  # the loop never validated (e.g. a time budget)
             save_final_best(trainer)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))})
-    if cfg.get("test", True):
+    if run_test:
         ckpt = None
         if cfg.get("train", True):
             best = getattr(trainer.checkpoint_callback, "best_model_path", "")
@@ -204,6 +271,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def main() -> None:
+    from tasks.cli_help import maybe_print_help
+
+    maybe_print_help("zoo-train")  # before Hydra and Lightning load
     import hydra
 
     register_resolvers()

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from modalities.image_codes import ImageCodeTokenizer, VQConfig
 from tasks.base import warmup_cosine
 from tasks.data.shapes_images import load_images, read_split
+from tasks.resume import ResumableLoader, eval_generator, run_seed
 
 
 class ImageTensorSet(Dataset):
@@ -77,10 +78,12 @@ class ShapesImageDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         ids, images = self.split(split)
-        return DataLoader(ImageTensorSet(images, ids), batch_size=self.batch_size if shuffle else self.eval_batch_size,
-                          shuffle=shuffle, drop_last=shuffle and len(ids) >= self.batch_size,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          collate_fn=collate_images)
+        kwargs = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0, collate_fn=collate_images)
+        if shuffle:  # resumes exactly (tasks.resume)
+            return ResumableLoader(ImageTensorSet(images, ids), self.batch_size, seed=run_seed(),
+                                   drop_last=len(ids) >= self.batch_size, **kwargs)
+        return DataLoader(ImageTensorSet(images, ids), batch_size=self.eval_batch_size, shuffle=False,
+                          generator=eval_generator(self.num_workers), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

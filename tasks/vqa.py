@@ -163,6 +163,7 @@ class VQADataModule(TextDataModule):
 
     # --- reading + validation -----------------------------------------------------------------
     def has_split(self, split: str) -> bool:
+        """Whether the data has a ``split`` (``data.splits.test: null``: none to test on)."""
         return split in self.splits
 
     def read(self, split: str) -> list[VQARecord]:
@@ -452,14 +453,7 @@ class VQATask(Seq2SeqTask):
     def compute_metrics(self, stage: str, predictions: dict[Any, str]) -> dict[str, float]:
         from tasks.metrics import vqa_scores
 
-        refs = self.datamodule.references(stage)
-        missing = set(refs) - set(predictions)
-        limit = getattr(self.trainer, f"limit_{stage}_batches", 1.0)
-        partial = self.trainer.fast_dev_run or isinstance(limit, int) or float(limit) < 1.0  # int: a batch count
-        if missing and partial:  # a deliberately partial pass
-            refs = {k: v for k, v in refs.items() if k in predictions}
-        elif missing:
-            raise RuntimeError(f"{len(missing)} {stage} questions got no prediction (e.g. {sorted(missing)[:3]})")
+        refs = self.scored_references(stage, self.datamodule.references(stage), predictions, "questions")
         if not any(r["answers"] for r in refs.values()):
             return {}  # unanswered test split: predictions only
         s = vqa_scores({k: predictions[k] for k in refs}, refs)
@@ -482,4 +476,4 @@ class VQATask(Seq2SeqTask):
         questions = self.tokenizer.decode_batch(
             [[t - lo for t in row if t != PAD_ID] for row in s["prompt_ids"].tolist()])
         texts = [f"Q: {q} A: {a}" for q, a in zip(questions, s["predictions"])]
-        save_grid([pre.denormalize(x) for x in s["image"]], texts, path)
+        save_grid([pre.denormalize(x) for x in s["image"]], texts, path, references=self.sample_references(stage))

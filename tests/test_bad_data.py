@@ -282,11 +282,16 @@ def test_configurations_that_train_zero_steps(data_root, setting, match):
 
 
 def test_test_true_without_test_data(data_root):
+    """No test split configured: the run trains and skips testing (it says so); an empty test file is an error."""
     from tasks.preflight import RunConfigError, check_run
 
     dm = _caption_dm(data_root)
     dm.prepare_data()
-    with pytest.raises(RunConfigError, match=r"data: no test split is configured: test=true would test on nothing"):
+    check_run(_cfg(test=True), dm, _trainer())
+    _coco(data_root / "test.json", [])
+    dm = _caption_dm(data_root, test_file="test.json")
+    dm.prepare_data()
+    with pytest.raises(RunConfigError, match=r"test\.json: the test split has no usable records"):
         check_run(_cfg(test=True), dm, _trainer())
 
 

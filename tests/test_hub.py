@@ -32,9 +32,10 @@ def saved(bundle, tmp_path_factory) -> Path:
 
 def _inputs(model, b=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    s = model.cfg.modalities["image"]["image_size"]
+    name = "image" if "image" in model.cfg.modalities else "florence_image"
+    s = model.cfg.modalities[name]["image_size"]
     ids = torch.randint(model.layout.text_start, model.layout.image_code_start, (b, 5), generator=g)
-    return {"image": torch.randn(b, 3, s, s, generator=g), "text": (ids, torch.ones(b, 5, dtype=torch.bool))}
+    return {name: torch.randn(b, 3, s, s, generator=g), "text": (ids, torch.ones(b, 5, dtype=torch.bool))}
 
 
 def _hf_cache(root: Path, repo_id: str, folder: Path, commit: str, refs: tuple[str, ...] = ("main",)) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 __all__ = ["create_model", "list_models", "model_config", "load", "list_pretrained", "register_pretrained",
-           "Pretrained", "UnifiedSeq2Seq", "ModelConfig", "VocabLayout"]
+           "Pretrained", "UnifiedSeq2Seq", "ModelConfig", "VocabLayout", "ModelFolderError", "UnsafeModelError"]
 
 
 def __getattr__(name: str):
@@ -23,6 +23,10 @@ def __getattr__(name: str):
         from zoo.pretrained import Pretrained
 
         return Pretrained
+    if name in ("ModelFolderError", "UnsafeModelError"):
+        from zoo import loading
+
+        return getattr(loading, name)
     if name == "UnifiedSeq2Seq":
         from zoo.model import UnifiedSeq2Seq
 

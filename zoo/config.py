@@ -4,9 +4,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from modalities.base import get_modality, legacy_type_index, list_modalities
 from zoo.vocab import VocabLayout
 
-MODALITY_TYPES = ("text", "image", "image_codes", "sensor")
+ENC_POSITIONS = ("segment", "sequence")
 FFN_KINDS = ("dense", "multiway", "moe")
 ATTENTION_KINDS = ("standard", "lfa")
 #: feed-forward activation → ``F.gelu``'s ``approximate``: exact (erf) GELU, as HF Bart, or the tanh approximation
@@ -42,8 +43,20 @@ class ModelConfig:
     moe_aux_weight: float = 0.01  # moe: weight of the load-balancing loss (summed over MoE layers)
     attention: str = "standard"  # standard | lfa (Yuan 2.0 localized filtering before self-attention)
     lfa_kernel: int = 2  # lfa: taps of each depthwise convolution
+    # layer form (BART / Florence-2 set these; the defaults are mmzoo's own pre-norm form)
+    norm_first: bool = True  # pre-norm layers + final LayerNorms | post-norm layers (x = ln(x + f(x))), no final norm
+    embed_norm: bool = False  # LayerNorm on the encoder's and the decoder's input embeddings
+    embed_scale: bool = False  # token embeddings times sqrt(d_model)
+    pos_offset: int = 0  # learned positions start at this row (BART: 2)
+    enc_positions: str = "segment"  # segment: text segments count from 0 | sequence: over the whole encoder input
+    type_embed: bool = True  # add a learned modality-type embedding to every segment
+    logits_bias: bool = False  # a (buffer) bias on the tied output projection (BART's final_logits_bias)
     vocab: dict[str, Any] = field(default_factory=lambda: {"text_size": 0})
     modalities: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # modality -> row of the modality-type embedding (None: the rows of models saved before the modality registry,
+    # text/image/image_codes/sensor = 0..3, then the model's other typed modalities); saved, so a modality
+    # registered later never changes this model's shapes
+    type_index: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -68,11 +81,37 @@ class ModelConfig:
             raise ValueError(f"moe_capacity_factor must be > 0, got {self.moe_capacity_factor}")
         if self.attention == "lfa" and self.lfa_kernel < 1:
             raise ValueError(f"lfa_kernel must be >= 1, got {self.lfa_kernel}")
+        if self.enc_positions not in ENC_POSITIONS:
+            raise ValueError(f"enc_positions must be one of {ENC_POSITIONS}, got {self.enc_positions!r}")
+        if self.pos_offset < 0:
+            raise ValueError(f"pos_offset must be >= 0, got {self.pos_offset}")
         if isinstance(self.vocab, VocabLayout):
             self.vocab = self.vocab.to_dict()
-        unknown = set(self.modalities) - set(MODALITY_TYPES)
+        self._check_modalities()
+
+    def _check_modalities(self) -> None:
+        """Every modality is a registered encoder input; untyped ones need ``type_embed=False``; fills
+        :attr:`type_index` (legacy rows first, then the model's other typed modalities in order)."""
+        known = [m for m in list_modalities() if get_modality(m).is_input]
+        unknown = [m for m in self.modalities if m not in known]
         if unknown:
-            raise ValueError(f"unknown modalities {sorted(unknown)}; known: {MODALITY_TYPES}")
+            raise ValueError(f"unknown modalities {sorted(unknown)}; known: {known}")
+        untyped = [m for m in self.modalities if not get_modality(m).typed]
+        if untyped and self.type_embed:
+            raise ValueError(f"modalities {sorted(untyped)} have no type embedding; they need type_embed=False")
+        index = dict(legacy_type_index()) if self.type_index is None else dict(self.type_index)
+        if any(not isinstance(k, str) or not isinstance(v, int) or isinstance(v, bool) or v < 0
+               for k, v in index.items()) or len(set(index.values())) != len(index) or "text" not in index:
+            raise ValueError(f"type_index must map text and each typed modality to a distinct row >= 0, got {index}")
+        for m in self.modalities:
+            if m not in index and get_modality(m).typed:
+                index[m] = max(index.values()) + 1
+        self.type_index = index
+
+    @property
+    def num_types(self) -> int:
+        """Rows of the modality-type embedding."""
+        return max(self.type_index.values()) + 1
 
     @property
     def layout(self) -> VocabLayout:

@@ -60,6 +60,8 @@ class FastDecodeStep:
             self.layers.append((layer.ln1, layer.ln2, layer.ln3, w(sa.qkv), w(sa.out), w(ca.q), w(ca.out),
                                 w(ff.fc1), w(ff.fc2), ff.approximate))
         self.out_weight = model.__dict__["packed_output"].get(model.embed_tokens.weight)
+        self.out_bias = model.final_logits_bias if model.cfg.logits_bias else None
+        self.norm_first = model.cfg.norm_first
 
     @classmethod
     def build(cls, model: nn.Module, memory: torch.Tensor) -> "FastDecodeStep | None":
@@ -75,7 +77,8 @@ class FastDecodeStep:
             return None
         if not all(_plain_layer(layer) for layer in model.decoder) or _global_hooks():
             return None
-        if any(_hooked_or_training(m) for m in (model.decoder, model.dec_norm, model.embed_tokens,
+        extra = [model.dec_embed_norm] if cfg.embed_norm else []
+        if any(_hooked_or_training(m) for m in (model.decoder, model.dec_norm, model.embed_tokens, *extra,
                                                   *model.decoder_position_tables())):
             return None
         packed = _PACKED.get(model)
@@ -95,10 +98,17 @@ class FastDecodeStep:
         start = cache.length
         if start + 1 > model.cfg.max_positions:
             raise ValueError(f"decoder length {start + 1} exceeds max_positions={model.cfg.max_positions}")
-        x = F.embedding(tgt_in, model.embed_tokens.weight, model.embed_tokens.padding_idx) \
-            + model.decoder_positions(start, 1)  # [B,1,d]
+        x = F.embedding(tgt_in, model.embed_tokens.weight, model.embed_tokens.padding_idx)
+        if model.cfg.embed_scale:
+            x = x * model.embed_mult
+        x = x + model.decoder_positions(start, 1)  # [B,1,d]
         d = x.shape[-1]
         x = x.view(b, d)
+        if model.cfg.embed_norm:
+            ln = model.dec_embed_norm
+            x = F.layer_norm(x, (d,), ln.weight, ln.bias, ln.eps)
+        if not self.norm_first:
+            return self._post_norm_layers(x, cache, start)
         bm = cache.cross[0][0].shape[0]
         g = b // bm  # rows (beams) per source row
         for i, (ln1, ln2, ln3, qkv, out, cq, cout, fc1, fc2, gelu) in enumerate(self.layers):
@@ -120,4 +130,24 @@ class FastDecodeStep:
             x = x + lin(lin(y, *fc1, gelu), *fc2)
         cache.length += 1
         x = F.layer_norm(x, (d,), model.dec_norm.weight, model.dec_norm.bias, model.dec_norm.eps)
-        return lin(x, self.out_weight, None).view(b, 1, -1)
+        return lin(x, self.out_weight, self.out_bias).view(b, 1, -1)
+
+    def _post_norm_layers(self, x: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        """The layers of a post-norm decoder (``norm_first=False``, BART): ``x = ln(x + f(x))``, no final norm."""
+        h, dh, lin = self.h, self.dh, onednn_linear
+        b, d = x.shape
+        bm = cache.cross[0][0].shape[0]
+        g = b // bm
+        for i, (ln1, ln2, ln3, qkv, out, cq, cout, fc1, fc2, gelu) in enumerate(self.layers):
+            q, k, v = lin(x, *qkv).view(b, 1, 3, h, dh).permute(2, 0, 3, 1, 4)
+            cache.k[i][:, :, start:start + 1] = k
+            cache.v[i][:, :, start:start + 1] = v
+            y = attend(q, cache.k[i][:, :, :start + 1], cache.v[i][:, :, :start + 1], None, self.impl)
+            x = F.layer_norm(x + lin(y.transpose(1, 2).reshape(b, d), *out), (d,), ln1.weight, ln1.bias, ln1.eps)
+            q = lin(x, *cq).view(bm, g, h, dh).transpose(1, 2)
+            mk, mv = cache.cross[i]
+            y = attend(q, mk, mv, cache.memory_allowed, self.impl)
+            x = F.layer_norm(x + lin(y.transpose(1, 2).reshape(b, d), *cout), (d,), ln2.weight, ln2.bias, ln2.eps)
+            x = F.layer_norm(x + lin(lin(x, *fc1, gelu), *fc2), (d,), ln3.weight, ln3.bias, ln3.eps)
+        cache.length += 1
+        return lin(x, self.out_weight, self.out_bias).view(b, 1, -1)

@@ -67,6 +67,16 @@ register_pretrained("ofa-tiny.shapes", "mmzoo/ofa-tiny-shapes",
                     description="ofa-tiny captioning the embedded Shapes data (zoo-train experiment=caption_shapes)")
 
 
+def _register_imported() -> None:
+    from zoo.imported.florence2_archs import FLORENCE2_PRETRAINED
+
+    for name, repo in FLORENCE2_PRETRAINED.items():
+        register_pretrained(name, repo, description="Florence-2 (Microsoft, MIT licence), published weights")
+
+
+_register_imported()
+
+
 # ------------------------------------------------------------------------------------------------
 # Hub access
 # ------------------------------------------------------------------------------------------------
@@ -217,7 +227,32 @@ def load(source: str | Path, *, revision: str | None = None, allow_pickle: bool 
     """Load a model and all its modality tokenizers in one call.
 
     ``source``: a registered ``arch.tag`` (see :func:`list_pretrained`), a local folder, or
-    ``hf-hub:org/name[@revision]``. Only safetensors weights load unless ``allow_pickle=True``.
+    ``hf-hub:org/name[@revision]``. Only safetensors weights load unless ``allow_pickle=True`` (then a pickle
+    weights file is read with ``torch.load(weights_only=True)``, never further). Nothing outside the folder (or
+    the Hub repo's cache folder) is read and a local folder makes no network call (see :mod:`zoo.loading`).
     """
     folder = resolve(source, revision=revision, allow_pickle=allow_pickle, cache_dir=cache_dir)
+    imported = _load_imported(folder, source, revision, device, cache_dir)
+    if imported is not None:
+        return imported
     return Pretrained.from_folder(folder, allow_pickle=allow_pickle, device=device, source=str(source))
+
+
+def _load_imported(folder: Path, source: str | Path, revision: str | None, device: str | None,
+                   cache_dir: str | Path | None) -> Pretrained | None:
+    """Published layouts of imported architectures (Florence-2), recognised from config.json as data."""
+    from zoo.imported import florence2
+
+    if florence2.recognise(folder) is None:
+        return None
+    src = str(source)
+    if src in _PRETRAINED:
+        src = HUB_PREFIX + _PRETRAINED[src].repo_id
+    repo_id = parse_hub_source(src)[0] if src.startswith(HUB_PREFIX) else None
+    if repo_id is not None and not any((folder / f).is_file() for f in (florence2.WEIGHTS_ST, florence2.WEIGHTS_BIN)):
+        # Microsoft's repos ship pytorch_model.bin only: fetched here, read with torch.load(weights_only=True)
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(repo_id, florence2.WEIGHTS_BIN, revision=revision, cache_dir=str(cache_dir or hub_cache_dir()),
+                        local_files_only=hub_offline())
+    return florence2.load_folder(folder, device=device, source=src, revision=revision)

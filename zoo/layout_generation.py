@@ -30,31 +30,35 @@ def renderer_entry(renderer: LayoutRenderer, max_layout_len: int) -> dict[str, A
 def check_entry(entry: Any, where: str) -> dict[str, Any]:
     """Validate a ``config.json`` ``renderer`` entry: exactly :data:`ENTRY_KEYS` with their types, a plain
     subfolder name and the renderer format."""
-    from zoo.pretrained import UnsafeModelError
+    from zoo.loading import ModelFolderError, UnsafeModelError
 
     if not isinstance(entry, dict):
-        raise ValueError(f"{where}: 'renderer' must be an object, got {type(entry).__name__}")
+        raise ModelFolderError(f"{where}: 'renderer' must be an object, got {type(entry).__name__}")
     unknown = sorted(set(entry) - set(ENTRY_KEYS))
     if unknown:
-        raise ValueError(f"{where}: unknown renderer key(s) {unknown}; known: {sorted(ENTRY_KEYS)}")
+        raise ModelFolderError(f"{where}: unknown renderer key(s) {unknown}; known: {sorted(ENTRY_KEYS)}")
     for key, typ in ENTRY_KEYS.items():
         v = entry.get(key)
         if not isinstance(v, typ) or isinstance(v, bool):
-            raise ValueError(f"{where}: renderer.{key} must be a {typ.__name__}, got {v!r}")
+            raise ModelFolderError(f"{where}: renderer.{key} must be a {typ.__name__}, got {v!r:.100}")
     sub = entry["folder"]
-    if sub in ("", ".", "..") or Path(sub).name != sub:
+    if sub in ("", ".", "..") or Path(sub).name != sub or "\\" in sub:
         raise UnsafeModelError(f"{where}: renderer.folder must name a subfolder of the model folder, got {sub!r}")
     if entry["format"] != FORMAT:
-        raise ValueError(f"{where}: renderer.format {entry['format']!r} is not {FORMAT!r}")
-    if entry["max_layout_len"] < 5:
-        raise ValueError(f"{where}: renderer.max_layout_len must be >= 5, got {entry['max_layout_len']}")
+        raise ModelFolderError(f"{where}: renderer.format {entry['format']!r} is not {FORMAT!r}")
+    if not 5 <= entry["max_layout_len"] <= 4096:
+        raise ModelFolderError(f"{where}: renderer.max_layout_len must be in [5, 4096], got {entry['max_layout_len']}")
     return entry
 
 
-def load_renderer(folder: Path, entry: Any, where: str) -> tuple[LayoutRenderer, int]:
-    """The renderer a model folder names, and the longest layout its planner writes."""
+def load_renderer(root: Path, folder: Path, entry: Any, where: str) -> tuple[LayoutRenderer, int]:
+    """The renderer a model folder names (reads confined to ``root``), and the longest layout its planner writes."""
     entry = check_entry(entry, where)
-    return LayoutRenderer.from_pretrained(Path(folder) / entry["folder"]), entry["max_layout_len"]
+    sub = Path(folder) / entry["folder"]
+    if not sub.exists() and not sub.is_symlink():
+        raise FileNotFoundError(f"{sub}: config.json names the layout renderer folder {entry['folder']!r}, but it is "
+                                "missing; re-export the model (zoo-export)")
+    return LayoutRenderer.from_pretrained(sub, root), entry["max_layout_len"]
 
 
 @torch.no_grad()

@@ -28,6 +28,9 @@ from torch import nn
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "renderer.safetensors"
 FORMAT = "mmzoo.LayoutRenderer"
+#: bounds on a loaded config (a config cannot make loading allocate memory at will)
+MAX_WORDS = 1024
+LIMITS = {"image_size": 2048, "embed_dim": 4096, "width": 4096, "depth": 64, "octaves": 16}
 
 
 @dataclass
@@ -50,10 +53,13 @@ class LayoutRendererConfig:
             if (not isinstance(words, list) or not words or len(set(words)) != len(words)
                     or not all(isinstance(w, str) and w.strip() and " " not in w for w in words)):
                 raise ValueError(f"LayoutRendererConfig.{name} must be a list of distinct single words, got {words!r}")
-        for name in ("image_size", "embed_dim", "width", "depth", "octaves"):
+            if len(words) > MAX_WORDS:
+                raise ValueError(f"LayoutRendererConfig.{name} has {len(words)} words, more than {MAX_WORDS}")
+        for name, top in LIMITS.items():
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "octaves" else 1):
-                raise ValueError(f"LayoutRendererConfig.{name} must be a positive int, got {v!r}")
+            if not isinstance(v, int) or isinstance(v, bool) or not (0 if name == "octaves" else 1) <= v <= top:
+                raise ValueError(f"LayoutRendererConfig.{name} must be an int in [{0 if name == 'octaves' else 1}, "
+                                 f"{top}], got {v!r}")
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> "LayoutRendererConfig":
@@ -196,23 +202,26 @@ class LayoutRenderer(nn.Module):
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "LayoutRenderer":
-        """Load ``config.json`` (known, typed keys only) and ``renderer.safetensors`` (nothing else is read)."""
-        from safetensors.torch import load_file
+    def from_pretrained(cls, folder: str | Path, root: str | Path | None = None) -> "LayoutRenderer":
+        """Load ``config.json`` (known, typed, bounded keys only) and ``renderer.safetensors`` (nothing else is
+        read) through :mod:`zoo.loading`: every read confined to ``root`` (default: ``folder``), every tensor
+        checked by name, shape and dtype."""
+        from zoo.loading import ModelFolderError, check_state, confined, read_json_object, read_safetensors
 
         folder = Path(folder)
+        root = Path(root) if root is not None else folder
         cfg_path, weights = folder / CONFIG_FILE, folder / WEIGHTS_FILE
         for p in (cfg_path, weights):
-            if not p.is_file():
+            if not p.exists() and not p.is_symlink():
                 raise FileNotFoundError(f"{folder}: not a layout renderer folder (no {p.name})")
+        confined(root, folder, "dir")
         try:
-            raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{cfg_path}: invalid JSON: {e}") from None
-        renderer = cls(LayoutRendererConfig.from_dict(raw, str(cfg_path)))
-        state = load_file(str(weights))
-        missing, unexpected = renderer.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{weights}: weights do not match {cfg_path}: missing {missing[:4]}, "
-                             f"unexpected {unexpected[:4]}")
+            cfg = LayoutRendererConfig.from_dict(read_json_object(root, cfg_path), str(cfg_path))
+        except ValueError as e:
+            raise ModelFolderError(str(e)) from None
+        with torch.device("meta"):
+            expected = cls(cfg).state_dict()
+        state = check_state(read_safetensors(root, weights), expected, weights, str(cfg_path))
+        renderer = cls(cfg)
+        renderer.load_state_dict(state)
         return renderer.eval()

@@ -1,6 +1,7 @@
 """The unified encoder-decoder: modality segments in, unified-vocabulary tokens out."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -8,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from modalities.image import ImageConfig, ImageEmbedder
-from zoo.config import MODALITY_TYPES, ModelConfig
+from modalities.base import get_modality
+from zoo.config import ModelConfig
 from zoo.cpu_linears import packed_applies, packed_linear
 from zoo.fast_decode import FastDecodeStep
 from zoo.layers import DecoderLayer, EncoderLayer, KVCache, causal_allowed
@@ -22,14 +23,9 @@ Segments = dict[str, Any]
 
 
 def build_embedder(name: str, mcfg: dict[str, Any], d_model: int) -> nn.Module:
-    """The ``nn.Module`` that embeds one non-text modality (text uses the shared token embedding)."""
-    if name == "image":
-        return ImageEmbedder(ImageConfig(**mcfg), d_model)
-    if name == "sensor":
-        from modalities.sensor import SensorConfig, SensorEmbedder
-
-        return SensorEmbedder(SensorConfig(**mcfg), d_model)
-    raise ValueError(f"no embedder for modality {name!r}")
+    """The ``nn.Module`` that embeds one configured modality (through the modality registry; text segments use
+    the shared token embedding)."""
+    return get_modality(name).build_embedder(mcfg, d_model)
 
 
 class UnifiedSeq2Seq(nn.Module):
@@ -46,17 +42,26 @@ class UnifiedSeq2Seq(nn.Module):
         self.layout = cfg.layout
         d = cfg.d_model
         self.embed_tokens = nn.Embedding(self.layout.size, d, padding_idx=PAD_ID)
-        self.enc_pos = nn.Embedding(cfg.max_positions, d)
-        self.dec_pos = nn.Embedding(cfg.max_positions, d)
+        #: token embeddings are multiplied by this (``embed_scale``: sqrt(d_model), BART's scale_embedding)
+        self.embed_mult = math.sqrt(d) if cfg.embed_scale else 1.0
+        self.enc_pos = nn.Embedding(cfg.max_positions + cfg.pos_offset, d)
+        self.dec_pos = nn.Embedding(cfg.max_positions + cfg.pos_offset, d)
         if cfg.dec_grid is not None:
             self.dec_row = nn.Embedding(cfg.dec_grid[0], d)
             self.dec_col = nn.Embedding(cfg.dec_grid[1], d)
-        self.type_embed = nn.Embedding(len(MODALITY_TYPES), d)
+        if cfg.type_embed:
+            self.type_embed = nn.Embedding(cfg.num_types, d)
         self.embedders = nn.ModuleDict({n: build_embedder(n, m, d) for n, m in cfg.modalities.items()})
+        if cfg.embed_norm:  # BART's layernorm_embedding, on each side's input
+            self.enc_embed_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+            self.dec_embed_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
-        self.enc_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+        # post-norm layers end normalised: no final LayerNorm
+        self.enc_norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.norm_first else nn.Identity()
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
-        self.dec_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.dec_norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.norm_first else nn.Identity()
+        if cfg.logits_bias:  # BART's final_logits_bias: a buffer, not trained
+            self.register_buffer("final_logits_bias", torch.zeros(self.layout.size))
         self.drop = nn.Dropout(cfg.dropout)
         self._init_weights()
 
@@ -117,21 +122,31 @@ class UnifiedSeq2Seq(nn.Module):
                 ids, mask = value
                 if ids.shape[1] > self.cfg.max_positions:
                     raise ValueError(f"text segment of {ids.shape[1]} tokens exceeds max_positions={self.cfg.max_positions}")
-                pos = torch.arange(ids.shape[1], device=ids.device)
-                x = self.embed_tokens(ids) + self.enc_pos(pos)
+                x = self.embed_tokens(ids) * self.embed_mult if self.cfg.embed_scale else self.embed_tokens(ids)
+                if self.cfg.enc_positions == "segment":
+                    off = self.cfg.pos_offset
+                    x = x + self.enc_pos.weight[off:off + ids.shape[1]]
             elif name in self.embedders:
                 x, mask = self.embedders[name](*value) if isinstance(value, tuple) else self.embedders[name](value)
             else:
                 raise KeyError(f"model has no embedder for input {name!r}; it has {['text', *self.embedders]}")
             if repeats is not None and name in repeats:
                 x, mask = x.repeat_interleave(repeats[name], dim=0), mask.repeat_interleave(repeats[name], dim=0)
-            xs.append(x + self.type_embed.weight[MODALITY_TYPES.index(name)])
+            xs.append(x + self.type_embed.weight[self.cfg.type_index[name]] if self.cfg.type_embed else x)
             masks.append(mask)
             if spans is not None:
                 spans.append((name, x.shape[1]))
         if not xs:
             raise ValueError("encode() needs at least one input segment")
-        return torch.cat(xs, dim=1), torch.cat(masks, dim=1)
+        x, mask = torch.cat(xs, dim=1), torch.cat(masks, dim=1)
+        if self.cfg.enc_positions == "sequence":  # one position per encoder token, whatever its segment (BART)
+            if x.shape[1] > self.cfg.max_positions:
+                raise ValueError(f"encoder input of {x.shape[1]} tokens exceeds max_positions={self.cfg.max_positions}")
+            off = self.cfg.pos_offset
+            x = x + self.enc_pos.weight[off:off + x.shape[1]]
+        if self.cfg.embed_norm:
+            x = self.enc_embed_norm(x)
+        return x, mask
 
     def encode(self, inputs: Segments, repeats: dict[str, torch.Tensor] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,7 +232,8 @@ class UnifiedSeq2Seq(nn.Module):
         With ``cfg.dec_grid = [H, W]``, position ``p < H*W`` (whose output predicts code ``p`` of a raster-order
         grid) also gets ``row[p // W] + col[p % W]``.
         """
-        pos = self.dec_pos.weight[start:start + t]
+        off = self.cfg.pos_offset
+        pos = self.dec_pos.weight[start + off:start + off + t]
         if self.cfg.dec_grid is None:
             return pos
         h, w = self.cfg.dec_grid
@@ -235,7 +251,13 @@ class UnifiedSeq2Seq(nn.Module):
         start = cache.length if cache is not None else 0
         if start + t > self.cfg.max_positions:
             raise ValueError(f"decoder length {start + t} exceeds max_positions={self.cfg.max_positions}")
-        x = self.drop(self.embed_tokens(tgt_in) + self.decoder_positions(start, t))
+        x = self.embed_tokens(tgt_in)
+        if self.cfg.embed_scale:
+            x = x * self.embed_mult
+        x = x + self.decoder_positions(start, t)
+        if self.cfg.embed_norm:
+            x = self.dec_embed_norm(x)
+        x = self.drop(x)
         self_allowed = None if (cache is not None and t == 1) else causal_allowed(t, start, x.device)
         if cache is None:
             mem_allowed = None if bool(memory_mask.all()) else memory_mask[:, None, None, :]
@@ -253,11 +275,12 @@ class UnifiedSeq2Seq(nn.Module):
         return self.dec_norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Tied output projection onto the unified vocabulary."""
+        """Tied output projection onto the unified vocabulary (plus ``final_logits_bias`` with ``logits_bias``)."""
+        bias = self.final_logits_bias if self.cfg.logits_bias else None
         packed = self.__dict__.get("packed_output")  # inside zoo.cpu_linears.packed_linears (generation)
         if packed is not None:
-            return packed_linear(hidden, self.embed_tokens.weight, None, packed)
-        return F.linear(hidden, self.embed_tokens.weight)
+            return packed_linear(hidden, self.embed_tokens.weight, bias, packed)
+        return F.linear(hidden, self.embed_tokens.weight, bias)
 
     def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor | None = None,
                memory_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
@@ -265,7 +288,8 @@ class UnifiedSeq2Seq(nn.Module):
             return cache.fast_step(tgt_in, cache)
         hidden = self.decode_hidden(tgt_in, memory, memory_mask, cache)
         if cache is not None and cache.out_weight_t is not None:  # start_cache: small batches, no packed weights
-            return hidden @ cache.out_weight_t
+            out = hidden @ cache.out_weight_t
+            return out + self.final_logits_bias if self.cfg.logits_bias else out
         return self.logits(hidden)
 
     def forward(self, inputs: Segments, tgt_in: torch.Tensor) -> torch.Tensor:

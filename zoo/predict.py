@@ -1,11 +1,15 @@
 """``zoo-predict``: run a pretrained model on files from the shell (no Lightning, no Hydra).
 
+examples:
+    zoo-predict pretrained=exports/quickstart task=caption input=photo.png
     zoo-predict pretrained=<arch.tag|folder|hf-hub:org/name> task=caption input=cat.jpg
     zoo-predict pretrained=... task=vqa input='imgs/*.png' question="what colour is the circle?"
     zoo-predict pretrained=... task=vqa input=questions.jsonl        # {"image": ..., "question": ...} per line
     zoo-predict pretrained=... task=t2i input=prompts.txt out=generated/   # one prompt per line
     zoo-predict pretrained=... task=t2i input="a red circle" output=generated/ guidance_scale=3 seed=0
     zoo-predict pretrained=... task=sensor input=recordings/ out=descriptions.json
+    zoo-predict pretrained=hf-hub:microsoft/Florence-2-base task=detect input=photos/ out=boxes.json   # + boxes/*.png
+    zoo-predict pretrained=florence2-base.ms task=ground input=cat.jpg text="a cat on a mat"
 
 Results print as JSON lines, or go to ``out`` (``output`` is the same; a ``.json`` file; a folder of PNG files
 for ``t2i``, whose JSON lines print). An unreadable input file stops the run with an error naming it; with
@@ -21,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-TASKS = ("caption", "vqa", "t2i", "sensor")
+TASKS = ("caption", "vqa", "t2i", "sensor", "detect", "ground")
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SENSOR_EXTS = {".npy", ".npz", ".csv", ".tsv"}
 USAGE = __doc__.strip() + """
@@ -222,7 +226,31 @@ def predict(bundle: Any, task: str, inputs: str | None, *, question: str | None 
                 recs[-1]["layout"] = {"tone": layouts[i].tone, "objects": [{**o, "box": [round(float(v), 4) for v in o["box"]]}
                                                                            for o in layouts[i].objects]}
         return recs
+    if task in ("detect", "ground"):  # box tasks (Florence-2): JSON boxes + a PNG per image with the boxes drawn
+        return _predict_boxes(bundle, task, _need(inputs, task), text, batch_size, out, gen)
     raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+
+
+def _predict_boxes(bundle: Any, task: str, inputs: str, text: str | None, batch_size: int, out: str | None,
+                   gen: dict[str, Any]) -> list[dict[str, Any]]:
+    if not hasattr(bundle, "detect"):
+        raise NotImplementedError(f"task {task} needs a model with boxes (Florence-2); this one is {bundle!r}")
+    from zoo.imported.florence2 import draw_boxes
+
+    files = collect_files(inputs, IMAGE_EXTS)
+    if task == "ground" and not text:
+        raise ValueError("ground needs text=<the phrase or caption to ground>")
+    paths = [str(f) for f in files]
+    results = (bundle.detect(paths, batch_size=batch_size, **gen) if task == "detect"
+               else bundle.ground(paths, [text] * len(paths), batch_size=batch_size, **gen))
+    folder = (Path(out).with_suffix("") if out else Path(f"{task}_outputs")).parent / "boxes"
+    folder.mkdir(parents=True, exist_ok=True)
+    recs = []
+    for f, res in zip(files, results):
+        png = folder / f"{f.stem}.png"
+        draw_boxes(f, res).save(png)
+        recs.append({"input": str(f), **({"text": text} if text else {}), **res, "png": str(png)})
+    return recs
 
 
 def _need(inputs: str | None, task: str) -> str:

@@ -12,8 +12,10 @@ A saved model is a folder::
                        named by config.json's "renderer"
     README.md          the model card
 
-Loading never executes code from the folder: no pickle unless ``allow_pickle=True``, no ``_target_``, and
-the architecture resolves only through the registry.
+Loading (:mod:`zoo.loading`) never executes code from the folder and reads nothing outside it: ``config.json``
+goes through an explicit schema, weights are safetensors (a pickle only with ``allow_pickle=True``, and then
+only through ``torch.load(weights_only=True)``), no ``_target_``, and the architecture and image backbone
+resolve only through registries.
 """
 from __future__ import annotations
 
@@ -28,27 +30,20 @@ from typing import Any, Sequence
 
 import torch
 
-from zoo.config import ModelConfig
+from modalities.base import get_modality
 from zoo.instructions import CAPTION_PROMPT, SENSOR_PROMPT, t2i_prompt
+from zoo.loading import (CONFIG_FILE, META_KEYS, PICKLE_SUFFIXES, WEIGHTS_FILE, ModelFolderError,  # noqa: F401
+                         UnsafeModelError, check_state, confined, load_image_codes, load_text_tokenizer,
+                         model_config_from_dict, model_root, read_json_object, read_weights, refuse_targets)
 from zoo.vocab import EOS_ID
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"
 FORMAT_VERSION = 1
 IMAGE_CODES_DIR = "image_codes"
-META_KEYS = ("mmzoo_version", "format", "tasks", "image_codes", "renderer")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-# timm/open_clip keyword arguments that would make a loaded config fetch or unpickle other files
-_UNSAFE_BACKBONE_KWARGS = {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir"}
 DEFAULT_GENERATION = {"max_new_tokens": 32, "num_beams": 1, "length_penalty": 1.0}
 #: text-to-image sampling defaults (those of tasks/text_to_image.py); a model's "text_to_image" task entry overrides
 T2I_GENERATION = {"guidance_scale": 3.0, "do_sample": True, "temperature": 1.0, "top_k": 32, "top_p": 1.0,
                   "use_cache": True, "seed": 0}
-
-
-class UnsafeModelError(ValueError):
-    """A model folder or config asks for something loading refuses to do (pickle, ``_target_``, ...)."""
 
 
 def _version() -> str:
@@ -57,131 +52,9 @@ def _version() -> str:
     return zoo.__version__
 
 
-# ------------------------------------------------------------------------------------------------
-# Safety checks on loaded configs and folders
-# ------------------------------------------------------------------------------------------------
-def refuse_targets(obj: Any, where: str, path: str = "") -> None:
-    """Raise :class:`UnsafeModelError` if any mapping in ``obj`` has a ``_target_`` key."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            here = f"{path}.{k}" if path else str(k)
-            if k == "_target_":
-                raise UnsafeModelError(
-                    f"{where}: key {here!r} = {v!r} asks to instantiate an import path; mmzoo never instantiates "
-                    "code from a loaded config (architectures resolve only through the registry)")
-            refuse_targets(v, where, here)
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            refuse_targets(v, where, f"{path}[{i}]")
-
-
-def model_config_from_dict(d: dict[str, Any], where: str = CONFIG_FILE) -> ModelConfig:
-    """A ``ModelConfig`` from a loaded ``config.json``, refusing code paths and unknown architectures.
-
-    Backbone weights come from the folder's own weights file, so modality ``pretrained`` entries are
-    dropped (nothing else is fetched) and backbone kwargs that point at other files are refused.
-    """
-    from zoo.registry import list_models
-
-    refuse_targets(d, where)
-    d = {k: v for k, v in d.items() if k not in META_KEYS}
-    arch = d.get("arch", "custom")
-    if arch != "custom" and arch not in list_models():
-        raise UnsafeModelError(f"{where}: architecture {arch!r} is not registered in this mmzoo "
-                               f"(known: {', '.join(list_models())}, or 'custom'); upgrade mmzoo or re-export")
-    mods = {}
-    for name, mcfg in (d.get("modalities") or {}).items():
-        mcfg = dict(mcfg)
-        bad = _UNSAFE_BACKBONE_KWARGS & set(mcfg.get("backbone_kwargs") or {})
-        if bad:
-            raise UnsafeModelError(f"{where}: modalities.{name}.backbone_kwargs sets {sorted(bad)}, which would load "
-                                   "files from outside the model folder; refused")
-        if "pretrained" in mcfg:
-            mcfg["pretrained"] = None
-        mods[name] = mcfg
-    d["modalities"] = mods
-    try:
-        return ModelConfig.from_dict(d)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: not a valid mmzoo model config: {e}") from e
-
-
-def _load_weights(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    st = folder / WEIGHTS_FILE
-    if st.is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(st))
-    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if not pickles:
-        raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE} (files: {sorted(p.name for p in folder.iterdir())})")
-    if not allow_pickle:
-        raise UnsafeModelError(
-            f"{pickles[0]}: refusing to load a pickle weights file (pickle can run arbitrary code). mmzoo loads "
-            f"only {WEIGHTS_FILE}; if you trust this file, pass allow_pickle=True, or convert it to safetensors")
-    if len(pickles) > 1:
-        raise ValueError(f"{folder}: several pickle weight files {[p.name for p in pickles]}; keep one")
-    try:
-        state = torch.load(pickles[0], map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 — the user opted in to full unpickling
-        warnings.warn(f"{pickles[0]}: not loadable with weights_only=True; unpickling fully (allow_pickle=True)")
-        state = torch.load(pickles[0], map_location="cpu", weights_only=False)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{pickles[0]}: expected a state dict, got {type(state).__name__}")
-    return state
-
-
-def load_image_codes(folder: Path, entry: Any, allow_pickle: bool = False,
-                     where: str = CONFIG_FILE) -> Any:
-    """The VQ image-code tokenizer in ``folder / entry["folder"]`` (``modalities.image_codes``).
-
-    The subfolder must be a plain name inside the model folder and a diffusers ``VQModel`` folder with
-    safetensors weights; its config may not name code (``_target_``); a pickle weights file is refused
-    unless ``allow_pickle``.
-    """
-    from modalities.image_codes import CONFIG_FILE as VQ_CONFIG, WEIGHTS_FILE as VQ_WEIGHTS, ImageCodeTokenizer
-
-    sub = entry.get("folder") if isinstance(entry, dict) else None
-    if not isinstance(sub, str) or sub in ("", ".", "..") or Path(sub).name != sub:
-        raise UnsafeModelError(f"{where}: image_codes.folder must name a subfolder of the model folder, got {sub!r}")
-    vq_dir = folder / sub
-    if not (vq_dir / VQ_CONFIG).is_file():
-        raise FileNotFoundError(f"{vq_dir}: config.json names the image-code tokenizer folder {sub!r}, but it has no "
-                                f"{VQ_CONFIG}; re-export the model (zoo-export) or copy the VQ tokenizer folder there")
-    vq_cfg = json.loads((vq_dir / VQ_CONFIG).read_text(encoding="utf-8"))
-    refuse_targets(vq_cfg, str(vq_dir / VQ_CONFIG))
-    if (vq_dir / VQ_WEIGHTS).is_file():
-        return ImageCodeTokenizer.from_pretrained(vq_dir)
-    pickles = sorted(p.name for p in vq_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if not pickles:
-        raise FileNotFoundError(f"{vq_dir}: no {VQ_WEIGHTS} (files: {sorted(p.name for p in vq_dir.iterdir())})")
-    if not allow_pickle:
-        raise UnsafeModelError(f"{vq_dir / pickles[0]}: refusing to load a pickle weights file (pickle can run "
-                               f"arbitrary code); mmzoo loads only {VQ_WEIGHTS}. If you trust it, pass "
-                               "allow_pickle=True, or convert it to safetensors")
-    if vq_cfg.get("_class_name") != "VQModel":
-        raise ValueError(f"{vq_dir / VQ_CONFIG} describes {vq_cfg.get('_class_name')!r}, not a VQModel")
-    from diffusers import VQModel
-
-    return ImageCodeTokenizer(VQModel.from_pretrained(vq_dir, use_safetensors=False, low_cpu_mem_usage=False).eval())
-
-
 def full_modality_config(name: str, mcfg: dict[str, Any]) -> dict[str, Any]:
     """A modality's config with every field filled in (defaults and fitted statistics written out)."""
-    from dataclasses import asdict
-
-    if name == "image":
-        from modalities.image import ImageConfig
-
-        return ImageConfig(**mcfg).to_dict()
-    if name == "sensor":
-        from modalities.sensor import SensorConfig
-
-        c = SensorConfig(**mcfg)
-        return c.to_dict() if hasattr(c, "to_dict") else asdict(c)
-    return dict(mcfg)
+    return get_modality(name).full_config(mcfg)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -283,48 +156,59 @@ class Pretrained:
     # --- construction / I/O -------------------------------------------------------------------
     @classmethod
     def from_folder(cls, folder: str | Path, allow_pickle: bool = False, device: str | torch.device | None = None,
-                    source: str | None = None) -> "Pretrained":
-        """Load a saved model folder (see the module docstring for what is refused)."""
-        from modalities.text import TextTokenizer
+                    source: str | None = None, confine_to: str | Path | None = None) -> "Pretrained":
+        """Load a saved model folder through :mod:`zoo.loading` (see there for what is refused). Files are read
+        only inside ``confine_to`` (default :func:`zoo.loading.model_root`: the folder itself, or for a Hub cache
+        snapshot its repo's cache folder, whose ``blobs/`` the snapshot's files link to)."""
         from zoo.model import UnifiedSeq2Seq
 
         folder = Path(folder)
         cfg_path = folder / CONFIG_FILE
-        if not cfg_path.is_file():
-            listing = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else "folder missing"
-            raise FileNotFoundError(f"{folder}: no {CONFIG_FILE}, so not an mmzoo model folder ({listing})")
-        try:
-            raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path}: invalid JSON: {e}") from e
-        if not isinstance(raw, dict):
-            raise ValueError(f"{cfg_path}: expected a JSON object")
-        fmt = int(raw.get("format", FORMAT_VERSION))
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: not a folder, so not an mmzoo model folder")
+        root = Path(confine_to).resolve() if confine_to is not None else model_root(folder)
+        confined(root, folder, "dir")
+        if not cfg_path.exists() and not cfg_path.is_symlink():
+            raise FileNotFoundError(f"{folder}: no {CONFIG_FILE}, so not an mmzoo model folder "
+                                    f"({sorted(p.name for p in folder.iterdir())})")
+        raw = read_json_object(root, cfg_path)
+        cfg = model_config_from_dict(raw, str(cfg_path))  # the schema: refuses before anything is built
+        fmt = raw.get("format", FORMAT_VERSION)
         if fmt > FORMAT_VERSION:
-            raise ValueError(f"{cfg_path}: format {fmt} is newer than this mmzoo reads ({FORMAT_VERSION}); upgrade mmzoo")
-        cfg = model_config_from_dict(raw, str(cfg_path))
+            raise ModelFolderError(f"{cfg_path}: format {fmt} is newer than this mmzoo reads ({FORMAT_VERSION}); "
+                                   "upgrade mmzoo")
         tasks = raw.get("tasks") or {}
         if isinstance(tasks, list):
             tasks = {t: {} for t in tasks}
-        state = _load_weights(folder, allow_pickle)
-        model = UnifiedSeq2Seq(cfg)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{folder}: weights do not match the config's architecture: missing {missing[:5]} "
-                             f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})")
-        tokenizer = TextTokenizer.from_file(folder)
+        state, weights_file = read_weights(root, folder, WEIGHTS_FILE, allow_pickle)
+        try:  # shapes first, on the meta device: a config cannot make loading allocate memory at will
+            with torch.device("meta"):
+                shapes = UnifiedSeq2Seq(cfg).state_dict()
+        except Exception:  # noqa: BLE001 — a backbone that cannot be built on meta: the real build below decides
+            shapes = None
+        if shapes is not None:
+            check_state(state, shapes, weights_file, str(cfg_path))
+        try:
+            model = UnifiedSeq2Seq(cfg)
+        except (TypeError, ValueError, KeyError, RuntimeError) as e:
+            raise ModelFolderError(f"{cfg_path}: cannot build its architecture ({type(e).__name__}: {e})") from None
+        model.load_state_dict(check_state(state, model.state_dict(), weights_file, str(cfg_path)))
+        tokenizer = load_text_tokenizer(root, folder)
         if tokenizer.vocab_size != model.layout.text_size:
-            raise ValueError(f"{folder}: tokenizer.json has {tokenizer.vocab_size} tokens but config.json's "
-                             f"vocab.text_size is {model.layout.text_size}")
+            raise ModelFolderError(f"{folder / 'tokenizer.json'}: has {tokenizer.vocab_size} tokens but {cfg_path}'s "
+                                   f"vocab.text_size is {model.layout.text_size}")
         image_tokenizer = None
         if raw.get("image_codes") is not None:
-            image_tokenizer = load_image_codes(folder, raw["image_codes"], allow_pickle, str(cfg_path)).eval()
-            image_tokenizer.check_layout(model.layout)
+            image_tokenizer = load_image_codes(root, folder, raw["image_codes"], allow_pickle, str(cfg_path))
+            try:
+                image_tokenizer.check_layout(model.layout)
+            except ValueError as e:
+                raise ModelFolderError(f"{cfg_path}: {e}") from None
         renderer, max_layout_len = None, 48
         if raw.get("renderer") is not None:
             from zoo.layout_generation import load_renderer
 
-            renderer, max_layout_len = load_renderer(folder, raw["renderer"], str(cfg_path))
+            renderer, max_layout_len = load_renderer(root, folder, raw["renderer"], str(cfg_path))
         model.eval()
         bundle = cls(model=model, tokenizer=tokenizer, tasks=dict(tasks), source=source or str(folder),
                      image_tokenizer=image_tokenizer, renderer=renderer, max_layout_len=max_layout_len)
@@ -420,16 +304,7 @@ class Pretrained:
             if mcfg is None:
                 raise NotImplementedError(f"this model has no {modality!r} modality "
                                           f"(it has {['text', *self.model.cfg.modalities]})")
-            if modality == "image":
-                from modalities.image import ImageConfig, ImagePreprocessor
-
-                self._pre[modality] = ImagePreprocessor(ImageConfig(**mcfg))
-            elif modality == "sensor":
-                from modalities.sensor import SensorConfig, SensorTokenizer
-
-                self._pre[modality] = SensorTokenizer(SensorConfig(**mcfg))
-            else:
-                raise NotImplementedError(f"no preprocessing for modality {modality!r}")
+            self._pre[modality] = get_modality(modality).preprocessor(mcfg)
         return self._pre[modality]
 
     def _text_segment(self, texts: Sequence[str], max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -674,6 +549,29 @@ class Pretrained:
         items, single = _as_list(texts)
         plans = plan_layouts(self, [str(t) for t in items], batch_size)
         return plans[0] if single else plans
+
+    @torch.no_grad()
+    def generate_text_from(self, task: str, text_ids: Sequence[Sequence[int]], *, pixels: torch.Tensor | None = None,
+                           sensor: tuple[torch.Tensor, torch.Tensor] | None = None, **overrides: Any) -> list[str]:
+        """One batch of ``caption`` / ``vqa`` / ``sensor_to_text`` on already-preprocessed inputs (for servers whose
+        CPU workers decode and tokenize): ``text_ids`` are the tokenizer's raw ids per row (the prompt or question),
+        ``pixels`` ``[B,3,S,S]`` from :meth:`preprocessor`, ``sensor`` padded ``(values, valid)``. Generation
+        settings resolve as in :meth:`caption`, so the results equal those of the task methods."""
+        rows = [list(r) for r in text_ids]
+        ids = torch.zeros(len(rows), max(1, max(len(r) for r in rows)), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long) + self.layout.text_start
+        segs: dict[str, Any] = {"text": (ids.to(self.device), (ids != 0).to(self.device))}
+        if pixels is not None:
+            segs["image"] = pixels.to(self.device)
+        if sensor is not None:
+            segs["sensor"] = (sensor[0].to(self.device), sensor[1].to(self.device))
+        gen = self._gen_kwargs(task, overrides)
+        trie = self._answer_trie() if task == "vqa" else None
+        if trie is not None:
+            gen["processors"] = [trie]
+        self.model.eval()
+        return self._generate_text(task, segs, gen)
 
     def __repr__(self) -> str:
         return (f"Pretrained(arch={self.model.cfg.arch!r}, params={self.num_parameters() / 1e6:.2f}M, "

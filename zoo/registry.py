@@ -59,3 +59,4 @@ def create_model(name: str, **overrides: Any):
 
 def _load_builtin() -> None:
     import zoo.architectures  # noqa: F401  (registers the built-in sizes)
+    import zoo.imported.florence2_archs  # noqa: F401  (Florence-2's sizes)

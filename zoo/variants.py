@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.config import MODALITY_TYPES, ModelConfig
+from zoo.config import ModelConfig
 from zoo.layers import FeedForward, KVCache, attend
 
 
@@ -38,8 +38,10 @@ from zoo.layers import FeedForward, KVCache, attend
 def multiway_experts(cfg: ModelConfig, decoder: bool = False) -> tuple[str, ...]:
     """Expert names of a multiway FFN in a fixed order: encoder ``text`` + the model's modalities; decoder
     the modalities it can generate (``text``, ``image_codes``)."""
-    kinds = ("image_codes",) if decoder else MODALITY_TYPES[1:]
-    return ("text", *(m for m in kinds if m in cfg.modalities))
+    if decoder:
+        return ("text", *(m for m in ("image_codes",) if m in cfg.modalities))
+    typed = sorted((m for m in cfg.modalities if m in cfg.type_index), key=cfg.type_index.__getitem__)
+    return ("text", *typed)
 
 
 class MultiwayFeedForward(nn.Module):

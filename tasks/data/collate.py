@@ -1,8 +1,8 @@
 """Batching for seq2seq samples: pads token segments, builds masks, keeps record ids.
 
 A sample is a dict with any of:
-  ``image``  float tensor ``[3,H,W]`` (preprocessed in the worker)
-  ``sensor`` ``(values [C,T], valid [C,T])`` from the sensor tokenizer (padded over time to the batch's longest)
+  <modality> a registered encoder-input modality's preprocessed value (an image ``[3,H,W]``, a sensor
+             ``(values [C,T], valid [C,T])``, ...), batched by that modality's ``collate``
   ``prompt`` list[int] of unified ids (the instruction)
   ``target`` list[int] of unified ids, without BOS/EOS (absent at evaluation), or
   ``targets`` list of such lists: several targets for one source (encoded once, see ``target_counts``)
@@ -15,7 +15,10 @@ from typing import Any, Sequence
 
 import torch
 
+from modalities.base import get_modality, list_modalities
 from zoo.vocab import BOS_ID, EOS_ID, PAD_ID
+
+SAMPLE_KEYS = ("prompt", "target", "targets", "id")
 
 
 def pad_ids(seqs: Sequence[Sequence[int]], pad: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,15 +36,9 @@ class Seq2SeqCollator:
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {}
         first = samples[0]
-        if "image" in first:
-            batch["image"] = torch.stack([s["image"] for s in samples])
-        if "sensor" in first:  # (values [C,T], valid [C,T]) pairs of any length → padded; plain tensors stack
-            if isinstance(first["sensor"], tuple):
-                from modalities.sensor import pad_sensor_batch
-
-                batch["sensor"] = pad_sensor_batch([s["sensor"] for s in samples])
-            else:
-                batch["sensor"] = torch.stack([s["sensor"] for s in samples])
+        inputs = [m for m in list_modalities() if m in first and get_modality(m).is_input]
+        for name in inputs:
+            batch[name] = get_modality(name).collate([s[name] for s in samples])
         if "prompt" in first:
             batch["prompt_ids"], batch["prompt_mask"] = pad_ids([s["prompt"] for s in samples])
         targets = None
@@ -56,6 +53,6 @@ class Seq2SeqCollator:
             batch["labels"], _ = pad_ids([[*t, EOS_ID] for t in targets])
         batch["ids"] = [s["id"] for s in samples]
         for key in first:
-            if key not in ("image", "sensor", "prompt", "target", "targets", "id"):
+            if key not in SAMPLE_KEYS and key not in inputs:
                 batch[key] = [s[key] for s in samples]
         return batch

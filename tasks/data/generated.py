@@ -89,7 +89,10 @@ def ensure_generated(root: str | Path, marker_name: str, marker: dict[str, Any],
             shutil.rmtree(stale, ignore_errors=True)
         tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         try:
+            t0 = time.perf_counter()
+            print(f"[mmzoo] generating the {dataset} dataset into {root} (once; cached after)", flush=True)
             write(tmp)
+            print(f"[mmzoo] {dataset} dataset written in {time.perf_counter() - t0:.0f} s", flush=True)
             old = None
             if root.exists():
                 old = root.with_name(f"{root.name}.tmp-old-{uuid.uuid4().hex[:8]}")

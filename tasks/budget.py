@@ -1,0 +1,72 @@
+"""One wall-clock budget for a whole run (``budget.total_minutes``): a short calibration of this machine's speed,
+a printed plan of every phase, and a training loop that gets whatever the phases before it left.
+
+The phases before training (data, tokenizers, backbone pretraining) take what they take; their planned minutes
+(measured on a reference machine, scaled by this machine's measured matmul speed) are only printed. The training loop
+then ends at ``total - evaluation``: :class:`tasks.callbacks.TimeBudget` receives that deadline, counted from the
+start of the process, so a slow data phase shortens training instead of overrunning the budget. Evaluation's
+reserve is scaled the same way.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping
+
+#: when this module was first imported (``tasks.train`` imports it at start): the run's clock starts here
+RUN_START = time.monotonic()
+
+
+def elapsed_s() -> float:
+    """Seconds since the run started (:data:`RUN_START`)."""
+    return time.monotonic() - RUN_START
+
+
+def matmul_gflops(bf16: bool = False, n: int = 1024, seconds: float = 0.6) -> float:
+    """This machine's matmul speed in GFLOP/s (median of repeated ``n``² products for about ``seconds``), the
+    precision training will use: a short calibration, not a benchmark."""
+    import torch
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up
+    times: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 3:
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / sorted(times)[len(times) // 2] / 1e9
+
+
+def make_plan(total_minutes: float, phases: Mapping[str, float], speed_ratio: float,
+              after: tuple[str, ...] = ("evaluation",)) -> dict[str, float]:
+    """Minutes per phase on this machine: each reference phase divided by ``speed_ratio`` (this machine's speed over
+    the reference machine's), and ``training`` the rest of ``total_minutes``. Raises when nothing is left."""
+    ratio = max(speed_ratio, 1e-3)
+    plan = {name: float(m) / ratio for name, m in phases.items()}
+    plan["training"] = total_minutes - sum(plan.values())
+    if plan["training"] < 1.0:
+        raise ValueError(f"budget.total_minutes={total_minutes} leaves {plan['training']:.1f} min for training on this "
+                         f"machine (the other phases need {sum(v for k, v in plan.items() if k != 'training'):.1f} min "
+                         f"at {ratio:.2f}x the reference speed); raise the budget or shrink the phases")
+    order = [k for k in phases if k not in after] + ["training"] + [k for k in after if k in phases]
+    return {k: plan[k] for k in order}
+
+
+def format_plan(total_minutes: float, plan: Mapping[str, float], gflops: float, ratio: float) -> str:
+    parts = ", ".join(f"{name.replace('_', ' ')} {m:.1f} min" for name, m in plan.items())
+    return (f"[mmzoo] plan: about {total_minutes:.0f} min on this machine (matmul {gflops:.0f} GFLOP/s, {ratio:.2f}x "
+            f"the reference): {parts}")
+
+
+def plan_run(budget: Mapping[str, Any], bf16: bool) -> tuple[dict[str, float], float]:
+    """Calibrate, print the plan and return it with the deadline of the training loop (seconds since the run
+    started): ``total - the evaluation reserve``."""
+    total = float(budget["total_minutes"])
+    gflops = matmul_gflops(bf16)
+    reference = float(budget["reference_gflops_bf16" if bf16 else "reference_gflops"])
+    ratio = gflops / reference
+    plan = make_plan(total, dict(budget["phases"]), ratio)
+    print(format_plan(total, plan, gflops, ratio), flush=True)
+    after = sum(m for k, m in plan.items() if k == "evaluation")
+    return plan, 60.0 * (total - after)

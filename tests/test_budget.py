@@ -1,0 +1,53 @@
+"""One wall-clock budget for the whole run: the plan scales the reference phases by this machine's measured speed,
+training gets the rest, and the training loop ends at the deadline whatever the earlier phases took."""
+from types import SimpleNamespace
+
+import pytest
+
+from tests.conftest import compose
+from tests.test_multitask import _fake_trainer
+
+
+def test_plan_scales_phases_and_gives_training_the_rest():
+    from tasks.budget import format_plan, make_plan
+
+    phases = {"data": 1.0, "vq_tokenizer": 3.5, "backbone": 1.0, "evaluation": 4.0}
+    fast = make_plan(27, phases, speed_ratio=1.0)
+    assert list(fast) == ["data", "vq_tokenizer", "backbone", "training", "evaluation"]
+    assert fast["training"] == pytest.approx(17.5)
+    slow = make_plan(27, phases, speed_ratio=0.62)  # an AVX2-only CPU: 110 of 178 GFLOP/s
+    assert slow["vq_tokenizer"] == pytest.approx(3.5 / 0.62) and slow["training"] < fast["training"]
+    assert sum(slow.values()) == pytest.approx(27)
+    assert "about 27 min" in format_plan(27, slow, 110, 0.62) and "training" in format_plan(27, slow, 110, 0.62)
+    with pytest.raises(ValueError, match="leaves"):
+        make_plan(10, phases, speed_ratio=0.5)
+
+
+def test_matmul_calibration_is_short_and_positive():
+    import time
+
+    from tasks.budget import matmul_gflops
+
+    t0 = time.perf_counter()
+    assert matmul_gflops(n=256, seconds=0.1) > 0.1
+    assert time.perf_counter() - t0 < 10
+
+
+def test_time_budget_deadline_counts_from_the_run_start(monkeypatch):
+    from tasks import budget, callbacks
+
+    monkeypatch.setattr(budget, "elapsed_s", lambda: 300.0)  # 5 min of data and tokenizers before training
+    tb = callbacks.TimeBudget(minutes=17, deadline_s=23 * 60)
+    tb.on_train_start(_fake_trainer(100), SimpleNamespace())
+    assert tb.seconds == pytest.approx(18 * 60)  # the loop gets what is left before the evaluation reserve
+    monkeypatch.setattr(budget, "elapsed_s", lambda: 23 * 60.0)  # nothing left: still a minimum loop
+    tb = callbacks.TimeBudget(minutes=17, deadline_s=23 * 60)
+    tb.on_train_start(_fake_trainer(100), SimpleNamespace())
+    assert tb.seconds == 60.0
+
+
+def test_main_job_budget_is_off_by_default_and_composes(tmp_path):
+    cfg = compose(["experiment=multitask"], tmp_path)
+    assert cfg.budget.total_minutes is None and cfg.callbacks.time_budget.minutes == cfg.train_minutes
+    cfg = compose(["experiment=multitask", "budget.total_minutes=27"], tmp_path)
+    assert cfg.budget.total_minutes == 27 and set(cfg.budget.phases) >= {"data", "evaluation"}

@@ -1,0 +1,3 @@
+from zoo.serve.cli import main
+
+main()
