@@ -104,7 +104,9 @@ def test_renderer_save_load_and_refusals(tmp_path):
     assert torch.equal(back.render([SCENE]), r.render([SCENE]))
     cfg = json.loads((folder / "config.json").read_text())
     for bad, match in (({**cfg, "_target_": "os.system"}, "unknown renderer config key"),
-                       ({**cfg, "width": "64"}, "positive int"),
+                       ({**cfg, "width": "64"}, "must be an int in"),
+                       ({**cfg, "width": 10**9}, "must be an int in"),  # no allocation at will
+                       ({**cfg, "colours": [f"c{i}" for i in range(5000)]}, "more than"),
                        ({**cfg, "shapes": ["circle", "circle"]}, "distinct single words"),
                        ({**cfg, "format": "other"}, "is not")):
         (folder / "config.json").write_text(json.dumps(bad))
