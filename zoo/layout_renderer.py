@@ -206,7 +206,8 @@ class LayoutRenderer(nn.Module):
         """Load ``config.json`` (known, typed, bounded keys only) and ``renderer.safetensors`` (nothing else is
         read) through :mod:`zoo.loading`: every read confined to ``root`` (default: ``folder``), every tensor
         checked by name, shape and dtype."""
-        from zoo.loading import ModelFolderError, check_state, confined, read_json_object, read_safetensors
+        from zoo.loading import (ModelFolderError, check_state, confined, read_json_object, read_safetensors,
+                                 refuse_targets)
 
         folder = Path(folder)
         root = Path(root) if root is not None else folder
@@ -215,8 +216,10 @@ class LayoutRenderer(nn.Module):
             if not p.exists() and not p.is_symlink():
                 raise FileNotFoundError(f"{folder}: not a layout renderer folder (no {p.name})")
         confined(root, folder, "dir")
+        raw = read_json_object(root, cfg_path)
+        refuse_targets(raw, str(cfg_path))
         try:
-            cfg = LayoutRendererConfig.from_dict(read_json_object(root, cfg_path), str(cfg_path))
+            cfg = LayoutRendererConfig.from_dict(raw, str(cfg_path))
         except ValueError as e:
             raise ModelFolderError(str(e)) from None
         with torch.device("meta"):
