@@ -23,6 +23,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 def onednn_available() -> bool:
@@ -63,6 +64,16 @@ _PLAIN = (torch.Tensor, nn.Parameter)  # not DTensor or other tensor subclasses
 def release_packed(model: nn.Module) -> None:
     """Drop ``model``'s packed weight copies (after weight writes that bypass the version counter)."""
     _PACKED.pop(model, None)
+
+
+def _release_all_after_step(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+    # fused AdamW (what training uses on the CPU) writes the parameters without bumping their version counters,
+    # so a packed copy keyed on the version would outlive the step: validation during training then generated with
+    # the weights of its first pass (VQA 65.8 % in the loop against 89.4 % from the same checkpoint)
+    _PACKED.clear()
+
+
+register_optimizer_step_post_hook(_release_all_after_step)
 
 
 def packed_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
