@@ -74,6 +74,7 @@ class Ctx:
     markers: Path
     image: Path
     florence: dict[str, Path] = field(default_factory=dict)
+    layout: Path | None = None  # the layout-route base, built on first use
 
     def marker(self, case: str) -> Path:
         return self.markers / case
@@ -82,9 +83,9 @@ class Ctx:
         if name in ("caption", "t2i"):
             return getattr(self, name)
         if name == "layout":
-            if "layout" not in self.florence:
-                self.florence["layout"] = make_layout_base(self.root / "base")
-            return self.florence["layout"]
+            if self.layout is None:
+                self.layout = make_layout_base(self.root / "base")
+            return self.layout
         if not self.florence:
             self.florence.update(make_florence_bases(self.root / "base"))
         return self.florence[name]
