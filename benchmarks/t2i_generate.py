@@ -4,7 +4,10 @@ with and without the KV cache, unguided and with classifier-free guidance (a 2×
 Untrained weights: the decoding work per token is the same as for a trained model. The VQ decode of
 the codes to pixels is timed separately (it does not depend on the cache).
 
-    python -m benchmarks.t2i_generate [--reps 3] [--threads N]
+With ``--folder`` (an exported model): ``zoo.load(folder).generate_image`` on 16 Shapes prompts end to end (for a
+layout-route model: the plan, then the renderer; each timed too), after one warm-up call.
+
+    python -m benchmarks.t2i_generate [--reps 3] [--threads N] [--folder <exported model>]
 """
 from __future__ import annotations
 
@@ -24,9 +27,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--folder", default=None, help="an exported text-to-image model: time generate_image on it")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.folder:
+        return time_folder(args.folder, args.batch, args.reps)
     torch.manual_seed(0)
     model = zoo.create_model("ofa-tiny", vocab={"text_size": 1024, "image_code_size": 512, "loc_bins": 100}).eval()
     vq = ImageCodeTokenizer.from_config(VQConfig()).eval()
@@ -55,6 +61,35 @@ def main() -> None:
     with torch.inference_mode():
         vq.decode(codes)
     print(f"VQ decode of {args.batch} code grids to 64 px: {(time.perf_counter() - t0) * 1000:.0f} ms")
+
+
+PROMPTS = ["a small red triangle to the left of a large blue circle", "a picture of a large green cross on a dark background",
+           "two shapes, a small yellow diamond above a small purple square", "there is a large orange circle in the top left",
+           "the image shows three objects, a small blue cross, a large red square and a small green diamond",
+           "a large purple triangle below a small orange cross", "a small green circle at the bottom",
+           "a large yellow square right of a small blue triangle, which is above a large red diamond"]
+
+
+def time_folder(folder: str, batch: int, reps: int) -> None:
+    """Median wall time of ``generate_image`` on ``batch`` prompts with a loaded model (warm-up call excluded)."""
+    from zoo.layout_generation import plan_layouts
+
+    m = zoo.load(folder)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    m.generate_image(prompts[:2])
+    runs = {"generate_image": lambda: m.generate_image(prompts)}
+    if m.renderer is not None:
+        runs["plan_layout"] = lambda: plan_layouts(m, prompts)
+        plans = plan_layouts(m, prompts)
+        runs["renderer"] = lambda: m.renderer.render(plans)
+    print(f"{folder}: {batch} prompts, threads {torch.get_num_threads()}")
+    for name, fn in runs.items():
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        print(f"{name:15s} median {statistics.median(times) * 1000:8.1f} ms (min {min(times) * 1000:.1f})")
 
 
 if __name__ == "__main__":

@@ -320,6 +320,14 @@ class Seq2SeqTask(L.LightningModule):
         mesh = self.device_mesh
         fully_shard_model(self.model, mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh)
 
+    def own_modules(self) -> dict[str, torch.nn.Module]:
+        """The task's own networks beside the shared model (trained and saved with it; e.g. a renderer)."""
+        return {}
+
+    def extra_param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer groups of the task's own networks beside the model (e.g. a renderer); same schedule."""
+        return []
+
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
@@ -329,7 +337,7 @@ class Seq2SeqTask(L.LightningModule):
             (no_decay if p.ndim < 2 or is_embedding else decay).append(p)
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.hparams.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
+             {"params": no_decay, "weight_decay": 0.0}, *self.extra_param_groups()],
             lr=self.hparams.lr, betas=tuple(self.hparams.betas),
             # fused: ~2x faster than the default per-parameter loop on CPU; not with fp16 loss scaling
             fused=self.trainer.precision != "16-mixed",

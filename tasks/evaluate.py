@@ -35,7 +35,7 @@ def load_for_eval(source: str, task_type: str | None = None, unsafe_pickle: bool
     path = Path(source)
     if path.is_file() or path.suffix == ".ckpt":  # a missing .ckpt: read_checkpoint says what the folder holds
         from tasks.export import bundle_from_checkpoint, read_checkpoint
-        from tasks.registry import get_task
+        from tasks.registry import task_class_for
 
         ckpt = read_checkpoint(path, unsafe_pickle=unsafe_pickle)
         bundle = bundle_from_checkpoint(ckpt, str(path))
@@ -44,7 +44,11 @@ def load_for_eval(source: str, task_type: str | None = None, unsafe_pickle: bool
         settings = dict(ckpt.get("hyper_parameters") or {})
         if meta.get("candidates"):
             settings["candidates"] = meta["candidates"]
-        settings = get_task(name).task_class().eval_settings(settings, ckpt, str(path))
+        settings = task_class_for(name, settings).eval_settings(settings, ckpt, str(path))
+        # the task's own networks beside the model (a layout renderer): loaded into the task by evaluate()
+        own = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("model.")}
+        if own:
+            settings["own_state"] = own
         return bundle.model, bundle.tokenizer, name, settings
     import zoo
 
@@ -80,7 +84,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
     from hydra.utils import instantiate
 
-    from tasks.registry import get_task
+    from tasks.registry import task_class_for
     from tasks.train import report_metrics
     from tasks.logs import tidy_logging
 
@@ -90,16 +94,22 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ValueError(f"split must be val or test, got {cfg.split!r}")
     out = Path(cfg.paths.output_dir)
     model, tokenizer, name, settings = load_for_eval(str(cfg.ckpt), cfg.get("task_type"), cfg.unsafe_pickle)
-    entry = get_task(name)
-    task_cls = entry.task_class()
+    own = settings.pop("own_state", None)
+    task_cls = task_class_for(name, settings)
     overrides = OmegaConf.to_container(cfg.get("task") or OmegaConf.create({}), resolve=True)
     kwargs = task_cls.eval_kwargs(settings, overrides) if hasattr(task_cls, "eval_kwargs") else \
         task_kwargs(task_cls, name, settings, overrides)
     task = task_cls(model=model, tokenizer=tokenizer, **kwargs)
+    if own:  # the checkpoint's weights of the task's own networks (the model's are loaded already)
+        unexpected = task.load_state_dict(own, strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"{cfg.ckpt}: weights this task has no place for: {unexpected[:5]}")
 
     if cfg.get("data") is None:
         with open_dict(cfg):
             cfg.data = task_cls.eval_data_config(settings, cfg.paths.data_dir)
+    elif "decoder" in cfg.data and settings.get("decoder"):  # text-to-image data read by the checkpoint's route
+        cfg.data.decoder = settings["decoder"]
     dm = instantiate(cfg.data)
     dm.bind(model.cfg, model.layout, tokenizer=tokenizer)  # the checkpoint's tokenizer, never retrained
     dm.prepare_data()

@@ -135,10 +135,29 @@ def bundle_from_checkpoint(ckpt: dict[str, Any], where: str = "checkpoint",
                 tasks[name]["candidates"] = list(meta["tasks"][name]["candidates"])
     else:
         tasks[meta.get("task", "seq2seq")] = gen
-    image_tokenizer = image_tokenizer_for(ckpt, where, vq)
+    renderer, max_layout_len = renderer_for(ckpt, where)
+    image_tokenizer = None if renderer is not None else image_tokenizer_for(ckpt, where, vq)
     if image_tokenizer is not None:
         image_tokenizer.check_layout(model.layout)
-    return Pretrained(model=model, tokenizer=tokenizer, tasks=tasks, source=where, image_tokenizer=image_tokenizer)
+    return Pretrained(model=model, tokenizer=tokenizer, tasks=tasks, source=where, image_tokenizer=image_tokenizer,
+                      renderer=renderer, max_layout_len=max_layout_len)
+
+
+def renderer_for(ckpt: dict[str, Any], where: str) -> tuple[Any, int]:
+    """The layout renderer of a ``task.decoder=layout`` checkpoint (config in ``checkpoint["mmzoo"]["renderer"]``,
+    weights under ``renderer.``) and its planner's longest layout; ``(None, 48)`` for other checkpoints."""
+    from zoo.layout_renderer import LayoutRenderer, LayoutRendererConfig
+
+    meta, prefix = ckpt["mmzoo"], "renderer."
+    if meta.get("renderer") is None:  # a multi-task checkpoint: the text-to-image task's own entry and modules
+        meta, prefix = (meta.get("tasks") or {}).get("text_to_image") or {}, "task_modules.text_to_image.renderer."
+    cfg = meta.get("renderer")
+    if cfg is None:
+        return None, 48
+    renderer = LayoutRenderer(LayoutRendererConfig.from_dict(dict(cfg), f"{where}: the renderer config"))
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    renderer.load_state_dict(state, strict=True)
+    return renderer.eval(), int(meta.get("max_layout_len", 48))
 
 
 def run_card(ckpt_path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:

@@ -155,17 +155,20 @@ class MultitaskTask(Seq2SeqTask):
         if unknown:
             raise ValueError(f"task.weights names tasks that are not trained: {sorted(unknown)}")
         from tasks.evaluate import _init_params
-        from tasks.registry import get_task
+        from tasks.registry import task_class_for
 
         subtasks: dict[str, Seq2SeqTask] = {}
         for name, settings in tasks.items():
-            cls = get_task(name).task_class()
+            cls = task_class_for(name, settings)
             bad = set(settings) - _init_params(cls)
             if bad:
                 raise ValueError(f"task {name!r} has no setting(s) {sorted(bad)}")
             subtasks[name] = cls(model=model, tokenizer=tokenizer, **settings)
         # a plain dict, not submodules: the tasks share self.model, whose weights are saved once
         self.subtasks = subtasks
+        # a task's own networks beside the shared model (text-to-image's layout renderer) train and save here
+        self.task_modules = torch.nn.ModuleDict({n: torch.nn.ModuleDict(sub.own_modules())
+                                                 for n, sub in subtasks.items() if sub.own_modules()})
         self.weights = {n: weights.get(n, 1.0) for n in subtasks}
         self.reference = reference
 
@@ -184,6 +187,9 @@ class MultitaskTask(Seq2SeqTask):
         self._attach()
         for sub in self.subtasks.values():
             sub.setup(stage)
+
+    def extra_param_groups(self) -> list[dict[str, Any]]:
+        return [g for sub in self.subtasks.values() for g in sub.extra_param_groups()]
 
     def _names(self) -> list[str]:
         dm = self.datamodule
@@ -285,12 +291,12 @@ class MultitaskTask(Seq2SeqTask):
     def eval_kwargs(cls, settings: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
         """Saved settings, with the command line's generation overrides passed on to every task accepting them."""
         from tasks.evaluate import _init_params
-        from tasks.registry import get_task
+        from tasks.registry import task_class_for
 
         kwargs = {k: v for k, v in settings.items() if k in _init_params(cls)}
         overrides = {k: v for k, v in overrides.items() if v is not None}
         for sub, s in kwargs.get("tasks", {}).items():
-            accepts = _init_params(get_task(sub).task_class())
+            accepts = _init_params(task_class_for(sub, s))
             s.update({k: v for k, v in overrides.items() if k in accepts})
         return kwargs
 
@@ -299,11 +305,11 @@ class MultitaskTask(Seq2SeqTask):
         """Each trained task's default data config, with the VQ tokenizer the checkpoint names (never a new one)."""
         from omegaconf import OmegaConf
 
-        from tasks.registry import get_task
+        from tasks.registry import task_class_for
 
         # each subtask's own eval data (text_to_image: with the checkpoint's VQ tokenizer)
-        tasks = {name: get_task(name).task_class().eval_data_config(settings, data_dir)
-                 for name in settings.get("tasks") or {}}
+        tasks = {name: task_class_for(name, sub).eval_data_config(settings, data_dir)
+                 for name, sub in (settings.get("tasks") or {}).items()}
         return OmegaConf.create({"_target_": "tasks.multitask.MultitaskDataModule", "_recursive_": False,
                                  "root": f"{data_dir}/multitask", "tasks": tasks})
 

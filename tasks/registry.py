@@ -54,8 +54,38 @@ def list_tasks() -> list[str]:
     return sorted(_TASKS)
 
 
+#: text-to-image routes (``task.decoder``): name → (task class, datamodule class), ``module:Class``
+_T2I_DECODERS: dict[str, tuple[str, str]] = {}
+
+
+def register_t2i_decoder(name: str, task: str, datamodule: str) -> None:
+    """Register a text-to-image route selectable as ``task.decoder=<name>``."""
+    _T2I_DECODERS[name] = (task, datamodule)
+
+
+def task_class_for(name: str, settings: dict[str, Any] | None = None) -> type:
+    """A registered task's class for its settings: text-to-image's ``decoder`` picks its route's class."""
+    decoder = (settings or {}).get("decoder")
+    if name == "text_to_image" and decoder is not None:
+        if decoder not in _T2I_DECODERS:
+            raise ValueError(f"unknown task.decoder={decoder!r}; registered: {', '.join(sorted(_T2I_DECODERS))}")
+        return TaskEntry._load(_T2I_DECODERS[decoder][0])
+    return get_task(name).task_class()
+
+
+def t2i_target(part: str, decoder: str) -> str:
+    """The Hydra ``_target_`` (dotted path) of a text-to-image route's ``task`` or ``data`` class."""
+    if decoder not in _T2I_DECODERS:
+        raise ValueError(f"unknown task.decoder={decoder!r}; registered: {', '.join(sorted(_T2I_DECODERS))}")
+    if part not in ("task", "data"):
+        raise ValueError(f"t2i_target part must be 'task' or 'data', got {part!r}")
+    return _T2I_DECODERS[decoder][0 if part == "task" else 1].replace(":", ".")
+
+
 register_task("caption", "tasks.caption:CaptionTask", "tasks.caption:CaptionDataModule", "shapes_captions")
 register_task("vqa", "tasks.vqa:VQATask", "tasks.vqa:VQADataModule", "shapes_vqa")
 register_task("text_to_image", "tasks.text_to_image:TextToImageTask", "tasks.text_to_image:T2IDataModule", "shapes_t2i")
 register_task("multitask", "tasks.multitask:MultitaskTask", "tasks.multitask:MultitaskDataModule", "multitask")
 register_task("sensor_to_text", "tasks.sensor_to_text:SensorToTextTask", "tasks.sensor_to_text:SensorTextDataModule", "motion")
+register_t2i_decoder("codes", "tasks.text_to_image:TextToImageTask", "tasks.text_to_image:T2IDataModule")
+register_t2i_decoder("layout", "tasks.layout_t2i:LayoutTextToImageTask", "tasks.layout_t2i:LayoutT2IDataModule")

@@ -104,5 +104,9 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("zoo.rank_zero_subdir", rank_zero_subdir)
     if not OmegaConf.has_resolver("zoo.rank_suffix"):
         OmegaConf.register_new_resolver("zoo.rank_suffix", rank_suffix)
+    if not OmegaConf.has_resolver("zoo.t2i_target"):
+        from tasks.registry import t2i_target
+
+        OmegaConf.register_new_resolver("zoo.t2i_target", t2i_target)
     if not OmegaConf.has_resolver("zoo.run_stamp"):
         OmegaConf.register_new_resolver("zoo.run_stamp", run_stamp, use_cache=True)

@@ -77,9 +77,11 @@ class T2IDataModule(CaptionDataModule):
 
     def __init__(self, root: str, vq_path: str | None = None, vq: dict[str, Any] | None = None,
                  vq_cache_dir: str | None = None, uncond_prob: float = 0.1, max_prompt_len: int = 64,
-                 encode_batch_size: int = 256, **kwargs: Any):
+                 encode_batch_size: int = 256, decoder: str = "codes", layout: Any = None, **kwargs: Any):
         kwargs = {k: (dict(v) if hasattr(v, "items") else v) for k, v in kwargs.items()}
         super().__init__(root, **kwargs)
+        if decoder != "codes":  # data.layout: the layout route's settings (tasks/layout_t2i.py), unused here
+            raise ValueError(f"T2IDataModule is the decoder=codes route, got decoder={decoder!r}")
         if not 0 <= uncond_prob < 1:
             raise ValueError(f"uncond_prob must be in [0, 1), got {uncond_prob}")
         if vq_path is None and vq is None:
@@ -240,8 +242,12 @@ class TextToImageTask(Seq2SeqTask):
                  top_k: int = 32, top_p: float = 1.0, use_cache: bool = True, seed: int = 0,
                  probe_path: str | None = None, probe_train: dict[str, Any] | None = None,
                  image_dir: str | None = None, onset_weight: float = 0.0,
-                 attribute_words: dict[str, list[str]] | None = None, **kwargs: Any):
+                 attribute_words: dict[str, list[str]] | None = None, decoder: str = "codes", layout: Any = None,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
+        if decoder != "codes":  # task.layout: the layout route's settings (tasks/layout_t2i.py), unused here
+            raise ValueError(f"TextToImageTask is the task.decoder=codes route, got decoder={decoder!r}; "
+                             "the layout route is tasks.layout_t2i.LayoutTextToImageTask")
         if onset_weight < 0:
             raise ValueError(f"onset_weight must be >= 0, got {onset_weight}")
         for name, words in (attribute_words or {}).items():  # see word_gain
@@ -269,6 +275,7 @@ class TextToImageTask(Seq2SeqTask):
         if not settings.get("vq_tokenizer"):
             raise ValueError("the checkpoint names no VQ tokenizer folder; give data=shapes_t2i data.vq_path=<folder>")
         data = super().eval_data_config(settings, data_dir)
+        data.decoder = "codes"
         data.vq_path = settings["vq_tokenizer"]
         data.pop("vq", None)
         return data

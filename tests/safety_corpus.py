@@ -1,9 +1,9 @@
 """A corpus of tampered model folders, tried through every entry point that loads a model folder.
 
-Each case copies a real saved tiny model (a captioner, or a text-to-image model with its ``image_codes/`` VQ
-tokenizer) and tampers with it: pickle payloads under every weight-file name, ``_target_`` anywhere, backbone
+Each case copies a real saved tiny model (a captioner, a text-to-image model with its ``image_codes/`` VQ
+tokenizer, or a layout-route text-to-image model with its ``renderer/``) and tampers with it: pickle payloads under every weight-file name, ``_target_`` anywhere, backbone
 names and kwargs that point outside the folder or to a hub, symlinks out of the folder, truncated and tampered
-safetensors, wrong shapes and dtypes, broken configs and tokenizers, escaping ``image_codes`` folders. The ``fl_``
+safetensors, wrong shapes and dtypes, broken configs and tokenizers, escaping ``image_codes`` and ``renderer`` folders, oversized renderer configs. The ``fl_``
 cases do the same to a tiny Florence-2 in its three layouts (transformers', Microsoft's with ``pytorch_model.bin``
 and remote-code ``auto_map``, our own saved one), plus Python files named by ``auto_map`` that would create the
 marker if ever imported, and key-table mismatches. Every pickle
@@ -74,6 +74,7 @@ class Ctx:
     markers: Path
     image: Path
     florence: dict[str, Path] = field(default_factory=dict)
+    layout: Path | None = None  # the layout-route base, built on first use
 
     def marker(self, case: str) -> Path:
         return self.markers / case
@@ -81,6 +82,10 @@ class Ctx:
     def base(self, name: str) -> Path:
         if name in ("caption", "t2i"):
             return getattr(self, name)
+        if name == "layout":
+            if self.layout is None:
+                self.layout = make_layout_base(self.root / "base")
+            return self.layout
         if not self.florence:
             self.florence.update(make_florence_bases(self.root / "base"))
         return self.florence[name]
@@ -817,11 +822,61 @@ def _florence_cases(out: list[Case]) -> None:
     ]
 
 
+RR = "renderer/renderer.safetensors"
+
+
+def renderer_cfg_edit(fn: Callable[[dict], Any]) -> Callable[[Path, Ctx, str], None]:
+    return lambda folder, ctx, name: _edit_json(folder / "renderer" / "config.json", fn)
+
+
+def _renderer_cases(out: list[Case]) -> None:
+    """The layout route's ``renderer/`` folder (text-to-image, ``task.decoder=layout``)."""
+    L, r = "layout", r"renderer/config\.json: "
+    sub = r"config\.json: renderer\.folder must name a subfolder of the model folder"
+    for label, value in (("parent", "../outside"), ("absolute", "/tmp"), ("dot", "."), ("backslash", "..\\outside")):
+        out.append(Case(f"renderer_folder_{label}", cfg_edit(lambda c, value=value: c["renderer"].update(folder=value)),
+                        U, sub, L))
+    out += [
+        Case("renderer_folder_number", cfg_edit(lambda c: c["renderer"].update(folder=7)), M,
+             r"config\.json: renderer\.folder must be a str", L),
+        Case("renderer_folder_missing", lambda f, x, n: shutil.rmtree(f / "renderer"), F,
+             r"renderer: config\.json names the layout renderer folder", L),
+        Case("renderer_entry_target", cfg_edit(lambda c: c["renderer"].update(loader={"_target_": "os.system"})), U,
+             r"config\.json: key 'renderer\.loader\._target_'", L),
+        Case("renderer_entry_unknown_key", cfg_edit(lambda c: c["renderer"].update(module="evil.py")), M,
+             r"config\.json: unknown renderer key", L),
+        Case("renderer_entry_format", cfg_edit(lambda c: c["renderer"].update(format="pickle")), M,
+             r"config\.json: renderer\.format 'pickle' is not", L),
+        Case("renderer_entry_string", cfg_edit(lambda c: c.update(renderer="renderer")), M,
+             r"config\.json: key 'renderer' has an invalid value", L),
+        Case("renderer_dir_symlink_out", link_out("renderer"), U, r"renderer: points to .*outside the model folder", L),
+        Case("renderer_weights_symlink_out", link_out(RR), U,
+             re.escape(RR) + r": points to .*outside the model folder", L),
+        Case("renderer_cfg_target", renderer_cfg_edit(lambda c: c.update(_target_="os.system")), U,
+             r + r"key '_target_'", L),
+        Case("renderer_cfg_unknown_key", renderer_cfg_edit(lambda c: c.update(module="evil")), M,
+             r + "unknown renderer config key", L),
+        Case("renderer_cfg_width_huge", renderer_cfg_edit(lambda c: c.update(width=10**9)), M,
+             r + r"LayoutRendererConfig\.width must be an int in", L),
+        Case("renderer_cfg_words_huge", renderer_cfg_edit(lambda c: c.update(colours=[f"c{i}" for i in range(5000)])),
+             M, r + r"LayoutRendererConfig\.colours has 5000 words", L),
+        Case("renderer_cfg_not_utf8", write("renderer/config.json", b'{"width": "\xff"}'), M, r + "not UTF-8", L),
+        Case("renderer_weights_pickle", payload_at(RR, unlink=()), M,
+             re.escape(RR) + ": not a valid safetensors file", L),
+        Case("renderer_weights_resized", weights_edit(lambda s: s.update(
+            {k: torch.zeros(3, 3) for k in list(s)[:1]}), RR), M, re.escape(RR) + r": tensor '.*' has shape \[3, 3\]", L),
+        Case("renderer_weights_extra_tensor", weights_edit(lambda s: s.update(evil=torch.zeros(1)), RR), M,
+             re.escape(RR) + r".*'evil'", L),
+        # harmless: a stray pickle beside the renderer's safetensors is never read
+        Case("stray_pickle_beside_renderer", payload_at("renderer/renderer.bin", unlink=()), None, "", L),
+    ]
+
+
 def corpus() -> list[Case]:
     """Every tampered-folder case."""
     out: list[Case] = []
     for add in (_pickle_cases, _target_cases, _backbone_cases, _symlink_cases, _safetensors_cases, _tensor_cases,
-                _config_cases, _tokenizer_cases, _image_codes_cases, _florence_cases):
+                _config_cases, _tokenizer_cases, _image_codes_cases, _renderer_cases, _florence_cases):
         add(out)
     names = [c.name for c in out]
     assert len(names) == len(set(names)), "duplicate case names"
@@ -856,6 +911,21 @@ def make_context(root: Path) -> Ctx:
     for d in ("outside", "markers", "cases", "hub", "out"):
         (root / d).mkdir()
     return Ctx(root, caption, t2i, root / "outside", root / "markers", image)
+
+
+def make_layout_base(root: Path) -> Path:
+    """A real tiny layout-route text-to-image model (planner + ``renderer/``)."""
+    import zoo
+    from modalities.text import TextTokenizer
+    from zoo.layout_renderer import LayoutRenderer, LayoutRendererConfig
+    from zoo.pretrained import Pretrained
+
+    tok = TextTokenizer.train(TEXTS, vocab_size=300)
+    torch.manual_seed(0)
+    model = zoo.create_model("test-tiny", max_positions=80, vocab={"text_size": tok.vocab_size, "loc_bins": 8})
+    renderer = LayoutRenderer(LayoutRendererConfig(width=8, depth=1, embed_dim=4)).eval()
+    return Pretrained(model.eval(), tok, tasks={"text_to_image": {}}, renderer=renderer,
+                      max_layout_len=24).save_pretrained(root / "layout")
 
 
 def build_case(case: Case, ctx: Ctx) -> Path:
@@ -908,7 +978,7 @@ def via_predict(folder: Path, case: Case, ctx: Ctx) -> None:
     """``zoo-predict`` (its ``main``; errors become ``SystemExit("error: ...")``)."""
     from zoo.predict import main
 
-    if case.base == "t2i":
+    if case.base in ("t2i", "layout"):
         args = ["task=t2i", "input=a red circle", f"out={ctx.root / 'out' / case.name}"]
     elif case.base in FLORENCE_BASES:
         args = ["task=detect", f"input={ctx.image}", "max_new_tokens=4", f"out={ctx.root / 'out' / case.name}.json"]

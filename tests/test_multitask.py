@@ -51,6 +51,9 @@ def test_multitask_trains_every_task_then_evaluates_and_exports_as_one(tiny_shap
         assert key in m
     assert m["val/caption/cider"] == pytest.approx(metrics["val/caption/cider"], abs=1e-6)
     assert m["val/vqa/vqa_acc"] == pytest.approx(metrics["val/vqa/vqa_acc"], abs=1e-6)
+    # the renderer's weights come from the checkpoint too: the same layouts, the same images, the same scores
+    assert m["val/text_to_image/renderer_all_acc"] == pytest.approx(metrics["val/text_to_image/renderer_all_acc"])
+    assert m["val/text_to_image/probe_fd"] == pytest.approx(metrics["val/text_to_image/probe_fd"], rel=1e-4)
 
     # zoo-export → one folder whose Pretrained does all four tasks
     import zoo
@@ -59,7 +62,10 @@ def test_multitask_trains_every_task_then_evaluates_and_exports_as_one(tiny_shap
     out = export(f"{run}/checkpoints/best.ckpt", tmp_path / "exported")
     bundle = zoo.load(str(out))
     assert set(names) <= set(bundle.tasks)
-    assert bundle.image_tokenizer is not None
+    assert bundle.renderer is not None and bundle.image_tokenizer is None  # text-to-image: plan, then render
+    images = bundle.generate_image(["a small red circle", "a large blue square left of a green cross"], output_type="pt")
+    assert images.shape == (2, 3, 64, 64)
+    assert len(bundle.plan_layout(["a small red circle"] * 2)) == 2
 
 
 def compose_eval(overrides, out):
@@ -81,7 +87,8 @@ def multitask_eval_data(train_cfg, eval_cfg):
     data = OmegaConf.to_container(train_cfg.data, resolve=True)
     t2i = data["tasks"]["text_to_image"]
     t2i.pop("vq", None)
-    t2i["vq_path"] = str(vq_folder_for(read_checkpoint(eval_cfg.ckpt), eval_cfg.ckpt))
+    vq = vq_folder_for(read_checkpoint(eval_cfg.ckpt), eval_cfg.ckpt)  # None for the layout route
+    t2i["vq_path"] = str(vq) if vq is not None else None
     with open_dict(eval_cfg):
         eval_cfg.data = OmegaConf.create(data)
     return eval_cfg

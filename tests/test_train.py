@@ -37,7 +37,8 @@ def _experiment_data(experiment: str, shapes_root: Path, tmp_path: Path) -> list
                                      f"++model.overrides.max_positions={272 if big else 80}", "data.max_prompt_len=48",
                                      "data.vq.max_steps=2", f"data.vq.task.vq.channels={'[8,8,8]' if big else '[8,8,8,8]'}",
                                      "data.vq.task.vq.num_codes=16", "data.vq.data.batch_size=4", "data.vq.task.autoencode_steps=1",
-                                     "task.probe_train.epochs=1"]
+                                     "task.probe_train.epochs=1"] + \
+            ([] if big else ["data.layout.max_layout_len=64", "task.layout.max_layout_len=64"])  # the layout route
     if experiment == "multitask":
         return multitask_overrides(shapes_root, tmp_path)
     return _data(shapes_root)
@@ -55,7 +56,8 @@ def multitask_overrides(shapes_root: Path, tmp_path: Path) -> list[str]:
         out += [f"data.tasks.{t}.root={shapes_root}", f"data.tasks.{t}.shapes.n_train=64",
                 f"data.tasks.{t}.shapes.n_val=16", f"data.tasks.{t}.shapes.n_test=16"]
     vq = "data.tasks.text_to_image.vq"
-    out += ["data.tasks.text_to_image.max_prompt_len=48", f"{vq}.max_steps=2", f"{vq}.task.vq.channels=[8,8,8,8]",
+    out += ["data.tasks.text_to_image.max_prompt_len=48", "data.tasks.text_to_image.layout.max_layout_len=64",
+            "task.tasks.text_to_image.layout.max_layout_len=64", f"{vq}.max_steps=2", f"{vq}.task.vq.channels=[8,8,8,8]",
             f"{vq}.task.vq.num_codes=16", f"{vq}.data.batch_size=4", f"{vq}.task.autoencode_steps=1"]
     out += [f"data.tasks.sensor_to_text.root={tmp_path}/motion", "data.tasks.sensor_to_text.motion.n_train=32",
             "data.tasks.sensor_to_text.motion.n_val=8", "data.tasks.sensor_to_text.motion.n_test=8"]

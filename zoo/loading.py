@@ -24,7 +24,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-META_KEYS = ("mmzoo_version", "format", "tasks", "image_codes")
+META_KEYS = ("mmzoo_version", "format", "tasks", "image_codes", "renderer")
 #: the largest config / tokenizer JSON read (a 50k-token tokenizer.json is a few MB)
 MAX_JSON_BYTES = 256 * 2**20
 #: dtypes a float32 weight may be stored in and is deliberately upcast from
@@ -232,6 +232,7 @@ MODEL_SCHEMA: dict[str, Check] = {
     # metadata
     "mmzoo_version": _str, "format": _pos, "tasks": lambda v: isinstance(v, (dict, list)),
     "image_codes": lambda v: v is None or isinstance(v, dict),
+    "renderer": lambda v: v is None or isinstance(v, dict),  # checked by zoo.layout_generation.check_entry
 }
 VOCAB_SCHEMA: dict[str, Check] = {
     "text_size": _nonneg, "image_code_size": _nonneg, "loc_bins": _nonneg, "num_specials": _nonneg,

@@ -203,8 +203,16 @@ def predict(bundle: Any, task: str, inputs: str | None, *, question: str | None 
         return results
     if task == "t2i":
         prompts = read_prompts(inputs, text)
-        images = bundle.generate_image(prompts, batch_size=batch_size,
-                                       **{k: v for k, v in (t2i or {}).items() if v is not None})
+        layouts = None
+        if getattr(bundle, "renderer", None) is not None:  # the layout route: each record also lists the planned boxes
+            from zoo.layout_generation import render_texts
+
+            bundle._require_task("text_to_image", "generate_image")
+            pixels, layouts = render_texts(bundle, prompts, batch_size)
+            images = list(pixels)
+        else:
+            images = bundle.generate_image(prompts, batch_size=batch_size,
+                                           **{k: v for k, v in (t2i or {}).items() if v is not None})
         folder = Path(out or "t2i_outputs")
         if folder.suffix == ".json":
             folder = folder.with_suffix("")
@@ -214,6 +222,9 @@ def predict(bundle: Any, task: str, inputs: str | None, *, question: str | None 
             path = folder / f"{i:04d}.png"
             _save_image(img, path)
             recs.append({"text": p, "image": str(path)})
+            if layouts is not None:
+                recs[-1]["layout"] = {"tone": layouts[i].tone, "objects": [{**o, "box": [round(float(v), 4) for v in o["box"]]}
+                                                                           for o in layouts[i].objects]}
         return recs
     if task in ("detect", "ground"):  # box tasks (Florence-2): JSON boxes + a PNG per image with the boxes drawn
         return _predict_boxes(bundle, task, _need(inputs, task), text, batch_size, out, gen)

@@ -8,6 +8,8 @@ A saved model is a folder::
     tokenizer.json     the text tokenizer
     image_codes/       text-to-image models only: the VQ image-code tokenizer, a diffusers ``VQModel`` folder
                        (config.json + diffusion_pytorch_model.safetensors), named by config.json's "image_codes"
+    renderer/          layout-route text-to-image models only: the layout renderer (zoo/layout_generation.py),
+                       named by config.json's "renderer"
     README.md          the model card
 
 Loading (:mod:`zoo.loading`) never executes code from the folder and reads nothing outside it: ``config.json``
@@ -145,6 +147,10 @@ class Pretrained:
     precision: str = "fp32"
     #: text-to-image models: the VQ image-code tokenizer (``modalities.image_codes.ImageCodeTokenizer``)
     image_tokenizer: Any = None
+    #: layout-route text-to-image models: the renderer (``zoo.layout_renderer.LayoutRenderer``) and the longest
+    #: layout the planner writes
+    renderer: Any = None
+    max_layout_len: int = 48
     _pre: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # --- construction / I/O -------------------------------------------------------------------
@@ -198,9 +204,14 @@ class Pretrained:
                 image_tokenizer.check_layout(model.layout)
             except ValueError as e:
                 raise ModelFolderError(f"{cfg_path}: {e}") from None
+        renderer, max_layout_len = None, 48
+        if raw.get("renderer") is not None:
+            from zoo.layout_generation import load_renderer
+
+            renderer, max_layout_len = load_renderer(root, folder, raw["renderer"], str(cfg_path))
         model.eval()
         bundle = cls(model=model, tokenizer=tokenizer, tasks=dict(tasks), source=source or str(folder),
-                     image_tokenizer=image_tokenizer)
+                     image_tokenizer=image_tokenizer, renderer=renderer, max_layout_len=max_layout_len)
         return bundle.to(device) if device is not None else bundle
 
     def config_dict(self) -> dict[str, Any]:
@@ -213,6 +224,10 @@ class Pretrained:
             tok = self.image_tokenizer
             meta["image_codes"] = {"folder": IMAGE_CODES_DIR, "format": "diffusers.VQModel",
                                    "num_codes": tok.num_codes, "grid": list(tok.grid), "image_size": tok.image_size}
+        if self.renderer is not None:
+            from zoo.layout_generation import renderer_entry
+
+            meta["renderer"] = renderer_entry(self.renderer, self.max_layout_len)
         return {**d, **meta}
 
     def save_pretrained(self, folder: str | Path, card: dict[str, Any] | None = None) -> Path:
@@ -232,6 +247,10 @@ class Pretrained:
             self.tokenizer.save(tmp)
             if self.image_tokenizer is not None:
                 self.image_tokenizer.save_pretrained(tmp / IMAGE_CODES_DIR)
+            if self.renderer is not None:
+                from zoo.layout_generation import RENDERER_DIR
+
+                self.renderer.save_pretrained(tmp / RENDERER_DIR)
             card = {"num_parameters": self.model.num_parameters(), **(card or {})}
             (tmp / CARD_FILE).write_text(model_card(config, card), encoding="utf-8")
             if folder.exists():
@@ -271,6 +290,8 @@ class Pretrained:
         self.model.to(device)
         if self.image_tokenizer is not None:
             self.image_tokenizer.to(device)
+        if self.renderer is not None:
+            self.renderer.to(device)
         return self
 
     def num_parameters(self) -> int:
@@ -488,7 +509,8 @@ class Pretrained:
     def generate_image(self, texts: str | Sequence[str], *, output_type: str = "pil", batch_size: int = 32,
                        **sampling: Any) -> Any:
         """Text-to-image: captions → image codes (:meth:`generate_image_codes`, same keyword arguments:
-        ``guidance_scale``, ``seed``, ``temperature``, ``top_k``, ...) → pixels through the VQ decoder.
+        ``guidance_scale``, ``seed``, ``temperature``, ``top_k``, ...) → pixels through the VQ decoder; for a
+        layout-route model (a ``renderer``): :meth:`plan_layout`, then the renderer (sampling options ignored).
 
         Returns one image or a list of PIL images (``output_type="pil"``), or a float tensor ``[B,3,H,W]``
         in ``[0, 1]`` (``output_type="pt"``).
@@ -496,10 +518,16 @@ class Pretrained:
         if output_type not in ("pil", "pt"):
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
         items, single = _as_list(texts)
-        codes = self.generate_image_codes(items, batch_size=batch_size, **sampling)
-        vq = self.image_tokenizer
-        dev = next(vq.parameters()).device
-        pixels = torch.cat([vq.decode(c.to(dev)).float().cpu() for c in codes.split(batch_size)])
+        if self.renderer is not None:  # the layout route: plan, then render (sampling options do not apply)
+            from zoo.layout_generation import render_texts
+
+            self._require_task("text_to_image", "generate_image")
+            pixels = render_texts(self, [str(t) for t in items], batch_size)[0]
+        else:
+            codes = self.generate_image_codes(items, batch_size=batch_size, **sampling)
+            vq = self.image_tokenizer
+            dev = next(vq.parameters()).device
+            pixels = torch.cat([vq.decode(c.to(dev)).float().cpu() for c in codes.split(batch_size)])
         if output_type == "pt":
             return pixels[0] if single else pixels
         from PIL import Image
@@ -507,6 +535,20 @@ class Pretrained:
         arr = pixels.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         images = [Image.fromarray(a) for a in arr]
         return images[0] if single else images
+
+    @torch.no_grad()
+    def plan_layout(self, texts: str | Sequence[str], *, batch_size: int = 32) -> Any:
+        """Layout-route text-to-image, stage 1: each caption's scene plan, a ``zoo.layout_renderer.Layout`` (tone
+        and objects, each ``{"box": (x0, y0, x1, y1) in [0, 1], "size", "colour", "shape"}``); one or a list."""
+        if self.renderer is None:
+            raise NotImplementedError("plan_layout() needs a layout-route text-to-image model (a 'renderer' folder "
+                                      "in config.json); train one with task.decoder=layout")
+        self._require_task("text_to_image", "plan_layout")
+        from zoo.layout_generation import plan_layouts
+
+        items, single = _as_list(texts)
+        plans = plan_layouts(self, [str(t) for t in items], batch_size)
+        return plans[0] if single else plans
 
     @torch.no_grad()
     def generate_text_from(self, task: str, text_ids: Sequence[Sequence[int]], *, pixels: torch.Tensor | None = None,
