@@ -214,8 +214,8 @@ class LayoutT2IDataModule(CaptionDataModule):
                                         [f"{source}: image id={r.image_id}" for r in recs for _ in r.captions]))
         prompts = [[next(flat) for _ in r.captions] for r in recs]
         targets, cache = [], {}
-        for r in recs:
-            lay = self.layout_of("train", r.image_id)
+        lays = [self.layout_of("train", r.image_id) for r in recs]
+        for r, lay in zip(recs, lays):
             tone, pieces = layout_pieces(lay, self.layout, self.tokenizer, cache)
             targets.append([tone + [t for i in mention_order(lay, c) for t in pieces[i]] for c in r.captions])
             longest = max(len(t) for t in targets[-1]) + 1
@@ -225,10 +225,8 @@ class LayoutT2IDataModule(CaptionDataModule):
         n = min(self.renderer_images, len(recs))
         images = load_images([r.path for r in recs[:n]])
         bins = self.layout.loc_bins
-        layouts = []
-        for r in recs[:n]:
-            lay = self.layout_of("train", r.image_id)
-            layouts.append(Layout(lay.tone, [{**o, "box": quantize_box(o["box"], bins)} for o in lay.objects]))
+        layouts = [Layout(lay.tone, [{**o, "box": quantize_box(o["box"], bins)} for o in lay.objects])
+                   for lay in lays[:n]]
         ds = LayoutTrainSet(prompts, targets, [r.image_id for r in recs], images, layouts, self.renderer_per_item)
         return self._loader(ds, self.batch_size, shuffle=True)
 
