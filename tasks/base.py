@@ -197,20 +197,32 @@ class Seq2SeqTask(L.LightningModule):
         """Cross-entropy of decoder states ``[S,T,d]`` against ``labels [S,T]`` (PAD ignored). ``loss_average``
         ``token`` averages over every real token; ``sequence`` averages each target's tokens first, so every
         target weighs the same whatever its length."""
+        return self.target_loss_logits(self.model.logits(hidden[labels != PAD_ID]), labels)
+
+    def target_loss_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """:meth:`target_loss` from the logits ``[N,V]`` of the real target positions (``labels != PAD``)."""
         keep = labels != PAD_ID
-        logits = self.model.logits(hidden[keep])  # only real target positions: [N, V]
         smoothing = self.hparams.label_smoothing
+        weights = self.target_weights(labels)
+        if weights is None:
+            return F.cross_entropy(logits.float(), labels[keep], label_smoothing=smoothing)
+        per_token = F.cross_entropy(logits.float(), labels[keep], label_smoothing=smoothing, reduction="none")
+        return (per_token * weights).sum()
+
+    def target_weights(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """The weight ``[N]`` of each real target token (``labels != PAD``) in the loss, summing to 1, from
+        ``loss_average`` and :meth:`token_weights`; ``None`` when it is the plain mean over tokens."""
+        keep = labels != PAD_ID
         extra = self.token_weights(labels)
         average = self.hparams.get("loss_average", "token")
         if average == "token" and extra is None:
-            return F.cross_entropy(logits.float(), labels[keep], label_smoothing=smoothing)
-        per_token = F.cross_entropy(logits.float(), labels[keep], label_smoothing=smoothing, reduction="none")
+            return None
         weights = keep.float() if extra is None else extra * keep
         if average == "sequence":  # each target's weights sum to 1 / #targets
             weights = weights / (weights.sum(1, keepdim=True).clamp(min=1e-12) * labels.shape[0])
         else:
             weights = weights / weights.sum()
-        return (per_token * weights[keep]).sum()
+        return weights[keep]
 
     def token_weights(self, labels: torch.Tensor) -> torch.Tensor | None:
         """Relative loss weights ``[S,T]`` of the target tokens (``None``: all equal); tasks override it."""

@@ -6,7 +6,8 @@ captions) with
 
     loss = (1 - alpha) * CE(student, labels) + alpha * T² * KL(softmax(teacher / T) || softmax(student / T))
 
-over the real target positions (Hinton et al.). ``task.teacher=null`` trains the same student without a
+over the real target positions (Hinton et al.). CE is the task's own loss (``Seq2SeqTask.target_loss``: label
+smoothing, ``task.loss_average``, the task's token weights) and the KL term is averaged over the tokens the same way. ``task.teacher=null`` trains the same student without a
 teacher, the baseline distillation is judged against. Teacher and student must share the vocabulary and
 text tokenizer (the data's tokenizer; point ``data.tokenizer_path`` at the teacher's folder if they differ).
 The teacher is frozen, kept out of the checkpoint and of the optimiser.
@@ -90,10 +91,12 @@ class DistillMixin:
         with torch.no_grad():
             t_memory, t_mask = encode_for_targets(self, self.teacher, batch)
             t_logits = self.teacher.logits(self.teacher.decode_hidden(batch["tgt_in"], t_memory, t_mask)[keep]).float()
-        ce = F.cross_entropy(logits, labels[keep], label_smoothing=self.hparams.label_smoothing)
+        ce = self.target_loss_logits(logits, labels)  # the task's own loss: averaging, smoothing, token weights
         t = self.temperature
         kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(t_logits / t, -1), log_target=True,
-                      reduction="batchmean") * (t * t)
+                      reduction="none").sum(-1) * (t * t)  # [N]: per target token
+        weights = self.target_weights(labels)  # averaged over the tokens as the cross-entropy is
+        kl = kl.mean() if weights is None else (kl * weights).sum()
         n = len(labels)
         self.log("train/ce", ce.detach(), batch_size=n)
         self.log("train/distill_kl", kl.detach(), batch_size=n)

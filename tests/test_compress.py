@@ -108,3 +108,91 @@ def test_distill_refuses_a_teacher_with_another_tokenizer(tiny_shapes, tmp_path)
         .save_pretrained(tmp_path / "t")
     with pytest.raises(ValueError, match="teacher"):
         DistillVQATask(zoo.create_model("test-tiny", vocab=vocab), tok, teacher=str(folder))
+
+
+def _distill_batch(layout):
+    """Two images with 2 and 1 target captions of different lengths (PAD-padded), as the caption collate makes."""
+    g = torch.Generator().manual_seed(3)
+    lo = layout.text_start
+    lengths = [6, 2, 4]
+    labels = torch.zeros(3, 6, dtype=torch.long)  # PAD_ID = 0
+    for i, n in enumerate(lengths):
+        labels[i, :n - 1] = torch.randint(lo, lo + 200, (n - 1,), generator=g)
+        labels[i, n - 1] = 2  # EOS
+    tgt_in = torch.cat([torch.full((3, 1), 1), labels[:, :-1]], 1)  # BOS + shifted
+    prompt = torch.randint(lo, lo + 200, (2, 5), generator=g)
+    return {"image": torch.randn(2, 3, 32, 32, generator=g), "prompt_ids": prompt,
+            "prompt_mask": torch.ones(2, 5, dtype=torch.bool), "tgt_in": tgt_in, "labels": labels,
+            "target_counts": torch.tensor([2, 1])}
+
+
+class _FirstTokenHeavy:
+    """Token weights: a target's first token weighs 3, the rest 1 (a task with its own loss weighting)."""
+
+    def token_weights(self, labels):
+        w = torch.ones_like(labels, dtype=torch.float)
+        w[:, 0] = 3.0
+        return w
+
+
+@pytest.mark.parametrize("setting", ["sequence", "token_weights"])
+def test_distill_cross_entropy_is_the_tasks_own_loss(tmp_path, setting):
+    """With a teacher identical to the student the KL term is 0, so the distillation loss is (1 - alpha) times the
+    plain task's loss, with the task's ``loss_average`` and token weights (the old code used a token-mean CE)."""
+    from tasks.caption import CaptionTask
+    from tasks.distill import DistillCaptionTask
+
+    tok = TextTokenizer.train(TEXTS, vocab_size=300)
+    torch.manual_seed(0)
+    model = zoo.create_model("test-tiny", vocab={"text_size": tok.vocab_size, "image_code_size": 16, "loc_bins": 4})
+    folder = Pretrained(model.eval(), tok).save_pretrained(tmp_path / "same")
+    kw = {"loss_average": "sequence"} if setting == "sequence" else {}
+    plain_cls = CaptionTask if setting == "sequence" else type("Heavy", (_FirstTokenHeavy, CaptionTask), {})
+    distill_cls = DistillCaptionTask if setting == "sequence" else \
+        type("HeavyDistill", (_FirstTokenHeavy, DistillCaptionTask), {})
+    plain = plain_cls(model, tok, **kw).eval()
+    student = distill_cls(model, tok, teacher=str(folder), alpha=0.25, **kw).eval()
+    batch = _distill_batch(model.layout)
+    with torch.no_grad():
+        want = plain.loss(batch)
+        token_mean = CaptionTask(model, tok).eval().loss(batch)
+        got = student.loss(batch)
+    assert abs(want.item() - token_mean.item()) > 1e-3  # the setting does change the loss here
+    torch.testing.assert_close(got, 0.75 * want, rtol=1e-5, atol=1e-6)
+
+
+def test_distill_kl_is_averaged_like_the_loss(tmp_path):
+    """The KL term follows the task's token weights: with weight only on each target's first token it is the mean
+    over targets of T² · KL(teacher || student) at that token."""
+    import torch.nn.functional as F
+
+    from tasks.distill import DistillCaptionTask
+
+    class FirstTokenOnly(DistillCaptionTask):
+        def token_weights(self, labels):
+            w = torch.zeros_like(labels, dtype=torch.float)
+            w[:, 0] = 1.0
+            return w
+
+    tok = TextTokenizer.train(TEXTS, vocab_size=300)
+    vocab = {"text_size": tok.vocab_size, "image_code_size": 16, "loc_bins": 4}
+    torch.manual_seed(1)
+    teacher = zoo.create_model("test-tiny", vocab=vocab).eval()
+    folder = Pretrained(teacher, tok).save_pretrained(tmp_path / "teacher")
+    torch.manual_seed(2)
+    student_model = zoo.create_model("test-tiny", vocab=vocab)
+    task = FirstTokenOnly(student_model, tok, teacher=str(folder), alpha=1.0, temperature=2.0).eval()
+    batch = _distill_batch(student_model.layout)
+
+    def first_logits(m):
+        memory, mask = m.encode(task.model_inputs(batch))
+        counts = batch["target_counts"]
+        hidden = m.decode_hidden(batch["tgt_in"], memory.repeat_interleave(counts, 0), mask.repeat_interleave(counts, 0))
+        return m.logits(hidden[:, 0]).float() / 2.0
+
+    with torch.no_grad():
+        got = task.loss(batch)
+        s, t = F.log_softmax(first_logits(student_model), -1), F.log_softmax(first_logits(teacher), -1)
+    want = (t.exp() * (t - s)).sum(-1).mean() * 4.0
+    assert want > 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
