@@ -15,9 +15,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tasks.resolvers import register_resolvers
 
-GENERATION_KEYS = ("max_new_tokens", "num_beams", "length_penalty")
-
-
 def _init_params(cls: type) -> set[str]:
     """Keyword parameters accepted along the class's ``__init__`` chain."""
     names: set[str] = set()

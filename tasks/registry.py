@@ -29,9 +29,6 @@ class TaskEntry:
     def task_class(self) -> type:
         return self._load(self.task)
 
-    def datamodule_class(self) -> type:
-        return self._load(self.datamodule)
-
 
 _TASKS: dict[str, TaskEntry] = {}
 
@@ -46,11 +43,12 @@ def register_task(name: str, task: str, datamodule: str, data_config: str) -> No
 
 def get_task(name: str) -> TaskEntry:
     if name not in _TASKS:
-        raise KeyError(f"unknown task {name!r}; registered: {', '.join(sorted(_TASKS))}")
+        raise KeyError(f"unknown task {name!r}; registered: {', '.join(list_tasks())}")
     return _TASKS[name]
 
 
 def list_tasks() -> list[str]:
+    """The registered task names, sorted."""
     return sorted(_TASKS)
 
 

@@ -1,7 +1,6 @@
 """Tiny ``key=value`` command-line parsing for the zoo's console scripts (no Hydra, no argparse sprawl)."""
 from __future__ import annotations
 
-import sys
 from typing import Any, Sequence
 
 _TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
@@ -38,7 +37,3 @@ def parse_kv(argv: Sequence[str], spec: dict[str, Any], usage: str) -> dict[str,
     if missing:
         raise SystemExit(f"error: missing {', '.join(k + '=...' for k in missing)}\n{usage}")
     return out
-
-
-def argv() -> list[str]:
-    return sys.argv[1:]

@@ -58,6 +58,7 @@ def list_pretrained(pattern: str = "*") -> list[str]:
 
 
 def pretrained_entry(name: str) -> PretrainedEntry:
+    """The Hub repo (and revision) a registered ``arch.tag`` names; ``KeyError`` listing the tags otherwise."""
     if name not in _PRETRAINED:
         raise KeyError(f"unknown pretrained tag {name!r}; registered: {', '.join(list_pretrained()) or 'none'}")
     return _PRETRAINED[name]
@@ -207,7 +208,7 @@ def resolve(source: str | Path, *, revision: str | None = None, allow_pickle: bo
         repo_id, rev = parse_hub_source(source)
         return download(repo_id, revision or rev, allow_pickle=allow_pickle, cache_dir=cache_dir)
     if source in _PRETRAINED:
-        entry = _PRETRAINED[source]
+        entry = pretrained_entry(source)
         try:
             return download(entry.repo_id, revision or entry.revision, allow_pickle=allow_pickle, cache_dir=cache_dir)
         except HubLoadError as e:
@@ -247,7 +248,7 @@ def _load_imported(folder: Path, source: str | Path, revision: str | None, devic
         return None
     src = str(source)
     if src in _PRETRAINED:
-        src = HUB_PREFIX + _PRETRAINED[src].repo_id
+        src = HUB_PREFIX + pretrained_entry(src).repo_id
     repo_id = parse_hub_source(src)[0] if src.startswith(HUB_PREFIX) else None
     if repo_id is not None and not any((folder / f).is_file() for f in (florence2.WEIGHTS_ST, florence2.WEIGHTS_BIN)):
         # Microsoft's repos ship pytorch_model.bin only: fetched here, read with torch.load(weights_only=True)

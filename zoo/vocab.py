@@ -56,12 +56,6 @@ class VocabLayout:
         }
 
     # --- id mapping (vectorised) --------------------------------------------------------------
-    def text_to_unified(self, ids: torch.Tensor) -> torch.Tensor:
-        return ids + self.text_start
-
-    def unified_to_text(self, ids: torch.Tensor) -> torch.Tensor:
-        return ids - self.text_start
-
     def codes_to_unified(self, codes: torch.Tensor) -> torch.Tensor:
         return codes + self.image_code_start
 
