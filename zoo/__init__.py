@@ -4,7 +4,7 @@ Imports are lazy so that ``import zoo`` stays cheap.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from zoo.version import __version__
 
 __all__ = ["create_model", "list_models", "model_config", "load", "list_pretrained", "register_pretrained",
            "Pretrained", "UnifiedSeq2Seq", "ModelConfig", "VocabLayout", "ModelFolderError", "UnsafeModelError"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from zoo.registry import register_model
+from zoo.arch_registry import register_model
 
 _VOCAB = {"text_size": 1024, "image_code_size": 512, "loc_bins": 100}
 

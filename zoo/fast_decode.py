@@ -20,7 +20,8 @@ from torch import nn
 from torch.nn.modules import module as nn_module
 
 from zoo.cpu_linears import _PACKED, onednn_linear, packed_applies
-from zoo.layers import CrossAttention, DecoderLayer, FeedForward, KVCache, SelfAttention, attend
+from zoo.blocks import DecoderLayer
+from zoo.layers import CrossAttention, FeedForward, KVCache, SelfAttention, attend
 
 
 def _hooked_or_training(module: nn.Module) -> bool:

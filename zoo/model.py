@@ -13,7 +13,8 @@ from modalities.base import get_modality
 from zoo.config import ModelConfig
 from zoo.cpu_linears import packed_applies, packed_linear
 from zoo.fast_decode import FastDecodeStep
-from zoo.layers import DecoderLayer, EncoderLayer, KVCache, causal_allowed
+from zoo.blocks import DecoderLayer, EncoderLayer
+from zoo.layers import KVCache, causal_allowed
 from zoo.vocab import PAD_ID
 
 # A segment value is a tensor (pixels, ...) or a tuple (ids, mask) for token segments.

@@ -47,9 +47,9 @@ T2I_GENERATION = {"guidance_scale": 3.0, "do_sample": True, "temperature": 1.0, 
 
 
 def _version() -> str:
-    import zoo
+    from zoo.version import __version__
 
-    return zoo.__version__
+    return __version__
 
 
 def full_modality_config(name: str, mcfg: dict[str, Any]) -> dict[str, Any]:
@@ -270,7 +270,7 @@ class Pretrained:
         """Save to a temp folder and upload it to the Hugging Face Hub; returns the commit URL."""
         import tempfile
 
-        from zoo.hub import upload_folder
+        from zoo.hub_io import upload_folder
 
         with tempfile.TemporaryDirectory() as d:
             folder = self.save_pretrained(Path(d) / "model", card={"load_as": f"hf-hub:{repo_id}", **(card or {})})

@@ -1,24 +1,18 @@
-"""Architecture registry, timm style: ``@register_model`` where an architecture is defined."""
+"""Architecture registry, timm style: ``@register_model`` where an architecture is defined.
+
+The table itself lives in :mod:`zoo.arch_registry` (which the architecture files import); this module looks
+names up in it after loading the built-in architectures.
+"""
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Any, Callable
+from typing import Any
 
+from zoo.arch_registry import ARCHITECTURES as _ARCHS
+from zoo.arch_registry import register_model
 from zoo.config import ModelConfig
 
-_ARCHS: dict[str, Callable[[], dict[str, Any]]] = {}
-
-
-def register_model(name: str) -> Callable[[Callable[[], dict[str, Any]]], Callable[[], dict[str, Any]]]:
-    """Register a function returning the architecture's ``ModelConfig`` fields under ``name``."""
-
-    def deco(fn: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
-        if name in _ARCHS:
-            raise ValueError(f"architecture {name!r} is already registered")
-        _ARCHS[name] = fn
-        return fn
-
-    return deco
+__all__ = ["register_model", "list_models", "model_config", "create_model"]
 
 
 def list_models(pattern: str = "*") -> list[str]:

@@ -253,7 +253,7 @@ class LFASelfAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 
-# --- builders (called by zoo.layers only for non-default configs) ------------------------------
+# --- builders (called by zoo.blocks only for non-default configs) ------------------------------
 def build_ffn(cfg: ModelConfig, decoder: bool = False) -> nn.Module:
     if cfg.ffn == "multiway":
         return MultiwayFeedForward(cfg, decoder)

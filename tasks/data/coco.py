@@ -33,10 +33,15 @@ def read_json(path: str | Path) -> Any:
         raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
 
 
-def _describe(x: Any) -> str:
-    from tasks.data.validate import describe_value
-
-    return describe_value(x)
+def describe_value(x: Any) -> str:
+    """``x`` for an error message: its JSON type and (short) value, e.g. ``a number (42)``, ``null``."""
+    if x is None:
+        return "null"
+    kind = ("a boolean" if isinstance(x, bool) else "a number" if isinstance(x, (int, float))
+            else "a list" if isinstance(x, (list, tuple)) else "an object" if isinstance(x, dict)
+            else "a string" if isinstance(x, str) else f"a {type(x).__name__}")
+    text = repr(x)
+    return f"{kind} ({text if len(text) <= 60 else text[:57] + '...'})"
 
 
 def _raise(message: str) -> None:
@@ -60,7 +65,7 @@ def read_coco_captions(json_path: str | Path, image_root: str | Path | None = No
         raise DataError(f"{json_path}: not a COCO captions file (needs 'images' and 'annotations' lists)")
     for key in ("images", "annotations"):
         if not isinstance(data[key], list):
-            raise DataError(f"{json_path}: '{key}' is {_describe(data[key])}, not a list")
+            raise DataError(f"{json_path}: '{key}' is {describe_value(data[key])}, not a list")
     records: dict[Any, CaptionRecord] = {}
     skipped: set[Any] = set()
     for i, img in enumerate(data["images"]):
@@ -68,7 +73,7 @@ def read_coco_captions(json_path: str | Path, image_root: str | Path | None = No
             fail(f"{json_path}: images[{i}] lacks 'id' or 'file_name': {img}")
             continue
         if not isinstance(img["file_name"], str) or not img["file_name"].strip():
-            fail(f"{json_path}: images[{i}] (id={img['id']}) has file_name {_describe(img['file_name'])}, "
+            fail(f"{json_path}: images[{i}] (id={img['id']}) has file_name {describe_value(img['file_name'])}, "
                  "not a file name")
             skipped.add(img["id"])
             continue
@@ -93,7 +98,7 @@ def read_coco_captions(json_path: str | Path, image_root: str | Path | None = No
             continue
         if not isinstance(caption, str):
             fail(f"{json_path}: annotations[{i}] (id={ann.get('id')}, image_id={image_id}) has caption "
-                 f"{_describe(caption)}, not a string")
+                 f"{describe_value(caption)}, not a string")
             continue
         if not caption.strip():
             fail(f"{json_path}: annotations[{i}] (id={ann.get('id')}, image_id={image_id}) has an empty caption")

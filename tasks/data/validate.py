@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
-from tasks.data.coco import DataError
+from tasks.data.coco import DataError, describe_value
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -50,17 +50,6 @@ class Problems:
         more = f"\n  ... and {len(self.messages) - limit} more" if len(self.messages) > limit else ""
         log.warning("%s: skipped %d bad record(s) (data.skip_bad=true):\n  %s%s",
                     self.source, len(self.messages), shown, more)
-
-
-def describe_value(x: Any) -> str:
-    """``x`` for an error message: its JSON type and (short) value, e.g. ``a number (42)``, ``null``."""
-    if x is None:
-        return "null"
-    kind = ("a boolean" if isinstance(x, bool) else "a number" if isinstance(x, (int, float))
-            else "a list" if isinstance(x, (list, tuple)) else "an object" if isinstance(x, dict)
-            else "a string" if isinstance(x, str) else f"a {type(x).__name__}")
-    text = repr(x)
-    return f"{kind} ({text if len(text) <= 60 else text[:57] + '...'})"
 
 
 def confine_roots(allow_outside_root: bool, *roots: str | Path | None) -> list[Path] | None:

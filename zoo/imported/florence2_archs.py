@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from zoo.registry import register_model
+from zoo.arch_registry import register_model
 
 #: BART's layer form as Florence-2 uses it (zoo/config.py options)
 BART_FORM: dict[str, Any] = dict(norm_first=False, embed_norm=True, embed_scale=False, pos_offset=2,
