@@ -40,7 +40,7 @@ def build_hf():
 
 def main() -> None:
     import zoo
-    from tasks.resolvers import cpu_has_bf16
+    from tasks.runtime.resolvers import cpu_has_bf16
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--reps", type=int, default=7)

@@ -23,8 +23,8 @@ def main() -> None:
     from hydra.utils import instantiate
 
     import zoo
-    from tasks.resolvers import cpu_has_bf16, register_resolvers
-    from tasks.train import build_model
+    from tasks.runtime.resolvers import cpu_has_bf16, register_resolvers
+    from tasks.cli.train import build_model
     from zoo.vocab import PAD_ID
 
     ap = argparse.ArgumentParser(description=__doc__)

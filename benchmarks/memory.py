@@ -23,7 +23,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # the multi-task job: N steps instead of its time budget, and 64 validation records per task
         limits = [f"data.tasks.{t}.val_limit=64" for t in ("caption", "vqa", "text_to_image", "sensor_to_text")]
-        cmd = [sys.executable, "-m", "tasks.train", "callbacks.time_budget=null", f"trainer.max_steps={args.steps}",
+        cmd = [sys.executable, "-m", "tasks.cli.train", "callbacks.time_budget=null", f"trainer.max_steps={args.steps}",
                "test=false", *limits, f"hydra.run.dir={tmp}/run"]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024

@@ -92,7 +92,7 @@ def main() -> None:
                     help="auto: time bf16 only where the CPU has native bf16")
     args = ap.parse_args()
     torch.manual_seed(0)
-    from tasks.resolvers import cpu_has_bf16
+    from tasks.runtime.resolvers import cpu_has_bf16
 
     bf16 = args.bf16 == "on" or (args.bf16 == "auto" and cpu_has_bf16())
     if not bf16:  # emulated bf16 runs about 100x slower (minutes per step): nothing worth timing

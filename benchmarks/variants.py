@@ -1,7 +1,7 @@
 """Backbone variants and compression on one short Shapes captioning + VQA run (issue 9's must-show).
 
 Every contender trains ``experiment=vqa_shapes`` (VQA with one auxiliary caption target per image) with the
-same seed and the same wall-clock budget (``tasks.callbacks.TimeBudget``); each run is its own ``zoo-train`` process.
+same seed and the same wall-clock budget (``tasks.runtime.callbacks.TimeBudget``); each run is its own ``zoo-train`` process.
 Then, from each run's best checkpoint (by ``val/vqa_acc``):
 
 * quality: the run's ``test/vqa_acc`` and, through the exported bundle, VQA accuracy on ``--vqa-limit``
@@ -39,9 +39,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def time_budget(seconds: int) -> list[str]:
-    """Overrides that fit the training loop into ``seconds`` (tasks.callbacks.TimeBudget: the step total is set
+    """Overrides that fit the training loop into ``seconds`` (tasks.runtime.callbacks.TimeBudget: the step total is set
     from the first timed steps and the cosine schedule completes inside it); validation runs once, after."""
-    return ["+callbacks.time_budget._target_=tasks.callbacks.TimeBudget", f"+callbacks.time_budget.minutes={seconds / 60}",
+    return ["+callbacks.time_budget._target_=tasks.runtime.callbacks.TimeBudget", f"+callbacks.time_budget.minutes={seconds / 60}",
             "trainer.max_epochs=-1", "trainer.max_steps=100000", "trainer.check_val_every_n_epoch=null",
             "trainer.val_check_interval=100000"]
 
@@ -52,7 +52,7 @@ def train_run(name: str, run_dir: Path, args: argparse.Namespace, experiment: st
     metrics_file = run_dir / "metrics.json"
     if args.reuse and metrics_file.is_file():
         return json.loads(metrics_file.read_text())
-    cmd = [sys.executable, "-m", "tasks.train", f"experiment={experiment}", f"model={args.model}",
+    cmd = [sys.executable, "-m", "tasks.cli.train", f"experiment={experiment}", f"model={args.model}",
            f"seed={args.seed}", f"hydra.run.dir={run_dir}", *time_budget(args.budget), f"data.val_limit={args.val_limit}",
            f"data.root={args.data_root}",
            *(f"+model.overrides.{k}={v}" for k, v in (model_overrides or {}).items()), *(extra or []),
@@ -76,7 +76,7 @@ def run_checkpoint(run_dir: Path) -> Path:
 
 
 def load_bundle(run_dir: Path) -> Any:
-    from tasks.export import bundle_from_checkpoint, read_checkpoint
+    from tasks.checkpoint import bundle_from_checkpoint, read_checkpoint
 
     ckpt = run_checkpoint(run_dir)
     return bundle_from_checkpoint(read_checkpoint(ckpt), str(ckpt))
@@ -162,7 +162,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--budget", type=int, default=240, help="training seconds per run (tasks.callbacks.TimeBudget)")
+    p.add_argument("--budget", type=int, default=240, help="training seconds per run (tasks.runtime.callbacks.TimeBudget)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--model", default="ofa_tiny")
     p.add_argument("--seed", type=int, default=0)

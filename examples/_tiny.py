@@ -30,9 +30,9 @@ def tiny_model(experiment: str, workdir: str | Path) -> Path:
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from tasks.export import export
-    from tasks.resolvers import register_resolvers
-    from tasks.train import train
+    from tasks.cli.export import export
+    from tasks.runtime.resolvers import register_resolvers
+    from tasks.cli.train import train
 
     workdir = Path(workdir).absolute()
     overrides = [f"experiment={experiment}", f"paths.output_dir={workdir}/run", f"paths.log_dir={workdir}/logs",

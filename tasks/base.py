@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tasks.distributed import hold_full_params
+from tasks.runtime.distributed import hold_full_params
 from zoo.generation import generate
 from zoo.model import UnifiedSeq2Seq
 from zoo.vocab import EOS_ID, PAD_ID
@@ -113,8 +113,7 @@ class Seq2SeqTask(L.LightningModule):
     @classmethod
     def eval_data_config(cls, settings: dict[str, Any], data_dir: str) -> Any:
         """zoo-eval without ``data=``: the data config this task evaluates on by default (its registry entry's)."""
-        from tasks.evaluate import default_data_config
-        from tasks.registry import get_task
+        from tasks.registry import default_data_config, get_task
 
         return default_data_config(get_task(cls.name).data_config)
 
@@ -292,7 +291,7 @@ class Seq2SeqTask(L.LightningModule):
     def write_artifacts(self, folder: Path, stage: str, predictions_file: str = "predictions.json",
                         samples_file: str = "samples.png") -> None:
         """Write ``stage``'s predictions (official results format) and its sample grid into ``folder``."""
-        from tasks.callbacks import write_task_artifacts
+        from tasks.runtime.callbacks import write_task_artifacts
 
         write_task_artifacts(self, folder, stage, predictions_file, samples_file)
 
@@ -327,7 +326,7 @@ class Seq2SeqTask(L.LightningModule):
         A no-op under every other strategy (no device mesh)."""
         if self.device_mesh is None:
             return
-        from tasks.distributed import fully_shard_model
+        from tasks.runtime.distributed import fully_shard_model
 
         mesh = self.device_mesh
         fully_shard_model(self.model, mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh)

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from modalities.image import ImageConfig, ImagePreprocessor
 from modalities.text import TextTokenizer
-from tasks.resume import ResumableLoader, eval_generator, run_seed
+from tasks.runtime.resume import ResumableLoader, eval_generator, run_seed
 from zoo.vocab import VocabLayout
 
 log = logging.getLogger(__name__)
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SplitInfo:
-    """What a split holds after validation: read by the pre-flight checks (:mod:`tasks.preflight`)."""
+    """What a split holds after validation: read by the pre-flight checks (:mod:`tasks.cli.preflight`)."""
 
     source: str  # the file(s) the split comes from
     records: int  # usable records

@@ -7,10 +7,11 @@ captions) with
     loss = (1 - alpha) * CE(student, labels) + alpha * T² * KL(softmax(teacher / T) || softmax(student / T))
 
 over the real target positions (Hinton et al.). CE is the task's own loss (``Seq2SeqTask.target_loss``: label
-smoothing, ``task.loss_average``, the task's token weights) and the KL term is averaged over the tokens the same way. ``task.teacher=null`` trains the same student without a
-teacher, the baseline distillation is judged against. Teacher and student must share the vocabulary and
-text tokenizer (the data's tokenizer; point ``data.tokenizer_path`` at the teacher's folder if they differ).
-The teacher is frozen, kept out of the checkpoint and of the optimiser.
+smoothing, ``task.loss_average``, the task's token weights) and the KL term is averaged over the tokens the same
+way. ``task.teacher=null`` trains the same student without a teacher, the baseline distillation is judged against.
+Teacher and student must share the vocabulary and text tokenizer (the data's tokenizer; point
+``data.tokenizer_path`` at the teacher's folder if they differ). The teacher is frozen, kept out of the checkpoint
+and of the optimiser.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from zoo.vocab import PAD_ID
 def load_teacher(source: str) -> Any:
     """A :class:`zoo.pretrained.Pretrained` teacher from a model folder / Hub id / tag, or a ``.ckpt``."""
     if str(source).endswith(".ckpt"):
-        from tasks.export import bundle_from_checkpoint, read_checkpoint
+        from tasks.checkpoint import bundle_from_checkpoint, read_checkpoint
 
         return bundle_from_checkpoint(read_checkpoint(source), str(source))
     from zoo.hub import load

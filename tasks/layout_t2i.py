@@ -322,7 +322,7 @@ class LayoutTextToImageTask(Seq2SeqTask):
 
     def probe(self) -> tuple[Any, dict[str, float]]:
         if self._probe is None:
-            from tasks.probe import ensure_probe, load_probe
+            from tasks.tools.probe import ensure_probe, load_probe
 
             path = self.hparams.probe_path or ensure_probe(self.datamodule.root, **(self.hparams.probe_train or {}))
             self._probe = load_probe(path)
@@ -380,7 +380,7 @@ class LayoutTextToImageTask(Seq2SeqTask):
 
     # --- metrics and outputs ------------------------------------------------------------------
     def compute_metrics(self, stage: str, predictions: dict[Any, dict[str, Any]]) -> dict[str, float]:
-        from tasks.probe import REQUIRED_ACCURACY, frechet_distance, probe_features, score_attributes
+        from tasks.tools.probe import REQUIRED_ACCURACY, frechet_distance, probe_features, score_attributes
 
         dm = self.datamodule
         ids = [r.image_id for r in dm.eval_records(stage)]

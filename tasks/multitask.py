@@ -154,13 +154,12 @@ class MultitaskTask(Seq2SeqTask):
         unknown = set(weights) - set(tasks)
         if unknown:
             raise ValueError(f"task.weights names tasks that are not trained: {sorted(unknown)}")
-        from tasks.evaluate import _init_params
-        from tasks.registry import task_class_for
+        from tasks.registry import init_params, task_class_for
 
         subtasks: dict[str, Seq2SeqTask] = {}
         for name, settings in tasks.items():
             cls = task_class_for(name, settings)
-            bad = set(settings) - _init_params(cls)
+            bad = set(settings) - init_params(cls)
             if bad:
                 raise ValueError(f"task {name!r} has no setting(s) {sorted(bad)}")
             subtasks[name] = cls(model=model, tokenizer=tokenizer, **settings)
@@ -276,7 +275,7 @@ class MultitaskTask(Seq2SeqTask):
     @classmethod
     def eval_settings(cls, settings: dict[str, Any], checkpoint: dict[str, Any], where: str) -> dict[str, Any]:
         """Per-task state saved beside the settings: VQA answer candidates and the VQ tokenizer folder."""
-        from tasks.export import vq_folder_for
+        from tasks.checkpoint import vq_folder_for
 
         meta = checkpoint.get("mmzoo", {})
         settings = {**settings, "tasks": {n: dict(s) for n, s in (settings.get("tasks") or {}).items()}}
@@ -290,13 +289,12 @@ class MultitaskTask(Seq2SeqTask):
     @classmethod
     def eval_kwargs(cls, settings: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
         """Saved settings, with the command line's generation overrides passed on to every task accepting them."""
-        from tasks.evaluate import _init_params
-        from tasks.registry import task_class_for
+        from tasks.registry import init_params, task_class_for
 
-        kwargs = {k: v for k, v in settings.items() if k in _init_params(cls)}
+        kwargs = {k: v for k, v in settings.items() if k in init_params(cls)}
         overrides = {k: v for k, v in overrides.items() if v is not None}
         for sub, s in kwargs.get("tasks", {}).items():
-            accepts = _init_params(task_class_for(sub, s))
+            accepts = init_params(task_class_for(sub, s))
             s.update({k: v for k, v in overrides.items() if k in accepts})
         return kwargs
 

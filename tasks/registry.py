@@ -6,10 +6,11 @@ Classes are named by import path and imported on use, so looking a task up stays
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TaskEntry", "register_task", "get_task", "list_tasks"]
+__all__ = ["TaskEntry", "register_task", "get_task", "list_tasks", "init_params", "default_data_config"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,26 @@ def get_task(name: str) -> TaskEntry:
 def list_tasks() -> list[str]:
     """The registered task names, sorted."""
     return sorted(_TASKS)
+
+
+def init_params(cls: type) -> set[str]:
+    """Keyword parameters accepted along the class's ``__init__`` chain."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            names |= {p.name for p in inspect.signature(init).parameters.values()
+                      if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return names - {"self", "model", "tokenizer"}
+
+
+def default_data_config(name: str) -> Any:
+    """The task's default ``configs/data/<name>.yaml``."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(str(files("configs") / "data" / f"{name}.yaml"))
 
 
 #: text-to-image routes (``task.decoder``): name → (task class, datamodule class), ``module:Class``

@@ -4,7 +4,7 @@ The unified model writes image codes as vocabulary ids (the shared token embeddi
 new embedder). Training drops captions at ``uncond_prob`` (the unconditional source is the empty
 caption) for classifier-free guidance. Generation is constrained to the codebook's id range and to
 exactly H×W tokens, samples with top-k and temperature, runs batched with the KV cache, and the VQ
-decoder turns the codes into pixels. The attribute probe (:mod:`tasks.probe`) scores the images
+decoder turns the codes into pixels. The attribute probe (:mod:`tasks.tools.probe`) scores the images
 against their prompts; the probe Fréchet distance is NOT Inception FID.
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ def file_digest(path: Path) -> str:
 class T2IDataModule(CaptionDataModule):
     """Shapes captions → VQ code grids. Images are encoded to codes once per VQ checkpoint and cached.
 
-    ``vq_path`` names a VQ tokenizer folder; when null, :func:`tasks.vq.ensure_vq_tokenizer` trains one
+    ``vq_path`` names a VQ tokenizer folder; when null, :func:`tasks.tools.vq.ensure_vq_tokenizer` trains one
     per the ``vq`` spec (cached under ``vq_cache_dir`` by the spec's hash).
     """
 
@@ -107,7 +107,7 @@ class T2IDataModule(CaptionDataModule):
             else:
                 from omegaconf import OmegaConf
 
-                from tasks.vq import ensure_vq_tokenizer
+                from tasks.tools.vq import ensure_vq_tokenizer
 
                 spec = self.vq_spec
                 spec = OmegaConf.to_container(spec, resolve=True) if OmegaConf.is_config(spec) else spec
@@ -264,7 +264,7 @@ class TextToImageTask(Seq2SeqTask):
     @classmethod
     def eval_settings(cls, settings: dict[str, Any], checkpoint: dict[str, Any], where: str) -> dict[str, Any]:
         """The saved settings plus the VQ tokenizer folder the checkpoint was trained with."""
-        from tasks.export import vq_folder_for
+        from tasks.checkpoint import vq_folder_for
 
         folder = vq_folder_for(checkpoint, where)
         return {**settings, "vq_tokenizer": str(folder) if folder is not None else None}
@@ -293,7 +293,7 @@ class TextToImageTask(Seq2SeqTask):
     def probe(self) -> tuple[Any, dict[str, float]]:
         """The attribute probe and its held-out real accuracy (trained on the data root when not given)."""
         if self._probe is None:
-            from tasks.probe import ensure_probe, load_probe
+            from tasks.tools.probe import ensure_probe, load_probe
 
             path = self.probe_path or ensure_probe(self.datamodule.root, **(self.hparams.probe_train or {}))
             self._probe = load_probe(path)
@@ -356,7 +356,7 @@ class TextToImageTask(Seq2SeqTask):
 
     # --- metrics and outputs ------------------------------------------------------------------
     def compute_metrics(self, stage: str, predictions: dict[Any, list[int]]) -> dict[str, float]:
-        from tasks.probe import REQUIRED_ACCURACY, frechet_distance, probe_features, score_attributes
+        from tasks.tools.probe import REQUIRED_ACCURACY, frechet_distance, probe_features, score_attributes
 
         dm = self.datamodule
         ids = [r.image_id for r in dm.eval_records(stage)]
@@ -448,7 +448,7 @@ class TextToImageTask(Seq2SeqTask):
     def vq_ceiling(self, stage: str) -> dict[str, float]:
         """The probe's scores of the real images after a VQ round trip: what a perfect generator could reach
         with this tokenizer (computed once per stage; the tokenizer does not train with the generator)."""
-        from tasks.probe import score_attributes
+        from tasks.tools.probe import score_attributes
 
         if stage not in self._ceiling:
             dm = self.datamodule

@@ -196,7 +196,7 @@ class VQADataModule(TextDataModule):
                               problems, self.check_files, roots)
         problems.log()
         self.split_infos[split] = info = SplitInfo(source, len(recs), list(problems.messages))
-        if not recs and split == "train":  # an empty val/test split is refused by tasks.preflight unless not used
+        if not recs and split == "train":  # an empty val/test split is refused by tasks.cli.preflight unless not used
             raise DataError(f"{empty_split_error(info, split)}: nothing to train on")
         self.records[split] = recs
         return recs

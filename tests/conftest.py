@@ -34,7 +34,7 @@ def compose(overrides: list[str], tmp_path: Path):
     from hydra import compose as hcompose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from tasks.resolvers import register_resolvers
+    from tasks.runtime.resolvers import register_resolvers
 
     register_resolvers()
     GlobalHydra.instance().clear()
@@ -68,7 +68,7 @@ def t2i_export(tmp_path_factory, tiny_vq):
 
     import zoo
     from modalities.text import TextTokenizer
-    from tasks.export import main as export_main
+    from tasks.cli.export import main as export_main
     from tasks.text_to_image import TextToImageTask
     from zoo.instructions import t2i_prompt
 

@@ -990,7 +990,7 @@ def via_predict(folder: Path, case: Case, ctx: Ctx) -> None:
 
 def via_eval(folder: Path, case: Case, ctx: Ctx) -> None:
     """What ``zoo-eval ckpt=<folder>`` loads the model with (it never passes allow_pickle)."""
-    from tasks.evaluate import load_for_eval
+    from tasks.cli.evaluate import load_for_eval
 
     # a Florence-2 folder holds no mmzoo task: zoo-eval is told which (task=caption)
     load_for_eval(str(folder), "caption" if case.base in FLORENCE_BASES else None)
@@ -1000,7 +1000,7 @@ def via_finetune(folder: Path, case: Case, ctx: Ctx) -> None:
     """What ``zoo-finetune pretrained=<folder>`` loads the starting point with."""
     from omegaconf import OmegaConf
 
-    from tasks.finetune import from_pretrained
+    from tasks.adapters import from_pretrained
 
     cfg = OmegaConf.create({"pretrained": str(folder), "finetune": {"mode": "full", "allow_pickle": case.allow_pickle}})
     with contextlib.redirect_stdout(io.StringIO()):

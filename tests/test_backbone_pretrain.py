@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from tasks.backbone_pretrain import ensure_pretrained_backbone, resolve_spec
+from tasks.tools.backbone_pretrain import ensure_pretrained_backbone, resolve_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # micro models (tests/conftest.py)
 
@@ -29,7 +29,7 @@ def test_own_data_without_scene_labels_names_the_fix(tmp_path):
 
 
 def test_pretrain_caches_and_loads_into_the_model(tiny_shapes, tmp_path):
-    from tasks.train import build_model
+    from tasks.cli.train import build_model
 
     spec = resolve_spec({"root": str(tiny_shapes), "epochs": 2, "batch_size": 16}, TINY_IMAGE)
     path = ensure_pretrained_backbone(spec, tmp_path)
@@ -57,7 +57,7 @@ def test_pretrain_caches_and_loads_into_the_model(tiny_shapes, tmp_path):
 
 
 def test_freeze_keeps_the_pretrained_stem_fixed(tiny_shapes):
-    from tasks.train import build_model
+    from tasks.cli.train import build_model
 
     cfg = OmegaConf.create({"name": "test-tiny", "overrides": {},
                             "image_pretrain": {"root": str(tiny_shapes), "epochs": 2, "batch_size": 16, "freeze": True}})
@@ -83,7 +83,7 @@ def test_ranks_started_together_pretrain_the_backbone_once(tiny_shapes, tmp_path
 
     root = tmp_path / "shapes"
     shutil.copytree(tiny_shapes, root, ignore=shutil.ignore_patterns("backbones"))
-    code = ("from omegaconf import OmegaConf; from tasks.train import build_model; "
+    code = ("from omegaconf import OmegaConf; from tasks.cli.train import build_model; "
             f"build_model(OmegaConf.create({{'name': 'test-tiny', 'overrides': {{}}, 'image_pretrain': "
             f"{{'root': {str(root)!r}, 'epochs': 2, 'batch_size': 16}}}}), 300)")
     env = {**os.environ, "TORCHELASTIC_RUN_ID": "t", "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}

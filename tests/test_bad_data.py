@@ -238,7 +238,7 @@ def _cfg(**kw):
 
 
 def test_empty_val_split_is_refused_unless_validation_is_off(data_root):
-    from tasks.preflight import RunConfigError, check_run
+    from tasks.cli.preflight import RunConfigError, check_run
 
     _coco(data_root / "val.json", [])
     dm = _caption_dm(data_root)
@@ -250,7 +250,7 @@ def test_empty_val_split_is_refused_unless_validation_is_off(data_root):
 
 
 def test_skip_bad_leaving_zero_batches_is_refused(data_root):
-    from tasks.preflight import RunConfigError, check_run
+    from tasks.cli.preflight import RunConfigError, check_run
 
     (data_root / "images" / "1.png").write_text("not an image")
     (data_root / "images" / "2.png").unlink()
@@ -272,7 +272,7 @@ def test_skip_bad_leaving_zero_batches_is_refused(data_root):
     (dict(world_size=4), r"train\.json: 4 training records make 0 batches of data\.batch_size=2 per device"),
 ])
 def test_configurations_that_train_zero_steps(data_root, setting, match):
-    from tasks.preflight import RunConfigError, check_run
+    from tasks.cli.preflight import RunConfigError, check_run
 
     dm = _caption_dm(data_root)
     dm.prepare_data()
@@ -283,7 +283,7 @@ def test_configurations_that_train_zero_steps(data_root, setting, match):
 
 def test_test_true_without_test_data(data_root):
     """No test split configured: the run trains and skips testing (it says so); an empty test file is an error."""
-    from tasks.preflight import RunConfigError, check_run
+    from tasks.cli.preflight import RunConfigError, check_run
 
     dm = _caption_dm(data_root)
     dm.prepare_data()
@@ -297,7 +297,7 @@ def test_test_true_without_test_data(data_root):
 
 def test_zoo_train_refuses_empty_val_before_training(data_root, tmp_path, capsys):
     """The real entry point: the error comes before the first step (no checkpoint, no metrics), as a message."""
-    from tasks.train import train
+    from tasks.cli.train import train
     from tests.conftest import compose
 
     _coco(data_root / "val.json", [])
@@ -423,7 +423,7 @@ def test_predict_sensor_files_single_row_and_nan_channel(tmp_path, caption_model
 
 
 def test_validation_fraction_of_zero_batches(data_root):
-    from tasks.preflight import RunConfigError, check_run
+    from tasks.cli.preflight import RunConfigError, check_run
 
     dm = _caption_dm(data_root, eval_batch_size=1)
     dm.prepare_data()

@@ -9,7 +9,7 @@ from tests.test_multitask import _fake_trainer
 
 
 def test_plan_scales_phases_and_gives_training_the_rest():
-    from tasks.budget import format_plan, make_plan
+    from tasks.runtime.budget import format_plan, make_plan
 
     phases = {"data": 1.0, "vq_tokenizer": 3.5, "backbone": 1.0, "evaluation": 4.0}
     fast = make_plan(27, phases, speed_ratio=1.0)
@@ -26,7 +26,7 @@ def test_plan_scales_phases_and_gives_training_the_rest():
 def test_matmul_calibration_is_short_and_positive():
     import time
 
-    from tasks.budget import matmul_gflops
+    from tasks.runtime.budget import matmul_gflops
 
     t0 = time.perf_counter()
     assert matmul_gflops(n=256, seconds=0.1) > 0.1

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-CLIS = {"zoo-train": "tasks.train", "zoo-eval": "tasks.evaluate", "zoo-finetune": "tasks.finetune",
-        "zoo-export": "tasks.export", "zoo-predict": "zoo.predict"}
+CLIS = {"zoo-train": "tasks.cli.train", "zoo-eval": "tasks.cli.evaluate", "zoo-finetune": "tasks.cli.finetune",
+        "zoo-export": "tasks.cli.export", "zoo-predict": "zoo.predict"}
 
 
 @pytest.mark.parametrize("prog", sorted(CLIS))
@@ -22,7 +22,7 @@ def test_help_is_light_and_has_examples(prog):
 
 
 def test_hydra_help_lists_the_config_groups():
-    from tasks.cli_help import config_groups
+    from tasks.cli.help import config_groups
 
     groups = config_groups()
     assert {"experiment", "debug", "logger", "trainer"} <= set(groups)

@@ -68,7 +68,7 @@ def test_zoo_predict_quantize_int8(bundle, tmp_path, capsys):
 def test_distill_with_a_teacher_folder_runs_and_logs_kl(tiny_shapes, tmp_path):
     import csv
 
-    from tasks.train import train
+    from tasks.cli.train import train
     from tasks.vqa import VQADataModule
     from tests.conftest import compose
 

@@ -33,7 +33,7 @@ def test_debug_configs_compose(name, tmp_path):
 
 
 def test_fast_dev_run_scores_only_the_batches_it_ran(shapes_40, tmp_path):
-    from tasks.train import train
+    from tasks.cli.train import train
 
     metrics = train(compose(_caption(shapes_40, "debug=fdr"), tmp_path))
     # one eval batch of 16 of the 40 images: scored, not "24 val images got no prediction"
@@ -42,7 +42,7 @@ def test_fast_dev_run_scores_only_the_batches_it_ran(shapes_40, tmp_path):
 
 
 def test_limit_batches_and_overfit(shapes_40, tmp_path):
-    from tasks.train import train
+    from tasks.cli.train import train
 
     metrics = train(compose(_caption(shapes_40, "debug=limit", "trainer.limit_train_batches=2"), tmp_path))
     assert {"val/cider", "test/cider"} <= set(metrics) and metrics["train/steps"] == 4  # 2 epochs x 2 batches
@@ -63,7 +63,7 @@ def test_a_full_pass_that_misses_records_still_fails(shapes_40, tmp_path):
 
 
 def test_no_test_split_skips_testing(shapes_40, tmp_path, capsys):
-    from tasks.train import train
+    from tasks.cli.train import train
 
     metrics = train(compose(_caption(shapes_40, "data.test_file=null", "trainer.max_steps=2", "trainer.max_epochs=-1"),
                             tmp_path))

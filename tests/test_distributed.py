@@ -35,7 +35,7 @@ TWO_RANKS = ["data.batch_size=4", "trainer.devices=2", "trainer.accelerator=cpu"
 
 def _zoo_train() -> list[str]:
     exe = shutil.which("zoo-train", path=str(Path(sys.executable).parent))
-    return [exe] if exe else [sys.executable, "-m", "tasks.train"]
+    return [exe] if exe else [sys.executable, "-m", "tasks.cli.train"]
 
 
 def _losses(run: Path) -> list[float]:
@@ -51,7 +51,7 @@ def _predictions(run: Path) -> dict:
 def runs(tmp_path_factory) -> dict:
     """The ddp and fsdp runs (``zoo-train`` subprocesses, started together) and the single-process run."""
     from tasks.data.shapes import ShapesConfig, ensure_shapes
-    from tasks.train import train
+    from tasks.cli.train import train
 
     base = tmp_path_factory.mktemp("dist")
     data = base / "shapes"
@@ -128,7 +128,7 @@ def test_fsdp_checkpoint_loads_in_one_process(runs, tmp_path):
     from hydra import compose as hcompose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from tasks.evaluate import evaluate
+    from tasks.cli.evaluate import evaluate
 
     run = runs["fsdp"][0]
     ckpt = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
@@ -154,7 +154,7 @@ def test_fsdp_checkpoint_loads_in_one_process(runs, tmp_path):
 
 def test_trainer_configs_compose(tmp_path):
     """Backends follow the accelerator; FSDP shards over every process; DeepSpeed refuses the CPU early."""
-    from tasks.train import train
+    from tasks.cli.train import train
 
     ddp = compose(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"], tmp_path)
     assert ddp.trainer.strategy.process_group_backend == "gloo"
@@ -169,7 +169,7 @@ def test_trainer_configs_compose(tmp_path):
 
 
 def test_bf16_accumulation_and_grad_checkpointing_from_hydra(tmp_path, monkeypatch):
-    import tasks.train as T
+    import tasks.cli.train as T
 
     built = []
     orig = T.build_model
@@ -188,7 +188,7 @@ def test_bf16_accumulation_and_grad_checkpointing_from_hydra(tmp_path, monkeypat
 
 def test_launcher_ranks_share_one_run_dir(monkeypatch):
     """torchrun/srun ranks resolve the config independently: the run dir must not depend on the clock."""
-    from tasks.resolvers import rank_suffix, rank_zero_subdir, run_stamp
+    from tasks.runtime.resolvers import rank_suffix, rank_zero_subdir, run_stamp
 
     for var in ("MMZOO_RUN_ID", "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID", "TORCHELASTIC_RUN_ID", "RANK"):
         monkeypatch.delenv(var, raising=False)

@@ -21,7 +21,7 @@ def compose_eval(overrides: list[str], out: Path):
     from hydra import compose as hcompose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from tasks.resolvers import register_resolvers
+    from tasks.runtime.resolvers import register_resolvers
 
     register_resolvers()
     GlobalHydra.instance().clear()
@@ -32,7 +32,7 @@ def compose_eval(overrides: list[str], out: Path):
 
 @pytest.fixture(scope="module")
 def vqa_ckpt(tiny_shapes, tmp_path_factory) -> Path:
-    from tasks.train import train
+    from tasks.cli.train import train
 
     out = tmp_path_factory.mktemp("vqa_run")
     train(compose(["experiment=vqa_shapes", *TINY, f"data.root={tiny_shapes}", *SHAPES], out))
@@ -43,7 +43,7 @@ def vqa_ckpt(tiny_shapes, tmp_path_factory) -> Path:
 def test_zoo_eval_vqa_writes_official_results(vqa_ckpt, tiny_shapes, tmp_path, decoding):
     from tasks.data.formats import read_vqa
     from tasks.data.shapes_vqa import vqa_files
-    from tasks.evaluate import evaluate
+    from tasks.cli.evaluate import evaluate
 
     cfg = compose_eval([f"ckpt={vqa_ckpt}", "data=shapes_vqa", f"data.root={tiny_shapes}", *SHAPES,
                         "data.num_workers=0", f"task.decoding={decoding}", "split=test"], tmp_path)
@@ -60,7 +60,7 @@ def test_zoo_eval_vqa_writes_official_results(vqa_ckpt, tiny_shapes, tmp_path, d
 
 def test_zoo_eval_cli(vqa_ckpt, tiny_shapes, tmp_path):
     run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "tasks.evaluate", f"ckpt={vqa_ckpt}", "data=shapes_vqa", f"data.root={tiny_shapes}",
+    args = [sys.executable, "-m", "tasks.cli.evaluate", f"ckpt={vqa_ckpt}", "data=shapes_vqa", f"data.root={tiny_shapes}",
             *SHAPES, "data.num_workers=0", "task.num_beams=2", f"hydra.run.dir={run_dir}"]
     done = subprocess.run(args, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -70,7 +70,7 @@ def test_zoo_eval_cli(vqa_ckpt, tiny_shapes, tmp_path):
 
 
 def test_zoo_eval_errors(tmp_path):
-    from tasks.evaluate import evaluate
+    from tasks.cli.evaluate import evaluate
 
     with pytest.raises(FileNotFoundError):
         evaluate(compose_eval([f"ckpt={tmp_path}/missing.ckpt"], tmp_path))
@@ -94,8 +94,8 @@ def _photo_coco(root: Path) -> None:
 
 
 def test_coco_photos_in_mixed_modes_finetune_and_evaluate(tmp_path):
-    from tasks.evaluate import evaluate
-    from tasks.train import train
+    from tasks.cli.evaluate import evaluate
+    from tasks.cli.train import train
 
     data = tmp_path / "coco"
     _photo_coco(data)
@@ -114,8 +114,8 @@ def test_coco_photos_in_mixed_modes_finetune_and_evaluate(tmp_path):
 
 
 def test_zoo_eval_saved_model_folder(vqa_ckpt, tiny_shapes, tmp_path):
-    from tasks.evaluate import evaluate
-    from tasks.export import export
+    from tasks.cli.evaluate import evaluate
+    from tasks.cli.export import export
 
     folder = export(vqa_ckpt, tmp_path / "model")
     metrics = evaluate(compose_eval([f"ckpt={folder}", "data=shapes_vqa", f"data.root={tiny_shapes}", *SHAPES,
@@ -127,7 +127,7 @@ def test_zoo_eval_saved_model_folder(vqa_ckpt, tiny_shapes, tmp_path):
 def test_zoo_eval_text_to_image_checkpoint(t2i_export, tiny_shapes, tmp_path):
     """zoo-eval on a text-to-image checkpoint reads its data with the VQ tokenizer the checkpoint names, and
     writes every generated image when task.image_dir is set."""
-    from tasks.evaluate import evaluate, load_for_eval
+    from tasks.cli.evaluate import evaluate, load_for_eval
     from tasks.text_to_image import TextToImageTask
 
     ckpt = t2i_export[0].parent / "run" / "checkpoints" / "last.ckpt"

@@ -8,7 +8,7 @@ import torch
 
 import zoo
 from modalities.text import TextTokenizer
-from tasks.finetune import apply_lora, load_adapter, merge_lora, prepare_model, save_adapter
+from tasks.adapters import apply_lora, load_adapter, merge_lora, prepare_model, save_adapter
 from zoo.generation import generate
 from zoo.pretrained import Pretrained
 
@@ -20,7 +20,7 @@ def compose_finetune(overrides: list[str], tmp_path: Path):
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from tasks.resolvers import register_resolvers
+    from tasks.runtime.resolvers import register_resolvers
 
     register_resolvers()
     GlobalHydra.instance().clear()
@@ -94,7 +94,7 @@ def test_frozen_encoder_trains_only_the_decoder():
 
 @pytest.mark.parametrize("mode", ["full", "frozen_encoder"])
 def test_finetune_modes_fast_dev_run(mode, pretrained_dir, tiny_shapes, tmp_path):
-    from tasks.finetune import finetune
+    from tasks.cli.finetune import finetune
 
     cfg = compose_finetune([f"pretrained={pretrained_dir}", "experiment=caption_shapes", f"finetune.mode={mode}",
                             f"data.root={tiny_shapes}", *TINY, "trainer.fast_dev_run=true"], tmp_path)
@@ -103,8 +103,9 @@ def test_finetune_modes_fast_dev_run(mode, pretrained_dir, tiny_shapes, tmp_path
 
 
 def test_zoo_finetune_lora_exports_merged_model_matching_the_run(pretrained_dir, tiny_shapes, tmp_path):
-    from tasks.export import export, read_checkpoint
-    from tasks.finetune import finetune
+    from tasks.checkpoint import read_checkpoint
+    from tasks.cli.export import export
+    from tasks.cli.finetune import finetune
 
     cfg = compose_finetune([f"pretrained={pretrained_dir}", "experiment=caption_shapes", "finetune.mode=lora",
                             "finetune.lora.r=4", f"data.root={tiny_shapes}", *TINY, "trainer.max_epochs=1",
@@ -135,7 +136,7 @@ def test_zoo_finetune_lora_exports_merged_model_matching_the_run(pretrained_dir,
 
 
 def test_export_refuses_non_mmzoo_checkpoints(tmp_path):
-    from tasks.export import read_checkpoint
+    from tasks.checkpoint import read_checkpoint
 
     torch.save({"state_dict": {}}, tmp_path / "x.ckpt")
     with pytest.raises(ValueError, match="not an mmzoo training checkpoint"):

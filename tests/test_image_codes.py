@@ -125,7 +125,7 @@ def test_local_encoder_codes_depend_on_their_neighbourhood(tmp_path):
 
 def test_vq_task_learns_and_restarts_dead_codes(tiny_shapes):
     from tasks.data.shapes_images import load_images, read_split
-    from tasks.vq import VQTask, psnr
+    from tasks.tools.vq import VQTask, psnr
 
     torch.manual_seed(0)
     _, paths, _ = read_split(tiny_shapes, "train")
@@ -162,7 +162,7 @@ def test_vq_task_learns_and_restarts_dead_codes(tiny_shapes):
 
 def test_vq_autoencoder_warmup_then_codebook_starts_on_trained_latents(tiny_shapes):
     from tasks.data.shapes_images import load_images, read_split
-    from tasks.vq import VQTask
+    from tasks.tools.vq import VQTask
 
     torch.manual_seed(0)
     _, paths, _ = read_split(tiny_shapes, "train")
@@ -232,7 +232,7 @@ def test_compaction_bad_input(tok):
 
 
 def test_vq_task_saves_the_compacted_tokenizer(tiny_shapes, tmp_path):
-    from tasks.vq import ensure_vq_tokenizer
+    from tasks.tools.vq import ensure_vq_tokenizer
 
     spec = {"task": {"vq": TINY_VQ, "compact_distance": 0.0}, "max_steps": 2, "seed": 0, "precision": "32-true",
             "data": {"root": str(tiny_shapes), "shapes": {"n_train": 64, "n_val": 16, "n_test": 16},

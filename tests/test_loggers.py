@@ -25,7 +25,7 @@ def test_many_loggers_get_metrics_and_sample_grids(tiny_shapes, tmp_path, monkey
     pytest.importorskip("wandb")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from tasks.train import train
+    from tasks.cli.train import train
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     train(compose(["experiment=caption_shapes", *TINY, *_data(tiny_shapes), "model.image_pretrain=null",

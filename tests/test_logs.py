@@ -6,7 +6,7 @@ import warnings
 def test_one_line_per_message_no_advert_and_missing_keys_summarised(caplog):
     import lightning  # noqa: F401
 
-    from tasks.logs import tidy_logging
+    from tasks.runtime.logs import tidy_logging
 
     root = logging.getLogger()
     handler = logging.StreamHandler()  # stands in for Hydra's console handler
@@ -30,7 +30,7 @@ def test_one_line_per_message_no_advert_and_missing_keys_summarised(caplog):
 
 
 def test_monitored_checkpoint_waits_quietly_for_its_metric(tmp_path):
-    from tasks.callbacks import MonitoredCheckpoint
+    from tasks.runtime.callbacks import MonitoredCheckpoint
 
     cb = MonitoredCheckpoint(dirpath=tmp_path, monitor="val/cider", mode="max")
     assert cb.state_key.startswith("ModelCheckpoint{")  # old checkpoints resume, zoo-export finds its score

@@ -251,7 +251,7 @@ def test_schema_covers_every_saved_field(ctx):
     assert {f.name for f in fields(ImageConfig)} == set(MODALITY_SCHEMAS["image"])
     assert {f.name for f in fields(SensorConfig)} == set(MODALITY_SCHEMAS["sensor"])
     assert set(DEFAULT_GENERATION) | set(T2I_GENERATION) <= set(TASK_SCHEMA)
-    from tasks.export import TASK_SETTINGS
+    from tasks.checkpoint import TASK_SETTINGS
 
     assert set(TASK_SETTINGS) | {"candidates"} <= set(TASK_SCHEMA)
     for folder in (ctx.caption, ctx.t2i):
@@ -262,7 +262,7 @@ def test_checkpoints_are_never_fully_unpickled(tmp_path):
     """zoo-eval / zoo-export read a .ckpt with weights_only=True only: a payload is refused, and the old
     unsafe_pickle opt-in is refused too."""
     from safety_corpus import ShellPayload
-    from tasks.export import read_checkpoint
+    from tasks.checkpoint import read_checkpoint
 
     marker = tmp_path / "pwned"
     ckpt = tmp_path / "evil.ckpt"

@@ -19,8 +19,8 @@ def test_merge_model_overrides_unions_and_rejects_conflicts():
 
 
 def test_multitask_trains_every_task_then_evaluates_and_exports_as_one(tiny_shapes, tmp_path):
-    from tasks.evaluate import evaluate
-    from tasks.train import train
+    from tasks.cli.evaluate import evaluate
+    from tasks.cli.train import train
 
     run = tmp_path / "run"
     steps = 40
@@ -57,7 +57,7 @@ def test_multitask_trains_every_task_then_evaluates_and_exports_as_one(tiny_shap
 
     # zoo-export → one folder whose Pretrained does all four tasks
     import zoo
-    from tasks.export import export
+    from tasks.cli.export import export
 
     out = export(f"{run}/checkpoints/best.ckpt", tmp_path / "exported")
     bundle = zoo.load(str(out))
@@ -82,7 +82,7 @@ def multitask_eval_data(train_cfg, eval_cfg):
     VQ tokenizer the checkpoint recorded."""
     from omegaconf import OmegaConf, open_dict
 
-    from tasks.export import read_checkpoint, vq_folder_for
+    from tasks.checkpoint import read_checkpoint, vq_folder_for
 
     data = OmegaConf.to_container(train_cfg.data, resolve=True)
     t2i = data["tasks"]["text_to_image"]
@@ -95,11 +95,11 @@ def multitask_eval_data(train_cfg, eval_cfg):
 
 
 def test_time_budget_sets_the_step_total_and_the_schedule_decays_within_it(tiny_shapes, tmp_path):
-    from tasks.train import train
+    from tasks.cli.train import train
     from tests.test_train import TINY, _data
 
     cfg = compose(["experiment=caption_shapes", *TINY, *_data(tiny_shapes), "trainer.max_epochs=-1",
-                   "trainer.max_steps=100000", "+callbacks.time_budget._target_=tasks.callbacks.TimeBudget",
+                   "trainer.max_steps=100000", "+callbacks.time_budget._target_=tasks.runtime.callbacks.TimeBudget",
                    "+callbacks.time_budget.minutes=0.25", "+callbacks.time_budget.start=3",
                    "+callbacks.time_budget.window=5", "+callbacks.time_budget.min_steps=10",
                    "trainer.log_every_n_steps=1", "task.warmup_steps=2", "test=false"], tmp_path)

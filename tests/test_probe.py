@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from tasks.data.shapes import COLOURS, SHAPES
 from tasks.data.shapes_images import grid_to_sets, load_images, read_split, scene_grid_targets, scene_labels
-from tasks.probe import (AttributeProbe, ensure_probe, frechet_distance, load_probe, probe_loss,
+from tasks.tools.probe import (AttributeProbe, ensure_probe, frechet_distance, load_probe, probe_loss,
                          score_attributes)
 
 

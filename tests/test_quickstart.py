@@ -12,7 +12,7 @@ def test_quickstart_composes_small(tmp_path):
 
 
 def test_quickstart_runs_every_stage(tmp_path, capsys):
-    from tasks.train import train
+    from tasks.cli.train import train
 
     cfg = compose(["experiment=quickstart", f"data.root={tmp_path}/data", "data.shapes.n_train=48",
                    "data.shapes.n_val=16", "data.shapes.n_test=16", "model.image_pretrain.epochs=1",

@@ -31,7 +31,7 @@ TIMING = {"train/samples_per_sec"}  # wall-clock figures: never equal between tw
 
 def _zoo_train(run_dir: Path, data: Path, workers: int, *extra: str, env: dict | None = None, umask: int | None = None,
                wait: bool = True):
-    args = [sys.executable, "-m", "tasks.train", *RUN, f"data.root={data}", f"data.num_workers={workers}",
+    args = [sys.executable, "-m", "tasks.cli.train", *RUN, f"data.root={data}", f"data.num_workers={workers}",
             f"hydra.run.dir={run_dir}", f"paths.log_dir={run_dir.parent}/logs", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     pre = (lambda: os.umask(umask)) if umask is not None else None
@@ -187,7 +187,7 @@ def test_multitask_sigkill_then_resume_is_bit_identical(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
     def zoo_train(run: Path, *extra: str, wait: bool = True):
-        args = [sys.executable, "-m", "tasks.train", *run_args, f"hydra.run.dir={run}", f"paths.log_dir={tmp_path}/logs",
+        args = [sys.executable, "-m", "tasks.cli.train", *run_args, f"hydra.run.dir={run}", f"paths.log_dir={tmp_path}/logs",
                 *extra]
         if not wait:
             return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -247,7 +247,7 @@ def test_resumable_loader_draws_what_a_shuffled_dataloader_draws():
     """Same batches (order and per-sample draws) and the same global RNG afterwards: runs keep their results."""
     from torch.utils.data import DataLoader
 
-    from tasks.resume import ResumableLoader
+    from tasks.runtime.resume import ResumableLoader
 
     def two_passes(loader) -> tuple[list[torch.Tensor], torch.Tensor]:
         torch.manual_seed(7)
@@ -265,7 +265,7 @@ def test_resumable_loader_resumes_mid_pass_and_after(workers):
     """State after 2 batches of the second pass + the RNG states then: a new loader, whose iterator is created
     before the RNG is restored (as Lightning does), serves the rest of that pass and the next pass as the
     uninterrupted loader does."""
-    from tasks.resume import ResumableLoader, collect_rng_states, set_rng_states
+    from tasks.runtime.resume import ResumableLoader, collect_rng_states, set_rng_states
 
     def loader() -> ResumableLoader:
         return ResumableLoader(_Noisy(), batch_size=4, seed=0, num_workers=workers,
@@ -290,7 +290,7 @@ def test_resumable_loader_resumes_mid_pass_and_after(workers):
 
 
 def test_resumable_loader_worker_count_does_not_change_the_samples():
-    from tasks.resume import ResumableLoader
+    from tasks.runtime.resume import ResumableLoader
 
     def run(workers: int) -> list[torch.Tensor]:
         torch.manual_seed(3)
@@ -301,7 +301,7 @@ def test_resumable_loader_worker_count_does_not_change_the_samples():
 
 
 def test_resumable_loader_after_a_complete_pass_starts_the_next():
-    from tasks.resume import ResumableLoader, collect_rng_states, set_rng_states
+    from tasks.runtime.resume import ResumableLoader, collect_rng_states, set_rng_states
 
     torch.manual_seed(1)
     whole = ResumableLoader(_Noisy(), batch_size=4, seed=0)
@@ -316,7 +316,7 @@ def test_resumable_loader_after_a_complete_pass_starts_the_next():
 
 
 def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
-    from tasks.resume import collect_rng_states, set_rng_states
+    from tasks.runtime.resume import collect_rng_states, set_rng_states
 
     torch.manual_seed(5)
     np.random.seed(5)

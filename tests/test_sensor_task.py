@@ -27,7 +27,7 @@ def test_activity_scores():
 @pytest.fixture()
 def bound_dm(tmp_path):
     import zoo
-    from tasks.train import build_model
+    from tasks.cli.train import build_model
     from omegaconf import OmegaConf
 
     dm = SensorTextDataModule(str(tmp_path / "motion"), motion=SMALL, num_workers=0, batch_size=4,
@@ -106,10 +106,10 @@ def test_predictions_format_and_samples(bound_dm, tmp_path):
 
 def test_zoo_eval_on_user_csv_at_another_rate(tmp_path):
     """Train a few steps, then zoo-eval a folder of 100 Hz CSVs with shuffled columns (JSONL manifest)."""
-    from tasks.evaluate import evaluate
+    from tasks.cli.evaluate import evaluate
     from tests.conftest import compose
     from tests.test_eval import compose_eval
-    from tasks.train import train
+    from tasks.cli.train import train
 
     run = tmp_path / "run"
     train(compose(["experiment=sensor_motion", "model=test_tiny", "data.num_workers=0", "data.batch_size=4",

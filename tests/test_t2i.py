@@ -114,8 +114,8 @@ def test_real_codes_score_exactly_the_vq_ceiling(tiny_shapes, tiny_vq, tmp_path)
     ceiling = task.vq_ceiling("val")
     assert metrics["vq_ceiling_all_acc"] == ceiling["all_acc"]
     assert {k: metrics[k] for k in ceiling} == ceiling
-    # python -m tasks.probe <root> --vq <folder> reports the same ceiling, from the images rather than cached codes
-    from tasks.probe import vq_ceiling
+    # python -m tasks.tools.probe <root> --vq <folder> reports the same ceiling, from the images rather than cached codes
+    from tasks.tools.probe import vq_ceiling
 
     direct = vq_ceiling(task.probe()[0], vq_dir, tiny_shapes)
     assert {k: direct[k] for k in ceiling} == pytest.approx(ceiling) and direct["psnr"] > 0

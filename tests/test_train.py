@@ -75,7 +75,7 @@ def _tiny(experiment: str) -> list[str]:
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_fast_dev_run(experiment, tiny_shapes, tmp_path):
-    from tasks.train import train
+    from tasks.cli.train import train
 
     cfg = compose([f"experiment={experiment}", *_tiny(experiment), *_experiment_data(experiment, tiny_shapes, tmp_path),
                    "trainer.fast_dev_run=true",
@@ -92,7 +92,7 @@ def test_experiment_fast_dev_run(experiment, tiny_shapes, tmp_path):
 
 
 def test_short_training_loss_drops_and_writes_artifacts(tiny_shapes, tmp_path):
-    from tasks.train import train
+    from tasks.cli.train import train
 
     cfg = compose(["experiment=caption_shapes", *TINY, *_data(tiny_shapes), "trainer.max_epochs=6",
                    "model.image_pretrain=null",  # the whole model learns: the loss must fall by 40 %
@@ -114,7 +114,7 @@ def test_short_training_loss_drops_and_writes_artifacts(tiny_shapes, tmp_path):
 
 def test_resume_after_sigkill(tiny_shapes, tmp_path):
     run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "tasks.train", "experiment=caption_shapes", *TINY, *_data(tiny_shapes),
+    args = [sys.executable, "-m", "tasks.cli.train", "experiment=caption_shapes", *TINY, *_data(tiny_shapes),
             f"hydra.run.dir={run_dir}", f"paths.log_dir={tmp_path}/logs", "trainer.max_steps=60",
             "trainer.max_epochs=-1", "callbacks.mid_epoch_checkpoint.every_n_train_steps=4", "test=false"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -144,7 +144,7 @@ def test_last_checkpoint_holds_the_final_step(tiny_shapes, tmp_path):
     still leaves last.ckpt at its final step: the weights its final metrics describe."""
     import torch
 
-    from tasks.train import train
+    from tasks.cli.train import train
 
     cfg = compose(["experiment=caption_shapes", *TINY, *_data(tiny_shapes), "trainer.max_steps=7",
                    "trainer.max_epochs=-1", "trainer.check_val_every_n_epoch=null",
@@ -158,7 +158,7 @@ def test_last_checkpoint_holds_the_final_step(tiny_shapes, tmp_path):
     assert best["global_step"] == 7
     for key, value in ckpt["state_dict"].items():
         assert torch.equal(best["state_dict"][key], value), key
-    from tasks.evaluate import load_for_eval
+    from tasks.cli.evaluate import load_for_eval
 
     with pytest.raises(FileNotFoundError, match=r"missing\.ckpt does not exist; .*holds best\.ckpt, last\.ckpt"):
         load_for_eval(str(tmp_path / "checkpoints" / "missing.ckpt"), None, False)

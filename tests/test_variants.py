@@ -266,7 +266,7 @@ def test_moe_padding_is_not_routed():
 def test_moe_aux_loss_joins_the_training_loss_and_is_logged(tiny_shapes, tmp_path):
     import csv
 
-    from tasks.train import train
+    from tasks.cli.train import train
     from tests.conftest import compose
 
     cfg = compose(["experiment=caption_shapes", "model=test_tiny", "data.num_workers=0", "data.batch_size=4",

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from modalities.image_codes import ImageCodeTokenizer, VQConfig
 from tasks.base import warmup_cosine
 from tasks.data.shapes_images import load_images, read_split
-from tasks.resume import ResumableLoader, eval_generator, run_seed
+from tasks.runtime.resume import ResumableLoader, eval_generator, run_seed
 
 
 class ImageTensorSet(Dataset):
@@ -79,7 +79,7 @@ class ShapesImageDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         ids, images = self.split(split)
         kwargs = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0, collate_fn=collate_images)
-        if shuffle:  # resumes exactly (tasks.resume)
+        if shuffle:  # resumes exactly (tasks.runtime.resume)
             return ResumableLoader(ImageTensorSet(images, ids), self.batch_size, seed=run_seed(),
                                    drop_last=len(ids) >= self.batch_size, **kwargs)
         return DataLoader(ImageTensorSet(images, ids), batch_size=self.eval_batch_size, shuffle=False,
@@ -105,7 +105,7 @@ class VQTask(L.LightningModule):
     """Trains an :class:`ImageCodeTokenizer` (a diffusers ``VQModel``) on images."""
 
     name = "vq"
-    standalone = True  # trains its own network: tasks.train builds no unified model for it
+    standalone = True  # trains its own network: tasks.cli.train builds no unified model for it
     monitor_metric = "psnr"
 
     def __init__(self, vq: dict[str, Any] | None = None, lr: float = 2e-3, weight_decay: float = 0.0,

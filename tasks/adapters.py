@@ -1,9 +1,7 @@
-"""``zoo-finetune``: fine-tune a pretrained model (weights + tokenizers) on any experiment's data.
+"""Fine-tuning a pretrained model: LoRA adapters (peft), freezing, and the model ``zoo-finetune`` starts from.
 
-``zoo-finetune pretrained=<arch.tag|folder|hf-hub:org/name> experiment=<exp> finetune.mode=full|frozen_encoder|lora``
-composes ``configs/finetune.yaml`` (``train.yaml`` + a pretrained source) and runs ``tasks.train.train``,
-which calls :func:`from_pretrained` instead of building a fresh model. After training the best checkpoint
-is exported to ``<run>/model`` (LoRA merged) and, for LoRA, the adapters to ``<run>/adapter``.
+``tasks.cli.train.train`` calls :func:`from_pretrained` when ``cfg.pretrained`` is set; :mod:`tasks.checkpoint`
+merges the LoRA adapters of a fine-tuned checkpoint.
 """
 from __future__ import annotations
 
@@ -118,16 +116,8 @@ def count_trainable(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def __getattr__(name: str) -> Any:
-    if name == "FinetuneInfo":  # lives with the other callbacks (tasks.callbacks imports Lightning)
-        from tasks.callbacks import FinetuneInfo
-
-        return FinetuneInfo
-    raise AttributeError(f"module 'tasks.finetune' has no attribute {name!r}")
-
-
 # ------------------------------------------------------------------------------------------------
-# The hook used by tasks.train.train
+# The hook used by tasks.cli.train.train (cfg.pretrained)
 # ------------------------------------------------------------------------------------------------
 def finetune_settings(cfg: DictConfig) -> dict[str, Any]:
     raw = cfg.get("finetune") or {}
@@ -149,53 +139,6 @@ def from_pretrained(cfg: DictConfig) -> tuple[nn.Module, Any, list[L.Callback]]:
     info = {"pretrained": str(cfg.pretrained), "mode": ft["mode"], "tasks": bundle.tasks}
     if ft["mode"] == "lora":
         info["lora"] = ft["lora"]
-    from tasks.callbacks import FinetuneInfo
+    from tasks.runtime.callbacks import FinetuneInfo
 
     return model, bundle.tokenizer, [FinetuneInfo(info)]
-
-
-def finetune(cfg: DictConfig) -> dict[str, float]:
-    """``train(cfg)`` from ``cfg.pretrained``, then export the best checkpoint to ``<run>/model`` (LoRA
-    merged) and, for LoRA, its adapters to ``<run>/adapter``."""
-    from tasks.train import train
-
-    if not cfg.get("pretrained"):
-        raise ValueError("zoo-finetune needs pretrained=<arch.tag | folder | hf-hub:org/name[@revision]>")
-    metrics = train(cfg)
-    out = Path(cfg.paths.output_dir)
-    best = out / "checkpoints" / "best.ckpt"
-    if cfg.finetune.get("export", True) and best.is_file():
-        from tasks.export import export
-
-        lora = finetune_settings(cfg)["mode"] == "lora"
-        folder = export(best, out / "model", adapter_out=out / "adapter" if lora else None)
-        print(f"[mmzoo] fine-tuned model: {folder}" + (f"\n[mmzoo] LoRA adapters: {out / 'adapter'}" if lora else ""))
-    return metrics
-
-
-def main() -> None:
-    from tasks.cli_help import maybe_print_help
-
-    maybe_print_help("zoo-finetune")  # before Hydra and Lightning load
-    import hydra
-
-    from tasks.resolvers import register_resolvers
-
-    register_resolvers()
-
-    @hydra.main(version_base="1.3", config_path="pkg://configs", config_name="finetune")
-    def _main(cfg: DictConfig) -> float | None:
-        from tasks.data.coco import DataError
-
-        try:
-            metrics = finetune(cfg)
-        except DataError as e:  # bad data, or a run that would train nothing: the message, not a traceback
-            raise SystemExit(f"error: {e}") from None
-        opt = cfg.get("optimized_metric")
-        return metrics.get(opt) if opt else None
-
-    _main()
-
-
-if __name__ == "__main__":
-    main()

@@ -101,6 +101,6 @@ def check_run(cfg: Any, dm: Any, trainer: Any) -> None:
                              "give validation data, or turn validation off explicitly with trainer.limit_val_batches=0",
                              getattr(sub, "eval_batch_size", None), trainer.limit_val_batches)
         test_info = sub.split_info("test") if test else None
-        if test_info is not None:  # no test split configured: the run skips testing and says so (tasks/train.py)
+        if test_info is not None:  # no test split configured: the run skips testing and says so (tasks/cli/train.py)
             check_eval_split(test_info, "test", prefix, "test=true would test on nothing",
                              "give test data or set test=false")

@@ -8,8 +8,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tasks.budget import RUN_START  # noqa: F401  (starts the run's clock: budget.total_minutes counts from here)
-from tasks.resolvers import register_resolvers
+from tasks.runtime.budget import RUN_START  # noqa: F401  (starts the run's clock: budget.total_minutes counts from here)
+from tasks.runtime.resolvers import register_resolvers
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
@@ -50,15 +50,15 @@ def build_model(model_cfg: DictConfig, text_vocab_size: int, data_overrides: dic
             overrides.setdefault(key, value)
     pretrain = model_cfg.get("image_pretrain")
     if pretrain:  # the image backbone starts from weights pretrained on dense scene labels (cached)
-        from tasks.backbone_pretrain import ensure_pretrained_backbone, resolve_spec
-        from tasks.distributed import prepare_lock
+        from tasks.runtime.distributed import prepare_lock
+        from tasks.tools.backbone_pretrain import ensure_pretrained_backbone, resolve_spec
 
         image_over = (overrides.get("modalities") or {}).get("image") or {}
         image_cfg = {**zoo.model_config(model_cfg.name).modalities.get("image", {}), **image_over}
         user_spec: dict[str, Any] = OmegaConf.to_container(pretrain, resolve=True)  # type: ignore[assignment]
         freeze = bool(user_spec.pop("freeze", False))
         spec = resolve_spec(user_spec, image_cfg)
-        from tasks.resume import isolated_rng
+        from tasks.runtime.resume import isolated_rng
 
         # torchrun/srun ranks: the first pretrains, the others load its cache; pretraining or reading the cache
         # leaves the RNG as it was, so the model's initialisation does not depend on whether the cache existed
@@ -71,7 +71,7 @@ def build_model(model_cfg: DictConfig, text_vocab_size: int, data_overrides: dic
     vocab.pop("ranges", None)
     model = zoo.create_model(model_cfg.name, vocab=vocab, **overrides)
     if pretrain and freeze:  # keep the pretrained stem fixed: weights and BatchNorm statistics
-        from tasks.finetune import freeze_batchnorm_stats
+        from tasks.adapters import freeze_batchnorm_stats
 
         backbone = model.embedders["image"].backbone
         backbone.requires_grad_(False)
@@ -170,10 +170,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import torch
     from hydra.utils import instantiate
 
-    from tasks.callbacks import AtomicCheckpointIO, Throughput
-    from tasks.distributed import check_trainer, prepare_lock, single_job_relaunch
-    from tasks.logs import tidy_logging
-    from tasks.resume import ResumeState, isolated_rng
+    from tasks.runtime.callbacks import AtomicCheckpointIO, Throughput
+    from tasks.runtime.distributed import check_trainer, prepare_lock, single_job_relaunch
+    from tasks.runtime.logs import tidy_logging
+    from tasks.runtime.resume import ResumeState, isolated_rng
 
     tidy_logging()
 
@@ -187,8 +187,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     deadline = None
     budget = cfg.get("budget")
-    if budget and budget.get("total_minutes"):  # one wall-clock budget for the whole run (tasks/budget.py)
-        from tasks.budget import plan_run
+    if budget and budget.get("total_minutes"):  # one wall-clock budget for the whole run (tasks/runtime/budget.py)
+        from tasks.runtime.budget import plan_run
 
         _, deadline = plan_run(budget, bf16="bf16" in str(cfg.trainer.get("precision")))
     dm = instantiate(cfg.data)
@@ -202,7 +202,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if standalone:  # the task trains its own network (e.g. the VQ image tokenizer): no unified model
         task = model = instantiate(cfg.task)
     elif cfg.get("pretrained"):  # zoo-finetune: the pretrained model and tokenizers replace new ones
-        from tasks.finetune import from_pretrained
+        from tasks.adapters import from_pretrained
 
         model, tokenizer, extra_callbacks = from_pretrained(cfg)
         dm.bind(model.cfg, model.layout, tokenizer)
@@ -218,7 +218,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if deadline is not None:
-        from tasks.callbacks import TimeBudget
+        from tasks.runtime.callbacks import TimeBudget
 
         for cb in callbacks:
             if isinstance(cb, TimeBudget):
@@ -235,7 +235,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         print(f"[mmzoo] run directory: {out}\n[mmzoo] {what}: {n_params / 1e6:.2f}M parameters, "
               f"{vocab}precision {trainer.precision}")
 
-    from tasks.preflight import check_run
+    from tasks.cli.preflight import check_run
 
     check_run(cfg, dm, trainer)  # 0 training steps, no validation or test data: refused before the run
     metrics: dict[str, float] = {}
@@ -271,7 +271,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def main() -> None:
-    from tasks.cli_help import maybe_print_help
+    from tasks.cli.help import maybe_print_help
 
     maybe_print_help("zoo-train")  # before Hydra and Lightning load
     import hydra

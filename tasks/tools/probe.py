@@ -6,7 +6,7 @@ held-out real images with ≥ 95 % all-attribute accuracy to serve as a judge of
 generated images against the attributes of their prompts, and :func:`frechet_distance` compares image
 sets in the probe's pooled feature space ("probe FD": NOT Inception FID, not comparable to it).
 
-``python -m tasks.probe data/shapes`` trains (or loads) the probe and prints its held-out accuracy.
+``python -m tasks.tools.probe data/shapes`` trains (or loads) the probe and prints its held-out accuracy.
 """
 from __future__ import annotations
 
@@ -183,7 +183,7 @@ def ensure_probe(root: str | Path, **train_kwargs: Any) -> Path:
     folder = root / "probes" / f"probe-{key}"
     if (folder / "probe.json").is_file():
         return folder
-    from tasks.resume import isolated_rng
+    from tasks.runtime.resume import isolated_rng
 
     with isolated_rng():  # a cache miss leaves the RNG of the run that asked for the probe as it was
         probe, metrics = train_probe(root, **train_kwargs)
@@ -220,7 +220,7 @@ def vq_ceiling(probe: AttributeProbe, vq_folder: str | Path, root: str | Path, s
                batch_size: int = 100) -> dict[str, float]:
     """PSNR and probe scores of a split's real images after a round trip through a VQ tokenizer folder."""
     from modalities.image_codes import ImageCodeTokenizer
-    from tasks.vq import psnr
+    from tasks.tools.vq import psnr
 
     tok = ImageCodeTokenizer.from_pretrained(vq_folder).eval()
     images, labels = split_data(root, split)

@@ -7,7 +7,7 @@ scene annotations teaches it in about a minute: every object's centre cell on th
 grid predicts objectness, shape and colour (:func:`tasks.data.shapes_images.scene_grid_targets`).
 
 :func:`ensure_pretrained_backbone` trains the configured ``timm`` backbone that way once and caches
-its weights as a safetensors file keyed by the spec and the data; :func:`tasks.train.build_model` then
+its weights as a safetensors file keyed by the spec and the data; :func:`tasks.cli.train.build_model` then
 hands that file to timm as the backbone's ``pretrained`` weights (``model.image_pretrain`` in the
 experiment config). The unified model's config records nothing from it: saved models carry their own
 weights.
@@ -92,7 +92,7 @@ def spec_digest(spec: Mapping[str, Any]) -> str:
 def _autocast(device: torch.device):
     from contextlib import nullcontext
 
-    from tasks.resolvers import cpu_has_bf16
+    from tasks.runtime.resolvers import cpu_has_bf16
 
     if device.type == "cuda" or cpu_has_bf16():
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -104,7 +104,7 @@ def pretrain_backbone(spec: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor],
     import timm
 
     from tasks.data.shapes_images import dense_scene_loss, grid_to_sets, load_images, read_split, scene_grid_targets, scene_labels
-    from tasks.probe import score_attributes
+    from tasks.tools.probe import score_attributes
 
     root, size = spec["root"], int(spec["image_size"])
     torch.manual_seed(int(spec["seed"]))

@@ -19,7 +19,7 @@ class MonitoredCheckpoint(ModelCheckpoint):
 
     Lightning's saves the top-k at the end of a training epoch that ran no validation, and warns that the monitor
     is missing. In mmzoo that is normal (a time budget or a step total validates once after the loop, and
-    :func:`tasks.train.save_final_best` writes ``best.ckpt`` then), so this one skips that save instead.
+    :func:`tasks.cli.train.save_final_best` writes ``best.ckpt`` then), so this one skips that save instead.
     """
 
     def _generate_state_key(self, **kwargs: Any) -> str:
@@ -68,7 +68,7 @@ class RunArtifacts(L.Callback):
         stem, suffix = Path(self.samples_file).stem, Path(self.samples_file).suffix
         grids = [p for p in sorted(self.output_dir.glob(f"{stem}*{suffix}")) if p.stat().st_mtime >= started - 1]
         if grids and trainer.loggers:  # the experiment loggers show the grids too (TensorBoard, W&B, MLflow, ...)
-            from tasks.logger_images import log_images_to_loggers
+            from tasks.runtime.logger_images import log_images_to_loggers
 
             log_images_to_loggers(trainer, grids, stage)
 
@@ -110,7 +110,7 @@ class TimeBudget(L.Callback):
             raise ValueError(f"TimeBudget rechecks are fractions of the run in (0, 1), got {list(rechecks)}")
         self.seconds, self.start, self.window, self.min_steps = 60.0 * minutes, start, window, min_steps
         self.whole_epochs, self.rechecks = whole_epochs, sorted(rechecks)
-        # deadline_s (tasks.budget): the loop ends that many seconds after the run started, whatever came before
+        # deadline_s (tasks.runtime.budget): the loop ends that many seconds after the run started, whatever came before
         self.deadline_s = deadline_s
         self.total: int | None = None
         self._t_fit: float | None = None
@@ -125,7 +125,7 @@ class TimeBudget(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._t_fit = time.perf_counter()
         if self.deadline_s is not None and self.total is None:
-            from tasks.budget import elapsed_s
+            from tasks.runtime.budget import elapsed_s
 
             spent = elapsed_s()
             self.seconds = max(60.0, self.deadline_s - spent)

@@ -7,23 +7,13 @@ bar); the run directory gets ``predictions.json`` in the task's official results
 """
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tasks.resolvers import register_resolvers
-
-def _init_params(cls: type) -> set[str]:
-    """Keyword parameters accepted along the class's ``__init__`` chain."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is not None:
-            names |= {p.name for p in inspect.signature(init).parameters.values()
-                      if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return names - {"self", "model", "tokenizer"}
+from tasks.registry import init_params
+from tasks.runtime.resolvers import register_resolvers
 
 
 def load_for_eval(source: str, task_type: str | None = None, unsafe_pickle: bool = False
@@ -31,7 +21,7 @@ def load_for_eval(source: str, task_type: str | None = None, unsafe_pickle: bool
     """``(model, tokenizer, task name, task settings)`` from a ``.ckpt`` or a model folder / hub id."""
     path = Path(source)
     if path.is_file() or path.suffix == ".ckpt":  # a missing .ckpt: read_checkpoint says what the folder holds
-        from tasks.export import bundle_from_checkpoint, read_checkpoint
+        from tasks.checkpoint import bundle_from_checkpoint, read_checkpoint
         from tasks.registry import task_class_for
 
         ckpt = read_checkpoint(path, unsafe_pickle=unsafe_pickle)
@@ -58,16 +48,9 @@ def load_for_eval(source: str, task_type: str | None = None, unsafe_pickle: bool
     return bundle.model, bundle.tokenizer, task_type, dict(bundle.tasks.get(task_type) or {})
 
 
-def default_data_config(name: str) -> DictConfig:
-    """The task's default ``configs/data/<name>.yaml``."""
-    from importlib.resources import files
-
-    return OmegaConf.load(str(files("configs") / "data" / f"{name}.yaml"))
-
-
 def task_kwargs(task_cls: type, name: str, settings: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """The task's constructor arguments: saved settings it accepts, plus the command line's generation overrides."""
-    accepted = _init_params(task_cls)
+    accepted = init_params(task_cls)
     kwargs = {k: v for k, v in settings.items() if k in accepted}
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     unknown = set(kwargs) - accepted
@@ -81,9 +64,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
     from hydra.utils import instantiate
 
+    from tasks.cli.train import report_metrics
     from tasks.registry import task_class_for
-    from tasks.train import report_metrics
-    from tasks.logs import tidy_logging
+    from tasks.runtime.logs import tidy_logging
 
     tidy_logging()
 
@@ -128,7 +111,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 def main() -> None:
-    from tasks.cli_help import maybe_print_help
+    from tasks.cli.help import maybe_print_help
 
     maybe_print_help("zoo-eval")  # before Hydra and Lightning load
     import hydra

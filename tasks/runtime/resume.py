@@ -207,7 +207,7 @@ def isolated_rng() -> Iterator[None]:
 class ResumeState(L.Callback):
     """Saves the RNG states in every checkpoint and restores them when a run resumes; keeps validation off the
     training RNG stream; on resume, drops the log rows of the steps the run will do again (loggers with
-    ``drop_rows_from``, e.g. :class:`tasks.csv_log.AppendCSVLogger`)."""
+    ``drop_rows_from``, e.g. :class:`tasks.runtime.csv_log.AppendCSVLogger`)."""
 
     def __init__(self) -> None:
         self._loaded: dict[str, Any] | None = None

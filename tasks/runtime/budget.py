@@ -3,7 +3,7 @@ a printed plan of every phase, and a training loop that gets whatever the phases
 
 The phases before training (data, tokenizers, backbone pretraining) take what they take; their planned minutes
 (measured on a reference machine, scaled by this machine's measured matmul speed) are only printed. The training loop
-then ends at ``total - evaluation``: :class:`tasks.callbacks.TimeBudget` receives that deadline, counted from the
+then ends at ``total - evaluation``: :class:`tasks.runtime.callbacks.TimeBudget` receives that deadline, counted from the
 start of the process, so a slow data phase shortens training instead of overrunning the budget. Evaluation's
 reserve is scaled the same way.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any, Mapping
 
-#: when this module was first imported (``tasks.train`` imports it at start): the run's clock starts here
+#: when this module was first imported (``tasks.cli.train`` imports it at start): the run's clock starts here
 RUN_START = time.monotonic()
 
 

@@ -46,7 +46,7 @@ class _AppendingWriter(ExperimentWriter):
 class AppendCSVLogger(CSVLogger):
     """``CSVLogger`` whose ``metrics.csv`` is appended to, never truncated.
 
-    On resume (:class:`tasks.resume.ResumeState`) the rows of steps at or after the checkpoint's global step are
+    On resume (:class:`tasks.runtime.resume.ResumeState`) the rows of steps at or after the checkpoint's global step are
     dropped: the resumed run does those steps again and writes their rows afresh, so each step has one row and
     the file reads as the uninterrupted run's would. Every row up to the checkpoint is kept."""
 
