@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 if TYPE_CHECKING:  # torch and Lightning load lazily: `zoo-finetune --help` stays instant
-    import lightning as L
     from torch import nn
 
 FINETUNE_MODES = ("full", "frozen_encoder", "lora")
@@ -126,8 +125,11 @@ def finetune_settings(cfg: DictConfig) -> dict[str, Any]:
     return {"mode": ft.get("mode", "full"), "lora": lora, "allow_pickle": bool(ft.get("allow_pickle", False))}
 
 
-def from_pretrained(cfg: DictConfig) -> tuple[nn.Module, Any, list[L.Callback]]:
-    """Load ``cfg.pretrained`` and prepare it for ``cfg.finetune.mode`` → ``(model, tokenizer, callbacks)``."""
+def from_pretrained(cfg: DictConfig) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Load ``cfg.pretrained`` and prepare it for ``cfg.finetune.mode`` → ``(model, tokenizer, info)``; ``info``
+    (starting point, mode, LoRA settings, the model's task settings) goes into every checkpoint as
+    ``checkpoint["mmzoo_finetune"]`` (the task's ``finetune_info``), so ``zoo-export`` can rebuild LoRA checkpoints
+    and write the model card."""
     from zoo.hub import load
 
     ft = finetune_settings(cfg)
@@ -139,6 +141,4 @@ def from_pretrained(cfg: DictConfig) -> tuple[nn.Module, Any, list[L.Callback]]:
     info = {"pretrained": str(cfg.pretrained), "mode": ft["mode"], "tasks": bundle.tasks}
     if ft["mode"] == "lora":
         info["lora"] = ft["lora"]
-    from tasks.runtime.callbacks import FinetuneInfo
-
-    return model, bundle.tokenizer, [FinetuneInfo(info)]
+    return model, bundle.tokenizer, info

@@ -95,6 +95,9 @@ class Seq2SeqTask(L.LightningModule):
         self.predictions: dict[str, dict[Any, Any]] = {}  # stage -> {record id: prediction}
         self.samples: dict[str, dict[str, Any]] = {}  # stage -> first batch inputs + predictions
         self.final_metrics: dict[str, float] = {}
+        self.budget_steps: int | None = None  # set by the TimeBudget callback once it has timed the first steps
+        self.finetune_info: dict[str, Any] | None = None  # zoo-finetune's starting point, saved with checkpoints
+        self._allowed: torch.Tensor | None = None  # allowed_tokens(), built on first use
 
     @property
     def datamodule(self) -> Any:
@@ -117,13 +120,27 @@ class Seq2SeqTask(L.LightningModule):
 
         return default_data_config(get_task(cls.name).data_config)
 
+    @classmethod
+    def eval_kwargs(cls, settings: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+        """zoo-eval: the constructor arguments: the saved settings this task accepts, plus the command line's
+        generation overrides (an unknown override is an error naming what the task accepts)."""
+        from tasks.registry import init_params
+
+        accepted = init_params(cls)
+        kwargs = {k: v for k, v in settings.items() if k in accepted}
+        kwargs.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(kwargs) - accepted
+        if unknown:
+            raise ValueError(f"task {cls.name!r} has no setting(s) {sorted(unknown)}; it accepts {sorted(accepted)}")
+        return kwargs
+
     # --- what subclasses define -------------------------------------------------------------
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
     def allowed_tokens(self) -> torch.Tensor | None:
         """The vocabulary mask generation may emit: the text range (tasks that write text)."""
-        if not hasattr(self, "_allowed"):
+        if self._allowed is None:
             self._allowed = self.layout.allowed_mask("text")
         return self._allowed
 
@@ -164,13 +181,18 @@ class Seq2SeqTask(L.LightningModule):
     def write_samples(self, path: Path, stage: str) -> None:
         """Write a human-readable sample grid for ``stage`` (optional)."""
 
+    def report(self) -> str | None:
+        """A summary table printed after training / evaluation (a multi-task model's per-task figures); ``None``:
+        none."""
+        return None
+
     def sample_references(self, stage: str) -> list[str] | None:
         """One reference text per sample of ``stage`` (the first caption or description, the most common answer)
         to print under its prediction; ``None`` when the data has none."""
         s, dm = self.samples.get(stage), self.datamodule
-        if not s or "ids" not in s or dm is None or not hasattr(dm, "references"):
+        refs = dm.references(stage) if s and "ids" in s and dm is not None else None
+        if refs is None:
             return None
-        refs = dm.references(stage)
         out = []
         for k in s["ids"]:
             k = k.item() if torch.is_tensor(k) else k
@@ -355,7 +377,7 @@ class Seq2SeqTask(L.LightningModule):
         )
         planned = self.trainer.estimated_stepping_batches
         # a TimeBudget callback sets budget_steps once it has timed the first steps
-        return warmup_cosine(opt, lambda: getattr(self, "budget_steps", None) or planned, self.hparams.warmup_steps,
+        return warmup_cosine(opt, lambda: self.budget_steps or planned, self.hparams.warmup_steps,
                              self.hparams.min_lr_ratio)
 
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
@@ -369,9 +391,25 @@ class Seq2SeqTask(L.LightningModule):
             torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
 
     # --- checkpoints carry what is needed to rebuild the model without Hydra ------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The task's own entries in the checkpoint's metadata beside the model config and tokenizer (plain
+        types: checkpoints load with ``weights_only``), e.g. VQA's answer candidates. Subclasses extend it."""
+        return {}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`checkpoint_state` saved (resuming, ``load_from_checkpoint``)."""
+
+    def checkpoint_meta(self) -> Any:
+        """This task's :class:`tasks.checkpoint.CheckpointMeta`."""
+        from tasks.checkpoint import CheckpointMeta
+
+        return CheckpointMeta(task=self.name, model_config=self.model.cfg.to_dict(), tokenizer=self.tokenizer.to_str(),
+                              state=self.checkpoint_state(), finetune=self.finetune_info)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["mmzoo"] = {
-            "task": self.name,
-            "model_config": self.model.cfg.to_dict(),
-            "tokenizer": self.tokenizer.to_str(),
-        }
+        self.checkpoint_meta().write(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from tasks.checkpoint import CheckpointMeta
+
+        self.load_checkpoint_state(CheckpointMeta.read(checkpoint).state)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from types import MappingProxyType
+from typing import Any, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -39,7 +40,34 @@ def empty_split_error(info: SplitInfo, split: str) -> str:
     return f"{info.source}: the {split} split has no usable records{info.skip_note()}"
 
 
-class TextDataModule(L.LightningDataModule):
+class TaskDataModule(L.LightningDataModule):
+    """Base of every mmzoo datamodule: the hooks ``zoo-train``, ``zoo-eval`` and the tasks call (defaults for
+    data that does not need them)."""
+
+    #: a multi-task datamodule's parts by task name; empty for a single task's data
+    subs: Mapping[str, TaskDataModule] = MappingProxyType({})
+    #: evaluation batch size (the pre-flight checks use it with ``trainer.limit_val_batches``)
+    eval_batch_size: int | None = None
+
+    def model_overrides(self) -> dict[str, Any]:
+        """Model config fields the data decides (e.g. the image size, a sensor's channels); none by default."""
+        return {}
+
+    def bind(self, model_cfg: Any, layout: VocabLayout, tokenizer: TextTokenizer | None = None) -> None:
+        """Take the model's config and vocabulary layout (and a pretrained model's tokenizer) before the loaders
+        are used."""
+        raise NotImplementedError(f"{type(self).__name__} does not bind to a unified model")
+
+    def references(self, stage: str) -> dict[Any, Any] | None:
+        """Each ``stage`` record's reference(s) by record id, for scoring; ``None``: the data has none."""
+        return None
+
+    def has_split(self, split: str) -> bool:
+        """Whether ``split`` has data configured (``zoo-train`` skips testing without a test split)."""
+        return True
+
+
+class TextDataModule(TaskDataModule):
     """Base of the caption, VQA, text-to-image and sensor-to-text datamodules.
 
     A subclass sets ``root``, ``tokenizer_path``, ``vocab_size``, ``num_workers`` and ``collate`` in its

@@ -338,7 +338,7 @@ class LayoutTextToImageTask(Seq2SeqTask):
         return {"text": (batch["prompt_ids"], batch["prompt_mask"])}
 
     def allowed_tokens(self) -> torch.Tensor:
-        if not hasattr(self, "_allowed"):
+        if self._allowed is None:
             self._allowed = self.layout.allowed_mask("text", "loc_bins")
         return self._allowed
 
@@ -426,10 +426,10 @@ class LayoutTextToImageTask(Seq2SeqTask):
         layouts = self.as_layouts(list(s["predictions"]))
         save_layout_grid(self.renderer.render(layouts), layouts, list(s["caption"]), path)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The renderer's config (its weights are in the state dict) and the planner's longest layout."""
         from dataclasses import asdict
 
-        checkpoint["mmzoo"]["renderer"] = asdict(self.renderer.cfg)
-        checkpoint["mmzoo"]["max_layout_len"] = int(self.opts["max_layout_len"])
+        return {**super().checkpoint_state(), "renderer": asdict(self.renderer.cfg),
+                "max_layout_len": int(self.opts["max_layout_len"])}
 

@@ -18,11 +18,11 @@ import hashlib
 from pathlib import Path
 from typing import Any, Mapping
 
-import lightning as L
 import torch
 
 from modalities.text import TextTokenizer
 from tasks.base import Seq2SeqTask
+from tasks.data_module import TaskDataModule
 from zoo.vocab import VocabLayout
 
 
@@ -52,7 +52,7 @@ def merge_model_overrides(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-class MultitaskDataModule(L.LightningDataModule):
+class MultitaskDataModule(TaskDataModule):
     """Several task datamodules (``tasks: {task name: data config}``) with one shared text tokenizer."""
 
     def __init__(self, tasks: Mapping[str, Any], root: str, tokenizer_path: str | None = None,
@@ -62,7 +62,7 @@ class MultitaskDataModule(L.LightningDataModule):
 
         if not tasks:
             raise ValueError("data.tasks is empty: give at least one task's data config")
-        self.subs: dict[str, L.LightningDataModule] = {}
+        self.subs: dict[str, TaskDataModule] = {}
         for name, cfg in tasks.items():
             if cfg is None:
                 continue
@@ -102,8 +102,7 @@ class MultitaskDataModule(L.LightningDataModule):
             sub.prepare_data()
 
     def model_overrides(self) -> dict[str, Any]:
-        return merge_model_overrides([sub.model_overrides() for sub in self.subs.values()
-                                      if hasattr(sub, "model_overrides")])
+        return merge_model_overrides([sub.model_overrides() for sub in self.subs.values()])
 
     def bind(self, model_cfg: Any, layout: VocabLayout, tokenizer: TextTokenizer | None = None) -> None:
         if tokenizer is not None:
@@ -176,7 +175,7 @@ class MultitaskTask(Seq2SeqTask):
         dm = self.datamodule
         for name, sub in self.subtasks.items():
             sub.trainer = self.trainer
-            if dm is not None and hasattr(dm, "subs"):
+            if isinstance(dm, MultitaskDataModule):
                 if name not in dm.subs:
                     raise ValueError(f"task {name!r} has no data (data.tasks has {sorted(dm.subs)})")
                 sub._datamodule = dm.subs[name]
@@ -192,7 +191,7 @@ class MultitaskTask(Seq2SeqTask):
 
     def _names(self) -> list[str]:
         dm = self.datamodule
-        return list(dm.subs) if dm is not None and hasattr(dm, "subs") else list(self.subtasks)
+        return list(dm.subs) if isinstance(dm, MultitaskDataModule) else list(self.subtasks)
 
     # --- training -----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -275,11 +274,11 @@ class MultitaskTask(Seq2SeqTask):
     @classmethod
     def eval_settings(cls, settings: dict[str, Any], checkpoint: dict[str, Any], where: str) -> dict[str, Any]:
         """Per-task state saved beside the settings: VQA answer candidates and the VQ tokenizer folder."""
-        from tasks.checkpoint import vq_folder_for
+        from tasks.checkpoint import CheckpointMeta, vq_folder_for
 
-        meta = checkpoint.get("mmzoo", {})
+        meta = CheckpointMeta.read(checkpoint, where)
         settings = {**settings, "tasks": {n: dict(s) for n, s in (settings.get("tasks") or {}).items()}}
-        for n, m in (meta.get("tasks") or {}).items():
+        for n, m in (meta.subtasks or {}).items():
             if m.get("candidates") and n in settings["tasks"]:
                 settings["tasks"][n]["candidates"] = m["candidates"]
         folder = vq_folder_for(checkpoint, where)
@@ -312,18 +311,13 @@ class MultitaskTask(Seq2SeqTask):
                                  "root": f"{data_dir}/multitask", "tasks": tasks})
 
     # --- checkpoints --------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        per_task = {}
-        for name, sub in self.subtasks.items():
-            part: dict[str, Any] = {}
-            sub.on_save_checkpoint(part)
-            meta = part.get("mmzoo", {})
-            per_task[name] = {k: v for k, v in meta.items() if k not in ("model_config", "tokenizer")}
-        checkpoint["mmzoo"]["tasks"] = per_task
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Each task's own state under ``tasks`` (with its task name), as a single-task checkpoint holds it."""
+        return {**super().checkpoint_state(),
+                "tasks": {name: {"task": sub.name, **sub.checkpoint_state()} for name, sub in self.subtasks.items()}}
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        per_task = checkpoint.get("mmzoo", {}).get("tasks", {})
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        per_task = state.get("tasks") or {}
         for name, sub in self.subtasks.items():
             if name in per_task:
-                sub.on_load_checkpoint({"mmzoo": per_task[name]})
+                sub.load_checkpoint_state({k: v for k, v in per_task[name].items() if k != "task"})

@@ -255,6 +255,7 @@ class TextToImageTask(Seq2SeqTask):
             if not single or len(set(words)) < 2 or len(set(words)) != len(words):
                 raise ValueError(f"attribute_words.{name} must list >= 2 distinct single words, got {words}")
         self.probe_path = probe_path
+        self.vq_path: str | None = None  # the datamodule's VQ tokenizer folder, set in setup()
         object.__setattr__(self, "image_tokenizer", None)  # ImageCodeTokenizer, set in setup()
         self._probe: Any = None
         self._ceiling: dict[str, dict[str, float]] = {}
@@ -303,7 +304,7 @@ class TextToImageTask(Seq2SeqTask):
         return {"text": (batch["prompt_ids"], batch["prompt_mask"])}
 
     def allowed_tokens(self) -> torch.Tensor:
-        if not hasattr(self, "_allowed"):
+        if self._allowed is None:
             self._allowed = self.image_tokenizer.allowed_mask(self.layout)
         return self._allowed
 
@@ -478,6 +479,6 @@ class TextToImageTask(Seq2SeqTask):
             return
         save_grid(list(self.codes_to_images(s["predictions"])), list(s["caption"]), path)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["mmzoo"]["vq_tokenizer"] = getattr(self, "vq_path", None)
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The VQ tokenizer folder the codes come from (``zoo-export`` copies it into the model folder)."""
+        return {**super().checkpoint_state(), "vq_tokenizer": self.vq_path}

@@ -391,12 +391,11 @@ class VQATask(Seq2SeqTask):
             self._cand = {"ids": ids, "trie": PrefixTrie(ids, self.layout.size), "tgt_in": tgt_in, "labels": labels}
         return self._cand
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["mmzoo"]["candidates"] = self.candidates
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {**super().checkpoint_state(), "candidates": self.candidates}
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.candidates = checkpoint.get("mmzoo", {}).get("candidates") or self.candidates
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        self.candidates = state.get("candidates") or self.candidates
         self._cand = {}
 
     # --- Seq2SeqTask hooks --------------------------------------------------------------------

@@ -12,7 +12,6 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tasks.registry import init_params
 from tasks.runtime.resolvers import register_resolvers
 
 
@@ -21,16 +20,16 @@ def load_for_eval(source: str, task_type: str | None = None, unsafe_pickle: bool
     """``(model, tokenizer, task name, task settings)`` from a ``.ckpt`` or a model folder / hub id."""
     path = Path(source)
     if path.is_file() or path.suffix == ".ckpt":  # a missing .ckpt: read_checkpoint says what the folder holds
-        from tasks.checkpoint import bundle_from_checkpoint, read_checkpoint
+        from tasks.checkpoint import CheckpointMeta, bundle_from_checkpoint, read_checkpoint
         from tasks.registry import task_class_for
 
         ckpt = read_checkpoint(path, unsafe_pickle=unsafe_pickle)
         bundle = bundle_from_checkpoint(ckpt, str(path))
-        meta = ckpt["mmzoo"]
-        name = task_type or meta.get("task")
+        meta = CheckpointMeta.read(ckpt, str(path))
+        name = task_type or meta.task
         settings = dict(ckpt.get("hyper_parameters") or {})
-        if meta.get("candidates"):
-            settings["candidates"] = meta["candidates"]
+        if meta.state.get("candidates"):
+            settings["candidates"] = meta.state["candidates"]
         settings = task_class_for(name, settings).eval_settings(settings, ckpt, str(path))
         # the task's own networks beside the model (a layout renderer): loaded into the task by evaluate()
         own = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("model.")}
@@ -46,17 +45,6 @@ def load_for_eval(source: str, task_type: str | None = None, unsafe_pickle: bool
             raise ValueError(f"{source} holds tasks {names}; say which with task_type=<name>")
         task_type = names[0]
     return bundle.model, bundle.tokenizer, task_type, dict(bundle.tasks.get(task_type) or {})
-
-
-def task_kwargs(task_cls: type, name: str, settings: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """The task's constructor arguments: saved settings it accepts, plus the command line's generation overrides."""
-    accepted = init_params(task_cls)
-    kwargs = {k: v for k, v in settings.items() if k in accepted}
-    kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = set(kwargs) - accepted
-    if unknown:
-        raise ValueError(f"task {name!r} has no setting(s) {sorted(unknown)}; it accepts {sorted(accepted)}")
-    return kwargs
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -77,8 +65,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     own = settings.pop("own_state", None)
     task_cls = task_class_for(name, settings)
     overrides = OmegaConf.to_container(cfg.get("task") or OmegaConf.create({}), resolve=True)
-    kwargs = task_cls.eval_kwargs(settings, overrides) if hasattr(task_cls, "eval_kwargs") else \
-        task_kwargs(task_cls, name, settings, overrides)
+    kwargs = task_cls.eval_kwargs(settings, overrides)
     task = task_cls(model=model, tokenizer=tokenizer, **kwargs)
     if own:  # the checkpoint's weights of the task's own networks (the model's are loaded already)
         unexpected = task.load_state_dict(own, strict=False).unexpected_keys

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tasks.checkpoint import bundle_from_checkpoint, read_checkpoint
+from tasks.checkpoint import CheckpointMeta, bundle_from_checkpoint, read_checkpoint
 
 USAGE = """zoo-export: turn a training checkpoint into a model folder that zoo.load() and zoo-predict read.
 
@@ -38,7 +38,7 @@ def run_card(ckpt_path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
     """Model-card fields read from the run directory around ``<run>/checkpoints/x.ckpt``."""
     card: dict[str, Any] = {}
     run = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
-    ft = ckpt.get("mmzoo_finetune") or {}
+    ft = CheckpointMeta.read(ckpt, str(ckpt_path)).finetune or {}
     metrics_file = run / "metrics.json"
     if metrics_file.is_file():
         m = json.loads(metrics_file.read_text())

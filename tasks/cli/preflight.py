@@ -88,7 +88,7 @@ def check_run(cfg: Any, dm: Any, trainer: Any) -> None:
     if train:
         check_steps(trainer)
     validate = train and not _is_zero(trainer.limit_val_batches)
-    subs = list(dm.subs.items()) if hasattr(dm, "subs") else [("", dm)]
+    subs = list(dm.subs.items()) or [("", dm)]
     for name, sub in subs:
         if not hasattr(sub, "split_info"):
             continue  # a datamodule without split descriptions (e.g. the VQ tokenizer's images)
@@ -99,7 +99,7 @@ def check_run(cfg: Any, dm: Any, trainer: Any) -> None:
             check_eval_split(sub.split_info("val"), "val", prefix,
                              "training would never validate (no val metrics, no best.ckpt)",
                              "give validation data, or turn validation off explicitly with trainer.limit_val_batches=0",
-                             getattr(sub, "eval_batch_size", None), trainer.limit_val_batches)
+                             sub.eval_batch_size, trainer.limit_val_batches)
         test_info = sub.split_info("test") if test else None
         if test_info is not None:  # no test split configured: the run skips testing and says so (tasks/cli/train.py)
             check_eval_split(test_info, "test", prefix, "test=true would test on nothing",

@@ -127,11 +127,9 @@ def instantiate_loggers(logger_cfg: Any) -> list[Any]:
 
 def has_test_split(dm: Any) -> bool:
     """Whether the datamodule has test data (``has_split("test")``; a multi-task one: every task's)."""
-    subs = getattr(dm, "subs", None)
-    if isinstance(subs, dict) and subs:
-        return all(has_test_split(d) for d in subs.values())
-    check = getattr(dm, "has_split", None)
-    return bool(check("test")) if callable(check) else True
+    if dm.subs:
+        return all(has_test_split(d) for d in dm.subs.values())
+    return bool(dm.has_split("test"))
 
 
 def remove_orphans(cfg: DictConfig) -> None:
@@ -156,8 +154,11 @@ def report_metrics(task: Any, metrics: dict[str, float], out: Path, title: str) 
     from zoo.atomic import atomic_write_text
 
     atomic_write_text(out / "metrics.json", json.dumps(dict(sorted(metrics.items())), indent=2))
-    if hasattr(task, "report"):
-        print(f"[mmzoo] summary:\n{task.report()}")
+    from tasks.base import Seq2SeqTask
+
+    summary = task.report() if isinstance(task, Seq2SeqTask) else None  # a standalone tool has none
+    if summary is not None:
+        print(f"[mmzoo] summary:\n{summary}")
     print(f"[mmzoo] {title}:")
     for k, v in sorted(metrics.items()):
         print(f"  {k:28s} {v:.4f}")
@@ -195,7 +196,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # torchrun/srun ranks: one prepares, the others read its cache; the RNG is left as it was (cache hit or miss)
     with prepare_lock(cfg.data.get("root") or cfg.paths.data_dir), isolated_rng():
         dm.prepare_data()
-    extra_callbacks = []
+    finetune_info = None
     from hydra.utils import get_class
 
     standalone = getattr(get_class(cfg.task._target_), "standalone", False)
@@ -204,17 +205,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     elif cfg.get("pretrained"):  # zoo-finetune: the pretrained model and tokenizers replace new ones
         from tasks.adapters import from_pretrained
 
-        model, tokenizer, extra_callbacks = from_pretrained(cfg)
+        model, tokenizer, finetune_info = from_pretrained(cfg)
         dm.bind(model.cfg, model.layout, tokenizer)
     else:
         tokenizer = dm.load_tokenizer()
-        data_overrides = dm.model_overrides() if hasattr(dm, "model_overrides") else {}
+        data_overrides = dm.model_overrides()
         model = build_model(cfg.model, tokenizer.vocab_size, data_overrides)
         dm.bind(model.cfg, model.layout)
     if not standalone:
         if cfg.get("grad_checkpointing") is not None:
             model.cfg.grad_checkpointing = bool(cfg.grad_checkpointing)
         task = instantiate(cfg.task, model=model, tokenizer=tokenizer)
+        task.finetune_info = finetune_info  # saved with every checkpoint (CheckpointMeta.finetune)
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if deadline is not None:
@@ -223,7 +225,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         for cb in callbacks:
             if isinstance(cb, TimeBudget):
                 cb.deadline_s = deadline
-    callbacks += extra_callbacks
     throughput = Throughput()
     callbacks += [throughput, ResumeState()]  # RNG states in checkpoints: a resumed run continues exactly
     loggers = instantiate_loggers(cfg.get("logger") or {})

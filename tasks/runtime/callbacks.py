@@ -184,17 +184,6 @@ class TimeBudget(L.Callback):
         self.total = state.get("total")
 
 
-class FinetuneInfo(L.Callback):
-    """Records the starting point and mode in every checkpoint (``checkpoint["mmzoo_finetune"]``), so
-    ``zoo-export`` can rebuild LoRA checkpoints and write the model card."""
-
-    def __init__(self, info: dict[str, Any]):
-        self.info = info
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        checkpoint["mmzoo_finetune"] = dict(self.info)
-
-
 class Throughput(L.Callback):
     """Logs ``train/samples_per_sec`` (decoder targets per second, all ranks) over training steps only."""
 

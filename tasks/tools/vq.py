@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from modalities.image_codes import ImageCodeTokenizer, VQConfig
 from tasks.base import warmup_cosine
 from tasks.data.shapes_images import load_images, read_split
+from tasks.data_module import TaskDataModule
 from tasks.runtime.resume import ResumableLoader, eval_generator, run_seed
 
 
@@ -48,7 +49,7 @@ def collate_images(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return {"image": torch.stack([s["image"] for s in samples]), "ids": [s["id"] for s in samples]}
 
 
-class ShapesImageDataModule(L.LightningDataModule):
+class ShapesImageDataModule(TaskDataModule):
     """Images only (no captions) of a Shapes-layout dataset; generates Shapes on first use."""
 
     def __init__(self, root: str, generate: str | None = "shapes", shapes: dict[str, Any] | None = None,
@@ -256,7 +257,9 @@ class VQTask(L.LightningModule):
         tok.save_pretrained(self.hparams.save_dir)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["mmzoo"] = {"task": self.name, "vq_config": self.vq_config.to_dict()}
+        from tasks.checkpoint import CheckpointMeta
+
+        CheckpointMeta(task=self.name, state={"vq_config": self.vq_config.to_dict()}).write(checkpoint)
 
     # --- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
