@@ -1,8 +1,9 @@
 """Training and evaluation: Lightning tasks, datamodules and data formats, metrics, Hydra entry points.
 
-Layout (imports go down this list only; ``tests/test_import_graph.py`` checks it and that there is no cycle):
-``tasks.cli`` the entry points (``zoo-train``, ``zoo-eval``, ``zoo-finetune``, ``zoo-export``); the task modules
-(``caption``, ``vqa``, ``text_to_image``, ``layout_t2i``, ``sensor_to_text``, ``multitask``, ``distill``) on
-``tasks.base``; ``tasks.tools`` (VQ image tokenizer, attribute probe, backbone pretraining); ``tasks.checkpoint``
-and ``tasks.adapters``; ``tasks.runtime`` (Lightning/Hydra glue) and ``tasks.data``.
+Layout: the task modules (``caption``, ``vqa``, ``text_to_image``, ``layout_t2i``, ``sensor_to_text``, ``multitask``,
+``distill``) build on ``tasks.base``; ``tasks.cli`` holds the entry points (``zoo-train``, ``zoo-eval``,
+``zoo-finetune``, ``zoo-export``), which nothing else imports; ``tasks.tools`` the VQ image tokenizer, the attribute
+probe and backbone pretraining; ``tasks.checkpoint`` the checkpoint metadata and reading; ``tasks.adapters`` LoRA
+and freezing; ``tasks.runtime`` the Lightning/Hydra glue, which imports no task. ``tests/test_import_graph.py``
+checks these rules and that no import cycle exists.
 """
