@@ -34,7 +34,7 @@ def test_matmul_calibration_is_short_and_positive():
 
 
 def test_time_budget_deadline_counts_from_the_run_start(monkeypatch):
-    from tasks import budget, callbacks
+    from tasks.runtime import budget, callbacks
 
     monkeypatch.setattr(budget, "elapsed_s", lambda: 300.0)  # 5 min of data and tokenizers before training
     tb = callbacks.TimeBudget(minutes=17, deadline_s=23 * 60)
@@ -46,8 +46,14 @@ def test_time_budget_deadline_counts_from_the_run_start(monkeypatch):
     assert tb.seconds == 60.0
 
 
-def test_main_job_budget_is_off_by_default_and_composes(tmp_path):
+def test_main_job_has_one_budget_and_it_can_be_turned_off(tmp_path):
+    from tasks.runtime.budget import make_plan
+
     cfg = compose(["experiment=multitask"], tmp_path)
+    assert cfg.budget.total_minutes == 25 and set(cfg.budget.phases) >= {"data", "evaluation"}
+    plan = make_plan(cfg.budget.total_minutes, dict(cfg.budget.phases), speed_ratio=0.62)
+    assert "vq_tokenizer" not in plan and list(plan)[-2:] == ["training", "evaluation"]  # the layout route has none
+    cfg = compose(["experiment=multitask", "budget.total_minutes=null"], tmp_path)
     assert cfg.budget.total_minutes is None and cfg.callbacks.time_budget.minutes == cfg.train_minutes
-    cfg = compose(["experiment=multitask", "budget.total_minutes=27"], tmp_path)
-    assert cfg.budget.total_minutes == 27 and set(cfg.budget.phases) >= {"data", "evaluation"}
+    cfg = compose(["experiment=t2i_shapes"], tmp_path)
+    assert cfg.budget.total_minutes is None  # single-task experiments keep their own schedules

@@ -125,7 +125,7 @@ def _fake_trainer(num_training_batches: int):
 def test_time_budget_whole_epochs_rounds_the_total_down_to_epochs(monkeypatch):
     from types import SimpleNamespace
 
-    from tasks import callbacks
+    from tasks.runtime import callbacks
 
     clock = iter(())
     monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
@@ -144,7 +144,7 @@ def test_time_budget_whole_epochs_rounds_the_total_down_to_epochs(monkeypatch):
 def test_time_budget_re_estimates_when_steps_slow_down(monkeypatch):
     from types import SimpleNamespace
 
-    from tasks import callbacks
+    from tasks.runtime import callbacks
 
     now = [0.0]
     monkeypatch.setattr(callbacks.time, "perf_counter", lambda: now[0])

@@ -248,7 +248,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             print("[mmzoo] this data has no test split (e.g. data.test_file=null): the run validates but skips testing")
     if cfg.get("train", True):
         t0 = time.perf_counter()
-        trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
+        trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)  # tensors and plain data only
         metrics["train/fit_seconds"] = time.perf_counter() - t0
         save_final_last(trainer)
         metrics["train/samples_per_sec"] = throughput.samples_per_sec
@@ -264,7 +264,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             ckpt = best or None
         else:
             ckpt = ckpt_path
-        trainer.test(task, datamodule=dm, ckpt_path=ckpt)
+        trainer.test(task, datamodule=dm, ckpt_path=ckpt, weights_only=True)
     metrics.update(task.final_metrics)
     if trainer.is_global_zero:
         report_metrics(task, metrics, out, "final metrics")

@@ -43,13 +43,13 @@ def make_plan(total_minutes: float, phases: Mapping[str, float], speed_ratio: fl
     """Minutes per phase on this machine: each reference phase divided by ``speed_ratio`` (this machine's speed over
     the reference machine's), and ``training`` the rest of ``total_minutes``. Raises when nothing is left."""
     ratio = max(speed_ratio, 1e-3)
-    plan = {name: float(m) / ratio for name, m in phases.items()}
+    plan = {name: float(m) / ratio for name, m in phases.items() if m}  # a phase of 0 / null: not in this run
     plan["training"] = total_minutes - sum(plan.values())
     if plan["training"] < 1.0:
         raise ValueError(f"budget.total_minutes={total_minutes} leaves {plan['training']:.1f} min for training on this "
                          f"machine (the other phases need {sum(v for k, v in plan.items() if k != 'training'):.1f} min "
                          f"at {ratio:.2f}x the reference speed); raise the budget or shrink the phases")
-    order = [k for k in phases if k not in after] + ["training"] + [k for k in after if k in phases]
+    order = [k for k in phases if k in plan and k not in after] + ["training"] + [k for k in after if k in plan]
     return {k: plan[k] for k in order}
 
 
