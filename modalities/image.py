@@ -34,8 +34,13 @@ class ImageConfig(ModalityConfig):
     # Pretrained weights for the backbone: None (random init), a timm/open_clip tag, or a local file.
     pretrained: str | None = None
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Where the learned 2-D positions join the features: "before_norm" (added to the projected features, then
+    # LayerNorm; older models) or "after_norm" (added to the normalised features, at a scale the encoder keeps).
+    position: str = "before_norm"
 
     def __post_init__(self) -> None:
+        if self.position not in ("before_norm", "after_norm"):
+            raise ValueError(f"ImageConfig.position must be 'before_norm' or 'after_norm', got {self.position!r}")
         self.mean = tuple(float(x) for x in self.mean)
         self.std = tuple(float(x) for x in self.std)
         if self.resize not in ("squash", "center_crop"):
@@ -245,8 +250,10 @@ class ImageEmbedder(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.row_pos = nn.Parameter(torch.zeros(self.grid_h, 1, d_model))
         self.col_pos = nn.Parameter(torch.zeros(1, self.grid_w, d_model))
-        nn.init.normal_(self.row_pos, std=0.02)
-        nn.init.normal_(self.col_pos, std=0.02)
+        # after the norm, features have unit scale per channel: positions start at half of it
+        pos_std = 0.35 if cfg.position == "after_norm" else 0.02
+        nn.init.normal_(self.row_pos, std=pos_std)
+        nn.init.normal_(self.col_pos, std=pos_std)
 
     @property
     def num_tokens(self) -> int:
@@ -272,8 +279,11 @@ class ImageEmbedder(nn.Module):
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"expected pixels [B, 3, H, W], got {tuple(pixels.shape)}")
         feats = self._features(pixels)  # [B, h, w, C]
-        x = self.proj(feats) + (self.row_pos + self.col_pos)  # [B, h, w, d]
-        x = self.norm(x.flatten(1, 2))  # [B, h*w, d]
+        pos = self.row_pos + self.col_pos  # [h, w, d]
+        if self.cfg.position == "after_norm":
+            x = self.norm(self.proj(feats).flatten(1, 2)) + pos.flatten(0, 1)  # [B, h*w, d]
+        else:
+            x = self.norm((self.proj(feats) + pos).flatten(1, 2))
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         return x, mask
 
