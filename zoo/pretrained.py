@@ -31,19 +31,16 @@ from typing import Any, Sequence
 import torch
 
 from modalities.base import get_modality
-from zoo.instructions import CAPTION_PROMPT, SENSOR_PROMPT, t2i_prompt
+from zoo.task_specs import DEFAULT_GENERATION, decode_text, task_spec, task_specs, text_batch  # noqa: F401
+from zoo.task_specs.sensor_to_text import SENSOR_PROMPT
+from zoo.task_specs.text_to_image import T2I_GENERATION, t2i_prompt  # noqa: F401
 from zoo.loading import (CONFIG_FILE, META_KEYS, PICKLE_SUFFIXES, WEIGHTS_FILE, ModelFolderError,  # noqa: F401
                          UnsafeModelError, check_state, confined, load_image_codes, load_text_tokenizer,
                          model_config_from_dict, model_root, read_json_object, read_weights, refuse_targets)
-from zoo.vocab import EOS_ID
 
 CARD_FILE = "README.md"
 FORMAT_VERSION = 1
 IMAGE_CODES_DIR = "image_codes"
-DEFAULT_GENERATION = {"max_new_tokens": 32, "num_beams": 1, "length_penalty": 1.0}
-#: text-to-image sampling defaults (those of tasks/text_to_image.py); a model's "text_to_image" task entry overrides
-T2I_GENERATION = {"guidance_scale": 3.0, "do_sample": True, "temperature": 1.0, "top_k": 32, "top_p": 1.0,
-                  "use_cache": True, "seed": 0}
 
 
 def _version() -> str:
@@ -76,10 +73,7 @@ def model_card(config: dict[str, Any], card: dict[str, Any] | None = None) -> st
     if card.get("num_parameters"):
         lines += [f"Parameters: {card['num_parameters'] / 1e6:.2f}M.", ""]
     lines += ["## Load", "", "```python", "import zoo", f"bundle = zoo.load({card.get('load_as', './this-folder')!r})"]
-    if "caption" in tasks:
-        lines.append("print(bundle.caption(['image.png']))")
-    if "text_to_image" in tasks:
-        lines.append("bundle.generate_image(['a red circle'], seed=0)[0].save('red_circle.png')")
+    lines += [s.card_example for n, s in task_specs().items() if n in tasks and s.card_example]
     lines += ["```", "", "## Training data", "", card.get("training_data") or "Not recorded.", ""]
     lines += ["## Metrics", ""]
     if metrics:
@@ -107,10 +101,6 @@ def read_sensor_file(path: str | Path, channels: Sequence[str], rate: float | No
     from modalities.sensor_io import read_recording
 
     return read_recording(path, channels, rate, timestamp_column=timestamp_column, time_unit=time_unit)
-
-
-#: inference tasks a saved model's "tasks" entry can list → the bundle method that runs each
-TASK_METHODS = {"caption": "caption", "vqa": "answer", "sensor_to_text": "describe", "text_to_image": "generate_image"}
 
 
 class UntrainedTaskError(ValueError):
@@ -309,25 +299,16 @@ class Pretrained:
 
     def _text_segment(self, texts: Sequence[str], max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Texts → unified ids ``[B, L]`` and mask (True = real)."""
-        rows = self.tokenizer.encode_batch(list(texts), max_len)
-        n = max(1, max(len(r) for r in rows))
-        ids = torch.zeros(len(rows), n, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long) + self.layout.text_start
-        return ids.to(self.device), (ids != 0).to(self.device)
+        ids, mask = text_batch(self.tokenizer.encode_batch(list(texts), max_len), self.layout)
+        return ids.to(self.device), mask.to(self.device)
 
     def decode_text(self, tokens: torch.Tensor) -> list[str]:
         """Generated unified ids ``[B, T]`` → strings (cut at the first EOS, text range only)."""
-        lo, hi = self.layout.ranges()["text"]
-        tokens = tokens.cpu()
-        before_eos = (tokens == EOS_ID).long().cumsum(1) == 0
-        keep = before_eos & (tokens >= lo) & (tokens < hi)
-        return self.tokenizer.decode_batch([(row[k] - lo).tolist() for row, k in zip(tokens, keep)])
+        return decode_text(tokens, self.layout, self.tokenizer)
 
     def _gen_kwargs(self, task: str, overrides: dict[str, Any]) -> dict[str, Any]:
-        kw = {**DEFAULT_GENERATION, **{k: v for k, v in self.tasks.get(task, {}).items() if k in DEFAULT_GENERATION}}
-        kw.update({k: v for k, v in overrides.items() if v is not None})
-        return kw
+        """Generation settings: the task spec's defaults < the model's saved task entry < ``overrides``."""
+        return task_spec(task).generation_settings(self.tasks.get(task), overrides)
 
     def _answer_trie(self) -> Any:
         """For VQA models trained with closed-set decoding: a trie over the saved candidate answers."""
@@ -359,7 +340,7 @@ class Pretrained:
         from zoo.generation import generate
 
         with self.autocast():
-            tokens = generate(self.model, segments, allowed=self.layout.allowed_mask("text"), **gen)
+            tokens = generate(self.model, segments, allowed=task_spec(task).allowed_tokens(self.layout), **gen)
         return self.decode_text(tokens)
 
     def autocast(self) -> Any:
@@ -374,9 +355,10 @@ class Pretrained:
 
     def _require_task(self, task: str, method: str) -> None:
         """Refuse a task the model was not trained for, when its config lists the tasks it was trained for."""
-        known = [t for t in self.tasks if t in TASK_METHODS]
+        specs = task_specs()
+        known = [t for t in self.tasks if t in specs]
         if known and task not in self.tasks:
-            uses = ", ".join(f"{TASK_METHODS[t]}()" for t in known)
+            uses = ", ".join(f"{specs[t].method}()" for t in known)
             raise UntrainedTaskError(f"this model was not trained for {task} ({method}() was called); config.json "
                                      f"lists the tasks {known}: use {uses}")
 
@@ -389,9 +371,11 @@ class Pretrained:
 
     # --- tasks --------------------------------------------------------------------------------
     def caption(self, images: Any, *, batch_size: int = 32, max_new_tokens: int | None = None,
-                num_beams: int | None = None, prompt: str = CAPTION_PROMPT) -> str | list[str]:
-        """Caption one image or a list (paths, bytes, PIL images or preprocessed ``[3,H,W]`` tensors)."""
+                num_beams: int | None = None, prompt: str | None = None) -> str | list[str]:
+        """Caption one image or a list (paths, bytes, PIL images or preprocessed ``[3,H,W]`` tensors); ``prompt``
+        defaults to the caption spec's instruction."""
         self._require_task("caption", "caption")
+        prompt = task_spec("caption").instruction() if prompt is None else prompt
         items, single = _as_list(images)
         gen = self._gen_kwargs("caption", {"max_new_tokens": max_new_tokens, "num_beams": num_beams})
         out: list[str] = []
@@ -557,11 +541,8 @@ class Pretrained:
         CPU workers decode and tokenize): ``text_ids`` are the tokenizer's raw ids per row (the prompt or question),
         ``pixels`` ``[B,3,S,S]`` from :meth:`preprocessor`, ``sensor`` padded ``(values, valid)``. Generation
         settings resolve as in :meth:`caption`, so the results equal those of the task methods."""
-        rows = [list(r) for r in text_ids]
-        ids = torch.zeros(len(rows), max(1, max(len(r) for r in rows)), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long) + self.layout.text_start
-        segs: dict[str, Any] = {"text": (ids.to(self.device), (ids != 0).to(self.device))}
+        ids, mask = text_batch([list(r) for r in text_ids], self.layout)
+        segs: dict[str, Any] = {"text": (ids.to(self.device), mask.to(self.device))}
         if pixels is not None:
             segs["image"] = pixels.to(self.device)
         if sensor is not None:

@@ -1,0 +1,91 @@
+"""Task specs (zoo.task_specs) drive both sides: the Lightning task (training and evaluation) and the inference
+API (``Pretrained``) read the same prompt, text ids, allowed tokens, generation defaults and output decoding."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import zoo
+import zoo.generation
+from modalities.text import TextTokenizer
+from zoo.pretrained import Pretrained
+from zoo.task_specs import TaskSpec, register_task_spec, task_spec, task_specs
+from zoo.vocab import EOS_ID, PAD_ID
+
+TEXTS = ["what does the image describe?", "what is the wearer doing?", "a red circle", "a blue square",
+         "is there a circle?", "yes", "no", "two", "what colour is the square?", "blue", "red"] * 5
+
+
+@pytest.fixture(scope="module")
+def tok() -> TextTokenizer:
+    return TextTokenizer.train(TEXTS, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    return zoo.create_model("test-tiny", vocab={"text_size": tok.vocab_size, "image_code_size": 16, "loc_bins": 4},
+                            max_positions=80).eval()
+
+
+class Spy:
+    """Stands in for ``zoo.generation.generate``: records the segments and the mask, returns fixed tokens."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.tokens, self.calls = tokens, []
+
+    def __call__(self, model: Any, segments: dict[str, Any], **kw: Any) -> torch.Tensor:
+        self.calls.append((segments, kw))
+        return self.tokens[: segments["text"][0].shape[0]]
+
+
+def rows_of(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    return [r[m].tolist() for r, m in zip(ids.cpu(), mask.cpu())]
+
+
+def random_outputs(layout, n: int = 3, t: int = 9) -> torch.Tensor:
+    """Generated-looking rows: ids from the whole vocabulary, an EOS in each row, PAD after it."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, layout.size, (n, t), generator=g)
+    for i in range(n):
+        tokens[i, 3 + i] = EOS_ID
+        tokens[i, 4 + i:] = PAD_ID
+    return tokens
+
+
+def test_the_registry_names_each_task_once_and_refuses_a_second_spec_of_a_name():
+    specs = task_specs()
+    assert list(specs)[:4] == ["caption", "vqa", "sensor_to_text", "text_to_image"]
+    assert {s.method for s in specs.values()} >= {"caption", "answer", "describe", "generate_image"}
+    with pytest.raises(ValueError, match="already registered"):
+        register_task_spec(TaskSpec("caption"))
+    with pytest.raises(KeyError, match="no task spec 'nope'"):
+        task_spec("nope")
+
+
+def test_caption_training_and_inference_share_prompt_ids_allowed_tokens_and_decoding(tok, model, tmp_path,
+                                                                                       monkeypatch):
+    from tasks.caption import CaptionDataModule, CaptionTask
+
+    dm = CaptionDataModule(str(tmp_path), generate=None)
+    dm.attach(model.layout, tok)
+    train_prompt = dm.encode_text([dm.prompt_text], dm.max_target_len)[0]
+    task = CaptionTask(model, tok)
+
+    bundle = Pretrained(model, tok, tasks={"caption": {"max_new_tokens": 5}})
+    spy = Spy(random_outputs(model.layout))
+    monkeypatch.setattr(zoo.generation, "generate", spy)
+    captions = bundle.caption([torch.zeros(3, 32, 32)] * 2)
+
+    segments, kw = spy.calls[0]
+    assert rows_of(*segments["text"]) == [train_prompt] * 2
+    assert dm.prompt_text == task_spec("caption").prompt == "what does the image describe?"
+    assert torch.equal(kw["allowed"], task.allowed_tokens())
+    assert kw["max_new_tokens"] == 5 and kw["num_beams"] == 1  # saved entry over the spec's defaults
+    assert captions == task.decode_outputs(spy.tokens[:2])
+    lo, hi = model.layout.ranges()["text"]
+    first = spy.tokens[0, :3]
+    assert captions[0] == tok.decode([int(t) - lo for t in first if lo <= t < hi])
