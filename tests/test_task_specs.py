@@ -89,3 +89,30 @@ def test_caption_training_and_inference_share_prompt_ids_allowed_tokens_and_deco
     lo, hi = model.layout.ranges()["text"]
     first = spy.tokens[0, :3]
     assert captions[0] == tok.decode([int(t) - lo for t in first if lo <= t < hi])
+
+
+def test_vqa_trie_allowed_tokens_and_question_ids_are_the_same_in_training_and_inference(tok, model, tmp_path,
+                                                                                          monkeypatch):
+    from tasks.vqa import VQADataModule, VQATask
+
+    candidates = ["yes", "no", "two", "blue", "red"]
+    task = VQATask(model, tok, decoding="trie", candidates=candidates)
+    cand = task.candidate_tensors()
+    bundle = Pretrained(model, tok, tasks={"vqa": {"decoding": "trie", "candidates": candidates}})
+    trie = bundle._answer_trie()
+    for name in ("keys", "child", "parent", "token"):
+        assert torch.equal(getattr(trie, name), getattr(cand["trie"], name)), name
+    assert cand["ids"] == [[t + model.layout.text_start for t in tok.encode(c)] for c in candidates]
+    assert Pretrained(model, tok, tasks={"vqa": {"decoding": "open", "candidates": candidates}})._answer_trie() is None
+
+    dm = VQADataModule(str(tmp_path), generate=None)
+    dm.attach(model.layout, tok)
+    questions = ["is there a circle?", "what colour is the square?"]
+    spy = Spy(random_outputs(model.layout))
+    monkeypatch.setattr(zoo.generation, "generate", spy)
+    answers = bundle.answer([torch.zeros(3, 32, 32)] * 2, questions)
+    segments, kw = spy.calls[0]
+    assert rows_of(*segments["text"]) == dm.encode_text(questions, 64)
+    assert kw["processors"] == [trie]
+    assert torch.equal(kw["allowed"], task.allowed_tokens())
+    assert answers == task.decode_outputs(spy.tokens[:2])

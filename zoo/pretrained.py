@@ -312,15 +312,12 @@ class Pretrained:
 
     def _answer_trie(self) -> Any:
         """For VQA models trained with closed-set decoding: a trie over the saved candidate answers."""
-        vqa = self.tasks.get("vqa") or {}
-        if not vqa.get("candidates") or vqa.get("decoding", "open") == "open":
+        spec = task_spec("vqa")
+        candidates = spec.closed_set(self.tasks.get("vqa"))
+        if candidates is None:
             return None
         if "vqa_trie" not in self._pre:
-            from zoo.generation import PrefixTrie
-
-            off = self.layout.text_start
-            ids = [[t + off for t in x] for x in self.tokenizer.encode_batch(list(vqa["candidates"]))]
-            self._pre["vqa_trie"] = PrefixTrie(ids, self.layout.size)
+            self._pre["vqa_trie"] = spec.answer_trie(candidates, self.tokenizer, self.layout)[1]
         return self._pre["vqa_trie"]
 
     def _pixels(self, images: Sequence[Any]) -> torch.Tensor:
