@@ -116,3 +116,27 @@ def test_vqa_trie_allowed_tokens_and_question_ids_are_the_same_in_training_and_i
     assert kw["processors"] == [trie]
     assert torch.equal(kw["allowed"], task.allowed_tokens())
     assert answers == task.decode_outputs(spy.tokens[:2])
+
+
+def test_sensor_to_text_prompt_ids_and_decoding_are_the_same_in_training_and_inference(tok, tmp_path, monkeypatch):
+    from tasks.sensor_to_text import SensorTextDataModule, SensorToTextTask
+
+    channels = ["acc_x", "acc_y", "acc_z"]
+    sensor = {"channels": channels, "sample_rate": 50.0, "patch_len": 10, "patch_stride": 10, "max_len": 200,
+              "mean": [0.0, 0.0, 9.8], "std": [1.0, 1.0, 1.0]}
+    torch.manual_seed(0)
+    model = zoo.create_model("test-tiny", vocab={"text_size": tok.vocab_size, "image_code_size": 16, "loc_bins": 4},
+                             modalities={"sensor": sensor}, max_positions=80).eval()
+    dm = SensorTextDataModule(str(tmp_path), generate=None, channels=channels)
+    dm.attach(model.layout, tok)
+    task = SensorToTextTask(model, tok)
+    bundle = Pretrained(model, tok, tasks={"sensor_to_text": {"max_new_tokens": 5}})
+    spy = Spy(random_outputs(model.layout))
+    monkeypatch.setattr(zoo.generation, "generate", spy)
+    texts = bundle.describe([torch.randn(3, 100).numpy()] * 2)
+    segments, kw = spy.calls[0]
+    assert dm.prompt_text == task_spec("sensor_to_text").prompt == "what is the wearer doing?"
+    assert rows_of(*segments["text"]) == dm.encode_text([dm.prompt_text], dm.max_target_len) * 2
+    assert torch.equal(kw["allowed"], task.allowed_tokens())
+    assert kw["max_new_tokens"] == 5
+    assert texts == task.decode_outputs(spy.tokens[:2])

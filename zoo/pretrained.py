@@ -32,7 +32,6 @@ import torch
 
 from modalities.base import get_modality
 from zoo.task_specs import DEFAULT_GENERATION, decode_text, task_spec, task_specs, text_batch  # noqa: F401
-from zoo.task_specs.sensor_to_text import SENSOR_PROMPT
 from zoo.task_specs.text_to_image import T2I_GENERATION, t2i_prompt  # noqa: F401
 from zoo.loading import (CONFIG_FILE, META_KEYS, PICKLE_SUFFIXES, WEIGHTS_FILE, ModelFolderError,  # noqa: F401
                          UnsafeModelError, check_state, confined, load_image_codes, load_text_tokenizer,
@@ -408,15 +407,16 @@ class Pretrained:
         return out[0] if single else out
 
     def describe(self, sensors: Any, *, batch_size: int = 32, max_new_tokens: int | None = None,
-                 num_beams: int | None = None, prompt: str = SENSOR_PROMPT, rate: float | None = None,
+                 num_beams: int | None = None, prompt: str | None = None, rate: float | None = None,
                  timestamp_column: str | None = "timestamp", time_unit: str = "s") -> str | list[str]:
         """Describe sensor recordings: ``SensorRecording``s, arrays ``[C, T]`` (configured channel order and
         rate) or ``.csv`` / ``.tsv`` / ``.npz`` / ``.npy`` files (see :func:`read_sensor_file`; ``rate``,
-        ``timestamp_column`` and ``time_unit`` say how files are sampled)."""
+        ``timestamp_column`` and ``time_unit`` say how files are sampled); ``prompt`` defaults to the spec's."""
         if "sensor" not in self.model.cfg.modalities:
             raise NotImplementedError("describe() needs a model with a 'sensor' modality; this one has "
                                       f"{['text', *self.model.cfg.modalities]} (train one with a sensor experiment)")
         self._require_task("sensor_to_text", "describe")
+        prompt = task_spec("sensor_to_text").instruction() if prompt is None else prompt
         from modalities.sensor import SensorRecording, pad_sensor_batch
 
         tok = self.preprocessor("sensor")
