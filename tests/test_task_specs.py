@@ -140,3 +140,41 @@ def test_sensor_to_text_prompt_ids_and_decoding_are_the_same_in_training_and_inf
     assert torch.equal(kw["allowed"], task.allowed_tokens())
     assert kw["max_new_tokens"] == 5
     assert texts == task.decode_outputs(spy.tokens[:2])
+
+
+def test_text_to_image_prompts_unconditional_row_defaults_and_allowed_codes_are_shared(tok, model, tiny_vq,
+                                                                                        tmp_path):
+    import inspect
+
+    from tasks.layout_t2i import LayoutTextToImageTask
+    from tasks.text_to_image import T2IDataModule, TextToImageTask
+    from zoo.task_specs.text_to_image import LAYOUT_PLAN, T2I_GENERATION
+
+    spec = task_spec("text_to_image")
+    dm = T2IDataModule(str(tmp_path), vq_path=str(tmp_path / "vq"), generate=None)
+    dm.attach(model.layout, tok)
+    task = TextToImageTask(model, tok)
+    object.__setattr__(task, "image_tokenizer", tiny_vq)
+    # the training prompts (and the dropped-caption row) are the spec's instruction, as generate_image reads it
+    assert dm.encode_prompts(["a red circle "]) == [
+        [t + model.layout.text_start for t in tok.encode("what is the complete image? caption: a red circle")]]
+    uncond = task.uncond_inputs()["text"]
+    assert rows_of(*uncond) == dm.encode_prompts([""])
+    assert rows_of(*spec.uncond_inputs(tok, model.layout, "cpu", 80)["text"]) == dm.encode_prompts([""])
+    # one set of sampling defaults: the task's constructor, its hparams and the inference API's
+    params = inspect.signature(TextToImageTask.__init__).parameters
+    assert {k: params[k].default for k in T2I_GENERATION} == T2I_GENERATION == dict(spec.generation)
+    assert {k: task.hparams[k] for k in T2I_GENERATION} == T2I_GENERATION
+    bundle = Pretrained(model, tok, tasks={"text_to_image": {"top_k": 5, "max_new_tokens": 3}})
+    assert spec.generation_settings(bundle.tasks["text_to_image"], {"seed": 4, "top_p": None}) == \
+        {**T2I_GENERATION, "top_k": 5, "seed": 4}
+    # codes only: exactly the codebook's ids, decoded back to raw codes
+    allowed = task.allowed_tokens()
+    lo = model.layout.image_code_start
+    assert allowed.nonzero().flatten().tolist() == list(range(lo, lo + tiny_vq.num_codes))
+    codes = torch.tensor([[lo + 3, lo + 0, lo + 11]])
+    assert task.decode_outputs(codes) == [[3, 0, 11]]
+    # the layout route: text and location tokens, in training and in plan_layout
+    layout_task = LayoutTextToImageTask(model, tok)
+    assert torch.equal(layout_task.allowed_tokens(), LAYOUT_PLAN.allowed_tokens(model.layout))
+    assert layout_task.allowed_tokens().sum() == model.layout.text_size + model.layout.loc_bins + 1

@@ -32,7 +32,7 @@ import torch
 
 from modalities.base import get_modality
 from zoo.task_specs import DEFAULT_GENERATION, decode_text, task_spec, task_specs, text_batch  # noqa: F401
-from zoo.task_specs.text_to_image import T2I_GENERATION, t2i_prompt  # noqa: F401
+from zoo.task_specs.text_to_image import T2I_GENERATION  # noqa: F401
 from zoo.loading import (CONFIG_FILE, META_KEYS, PICKLE_SUFFIXES, WEIGHTS_FILE, ModelFolderError,  # noqa: F401
                          UnsafeModelError, check_state, confined, load_image_codes, load_text_tokenizer,
                          model_config_from_dict, model_root, read_json_object, read_weights, refuse_targets)
@@ -440,13 +440,6 @@ class Pretrained:
             out += self._generate_text("sensor_to_text", segs, gen)
         return out[0] if single else out
 
-    def _t2i_settings(self, overrides: dict[str, Any]) -> dict[str, Any]:
-        """Sampling settings: mmzoo's defaults < the model's ``text_to_image`` task entry < ``overrides``."""
-        saved = self.tasks.get("text_to_image") or {}
-        kw = {**T2I_GENERATION, **{k: v for k, v in saved.items() if k in T2I_GENERATION}}
-        kw.update({k: v for k, v in overrides.items() if v is not None})
-        return kw
-
     @torch.no_grad()
     def generate_image_codes(self, texts: str | Sequence[str], *, batch_size: int = 32,
                              guidance_scale: float | None = None, seed: int | None = None,
@@ -457,32 +450,29 @@ class Pretrained:
         exactly ``h*w`` tokens, batched with the KV cache. One generator seeded with ``seed`` runs over the
         batches in order, so the codes equal those of the training task's evaluation with the same seed and
         batches (a sample depends on the seed and on the batch it was drawn in)."""
-        from zoo.guidance import guided_sample
-
         vq = self.image_tokenizer
         if vq is None:
             raise NotImplementedError("generate_image() needs a text-to-image model with an image_codes VQ tokenizer "
                                       "(an 'image_codes' folder in config.json); this one has none (its modalities: "
                                       f"{['text', *self.model.cfg.modalities]}); export a text_to_image run")
         self._require_task("text_to_image", "generate_image")
+        spec = task_spec("text_to_image")
         items, _ = _as_list(texts)
-        self._warn_long([t2i_prompt(str(t)) for t in items], self.model.cfg.max_positions, "prompt")
-        hp = self._t2i_settings(dict(guidance_scale=guidance_scale, seed=seed, do_sample=do_sample,
-                                     temperature=temperature, top_k=top_k, top_p=top_p, use_cache=use_cache))
-        scale = float(hp.pop("guidance_scale"))
-        gen = torch.Generator(self.device).manual_seed(int(hp.pop("seed")))
-        allowed = vq.allowed_mask(self.layout)
+        prompts = [spec.instruction(str(t)) for t in items]
         max_len = self.model.cfg.max_positions
-        uncond = None
-        if scale != 1.0:  # the unconditional source: the instruction with an empty caption (one row)
-            uncond = {"text": self._text_segment([t2i_prompt("")], max_len)}
+        self._warn_long(prompts, max_len, "prompt")
+        hp = spec.generation_settings(self.tasks.get("text_to_image"), dict(
+            guidance_scale=guidance_scale, seed=seed, do_sample=do_sample, temperature=temperature, top_k=top_k,
+            top_p=top_p, use_cache=use_cache))
+        gen = torch.Generator(self.device).manual_seed(int(hp["seed"]))
+        uncond = spec.uncond_inputs(self.tokenizer, self.layout, self.device, max_len)
+        allowed = spec.allowed_tokens(self.layout, vq)
         out = []
         self.model.eval()
-        for i in range(0, len(items), batch_size):
-            cond = {"text": self._text_segment([t2i_prompt(str(t)) for t in items[i:i + batch_size]], max_len)}
+        for i in range(0, len(prompts), batch_size):
+            cond = {"text": self._text_segment(prompts[i:i + batch_size], max_len)}
             with self.autocast():
-                tokens = guided_sample(self.model, cond, vq.num_tokens, uncond=uncond, guidance_scale=scale,
-                                       allowed=allowed, generator=gen, **hp)  # [b, h*w] unified ids
+                tokens = spec.sample(self.model, cond, vq, self.layout, hp, gen, uncond=uncond, allowed=allowed)
             out.append(vq.from_unified(tokens, self.layout))
         return torch.cat(out).cpu()
 
