@@ -26,7 +26,7 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -306,18 +306,25 @@ class Pretrained:
         return decode_text(tokens, self.layout, self.tokenizer)
 
     def _gen_kwargs(self, task: str, overrides: dict[str, Any]) -> dict[str, Any]:
-        """Generation settings: the task spec's defaults < the model's saved task entry < ``overrides``."""
-        return task_spec(task).generation_settings(self.tasks.get(task), overrides)
+        """Generation settings: the task spec's defaults < the model's saved task entry < ``overrides``; plus the
+        spec's processors for this model (VQA trained closed-set: the trie over its saved answers; cached)."""
+        spec, saved = task_spec(task), self.tasks.get(task)
+        kw = spec.generation_settings(saved, overrides)
+        if f"processors:{task}" not in self._pre:
+            self._pre[f"processors:{task}"] = spec.processors(saved, self.tokenizer, self.layout)
+        if self._pre[f"processors:{task}"]:
+            kw["processors"] = self._pre[f"processors:{task}"]
+        return kw
 
-    def _answer_trie(self) -> Any:
-        """For VQA models trained with closed-set decoding: a trie over the saved candidate answers."""
-        spec = task_spec("vqa")
-        candidates = spec.closed_set(self.tasks.get("vqa"))
-        if candidates is None:
-            return None
-        if "vqa_trie" not in self._pre:
-            self._pre["vqa_trie"] = spec.answer_trie(candidates, self.tokenizer, self.layout)[1]
-        return self._pre["vqa_trie"]
+    def _run_text(self, task: str, items: list[Any], batch_size: int, segments: Callable[[list[Any]], dict[str, Any]],
+                  overrides: dict[str, Any]) -> list[str]:
+        """A text-writing task over ``items`` in batches; ``segments(chunk)`` builds a batch's encoder inputs."""
+        gen = self._gen_kwargs(task, overrides)
+        self.model.eval()
+        out: list[str] = []
+        for i in range(0, len(items), batch_size):
+            out += self._generate_text(task, segments(items[i:i + batch_size]), gen)
+        return out
 
     def _pixels(self, images: Sequence[Any]) -> torch.Tensor:
         pre = self.preprocessor("image")
@@ -373,13 +380,9 @@ class Pretrained:
         self._require_task("caption", "caption")
         prompt = task_spec("caption").instruction() if prompt is None else prompt
         items, single = _as_list(images)
-        gen = self._gen_kwargs("caption", {"max_new_tokens": max_new_tokens, "num_beams": num_beams})
-        out: list[str] = []
-        self.model.eval()
-        for i in range(0, len(items), batch_size):
-            chunk = items[i:i + batch_size]
-            text = self._text_segment([prompt] * len(chunk))
-            out += self._generate_text("caption", {"image": self._pixels(chunk), "text": text}, gen)
+        out = self._run_text("caption", items, batch_size, lambda chunk: {
+            "image": self._pixels(chunk), "text": self._text_segment([prompt] * len(chunk))},
+            {"max_new_tokens": max_new_tokens, "num_beams": num_beams})
         return out[0] if single else out
 
     def answer(self, images: Any, questions: str | Sequence[str], *, batch_size: int = 32,
@@ -393,17 +396,12 @@ class Pretrained:
         blank = next((i for i, q in enumerate(qs) if not isinstance(q, str) or not q.strip()), None)
         if blank is not None:
             raise ValueError(f"question {blank} (for image {_name(items[blank])}) is blank: {qs[blank]!r}")
-        self._warn_long([q.strip() for q in qs], self.model.cfg.max_positions, "question")
-        gen = self._gen_kwargs("vqa", {"max_new_tokens": max_new_tokens, "num_beams": num_beams})
-        trie = self._answer_trie()
-        if trie is not None:
-            gen["processors"] = [trie]
-        out: list[str] = []
-        self.model.eval()
-        for i in range(0, len(items), batch_size):
-            chunk = items[i:i + batch_size]
-            text = self._text_segment([q.strip() for q in qs[i:i + batch_size]], self.model.cfg.max_positions)
-            out += self._generate_text("vqa", {"image": self._pixels(chunk), "text": text}, gen)
+        max_len = self.model.cfg.max_positions
+        self._warn_long([q.strip() for q in qs], max_len, "question")
+        out = self._run_text("vqa", list(zip(items, qs)), batch_size, lambda chunk: {
+            "image": self._pixels([x for x, _ in chunk]), "text": self._text_segment([q.strip() for _, q in chunk],
+                                                                                     max_len)},
+            {"max_new_tokens": max_new_tokens, "num_beams": num_beams})
         return out[0] if single else out
 
     def describe(self, sensors: Any, *, batch_size: int = 32, max_new_tokens: int | None = None,
@@ -423,21 +421,21 @@ class Pretrained:
         items, single = _as_list(sensors)
         if single and getattr(sensors, "ndim", 0) == 3:  # a [B, C, T] array or tensor
             items, single = list(sensors), False
-        gen = self._gen_kwargs("sensor_to_text", {"max_new_tokens": max_new_tokens, "num_beams": num_beams})
-        out: list[str] = []
-        self.model.eval()
-        for i in range(0, len(items), batch_size):
+
+        def segments(chunk: list[Any]) -> dict[str, Any]:
             recs = []
-            for x in items[i:i + batch_size]:
+            for x in chunk:
                 if isinstance(x, (str, Path)):
                     x = read_sensor_file(x, tok.cfg.channels, rate, timestamp_column, time_unit)
                 elif not isinstance(x, SensorRecording):
                     x = SensorRecording(values=x.cpu().numpy() if torch.is_tensor(x) else x)
                 recs.append(tok(x))
             values, valid = pad_sensor_batch(recs)
-            segs = {"sensor": (values.to(self.device), valid.to(self.device)),
+            return {"sensor": (values.to(self.device), valid.to(self.device)),
                     "text": self._text_segment([prompt] * len(recs))}
-            out += self._generate_text("sensor_to_text", segs, gen)
+
+        out = self._run_text("sensor_to_text", items, batch_size, segments,
+                             {"max_new_tokens": max_new_tokens, "num_beams": num_beams})
         return out[0] if single else out
 
     @torch.no_grad()
@@ -534,12 +532,8 @@ class Pretrained:
             segs["image"] = pixels.to(self.device)
         if sensor is not None:
             segs["sensor"] = (sensor[0].to(self.device), sensor[1].to(self.device))
-        gen = self._gen_kwargs(task, overrides)
-        trie = self._answer_trie() if task == "vqa" else None
-        if trie is not None:
-            gen["processors"] = [trie]
         self.model.eval()
-        return self._generate_text(task, segs, gen)
+        return self._generate_text(task, segs, self._gen_kwargs(task, overrides))
 
     def __repr__(self) -> str:
         return (f"Pretrained(arch={self.model.cfg.arch!r}, params={self.num_parameters() / 1e6:.2f}M, "

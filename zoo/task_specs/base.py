@@ -81,6 +81,10 @@ class TaskSpec:
         """Generated ids ``[B, T]`` → outputs (texts)."""
         return decode_text(tokens, layout, tokenizer)
 
+    def processors(self, saved: Mapping[str, Any] | None, tokenizer: Any, layout: VocabLayout) -> list[Any]:
+        """Generation processors a model trained with the saved task entry ``saved`` decodes with (none here)."""
+        return []
+
     def generation_settings(self, saved: Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> dict[str, Any]:
         """Generation settings: these defaults < a model's saved task entry (known keys) < ``overrides`` (not None)."""
         kw = {**self.generation, **{k: v for k, v in (saved or {}).items() if k in self.generation}}

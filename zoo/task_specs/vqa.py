@@ -22,6 +22,11 @@ class VQASpec(TaskSpec):
         ids = encode_text(tokenizer, layout, list(candidates))
         return ids, PrefixTrie(ids, layout.size)
 
+    def processors(self, saved: Mapping[str, Any] | None, tokenizer: Any, layout: VocabLayout) -> list[Any]:
+        """The answer trie of a model trained with closed-set decoding (its saved candidates), else none."""
+        candidates = self.closed_set(saved)
+        return [] if candidates is None else [self.answer_trie(candidates, tokenizer, layout)[1]]
+
     @staticmethod
     def closed_set(saved: Mapping[str, Any] | None) -> list[str] | None:
         """A saved model's candidate answers when it was trained with closed-set decoding, else ``None``."""
