@@ -179,3 +179,23 @@ def test_text_to_image_prompts_unconditional_row_defaults_and_allowed_codes_are_
     layout_task = LayoutTextToImageTask(model, tok)
     assert torch.equal(layout_task.allowed_tokens(), LAYOUT_PLAN.allowed_tokens(model.layout))
     assert layout_task.allowed_tokens().sum() == model.layout.text_size + model.layout.loc_bins + 1
+
+
+def test_a_spec_registered_outside_the_library_reaches_the_model_card_and_the_untrained_task_error(tok, model):
+    from zoo.model_card import model_card
+    from zoo.pretrained import UntrainedTaskError
+    from zoo.task_specs.base import registered_specs
+
+    spec = register_task_spec(TaskSpec("toy_count", method="count", prompt="how many? {}",
+                                       card_example="print(bundle.count(['image.png']))"))
+    try:
+        assert task_spec("toy_count") is spec and spec.instruction(" dots ") == "how many? dots"
+        card = model_card({"arch": "test-tiny", "tasks": {"toy_count": {}, "caption": {}}})
+        assert card.index("bundle.caption(") < card.index("bundle.count(")  # built-ins first
+        assert "generate_image" not in card
+        bundle = Pretrained(model, tok, tasks={"toy_count": {}})
+        with pytest.raises(UntrainedTaskError, match=r"lists the tasks \['toy_count'\]: use count\(\)"):
+            bundle.caption(torch.zeros(3, 32, 32))
+    finally:
+        registered_specs().pop("toy_count")
+    assert "toy_count" not in task_specs()

@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from modalities.base import get_modality
+from zoo.model_card import model_card
 from zoo.task_specs import DEFAULT_GENERATION, decode_text, task_spec, task_specs, text_batch  # noqa: F401
 from zoo.task_specs.text_to_image import T2I_GENERATION  # noqa: F401
 from zoo.loading import (CONFIG_FILE, META_KEYS, PICKLE_SUFFIXES, WEIGHTS_FILE, ModelFolderError,  # noqa: F401
@@ -51,42 +52,6 @@ def _version() -> str:
 def full_modality_config(name: str, mcfg: dict[str, Any]) -> dict[str, Any]:
     """A modality's config with every field filled in (defaults and fitted statistics written out)."""
     return get_modality(name).full_config(mcfg)
-
-
-# ------------------------------------------------------------------------------------------------
-# Model card
-# ------------------------------------------------------------------------------------------------
-def model_card(config: dict[str, Any], card: dict[str, Any] | None = None) -> str:
-    """Markdown model card: training data, metrics, intended use, limits and the reproducing command."""
-    card = dict(card or {})
-    tasks = list(config.get("tasks") or {})
-    metrics = card.get("metrics") or {}
-    name = card.get("name") or config.get("arch", "mmzoo model")
-    lines = ["---", "library_name: mmzoo", "tags:", "- mmzoo", *[f"- {t}" for t in tasks]]
-    if card.get("base_model"):
-        lines.append(f"base_model: {card['base_model']}")
-    lines += ["---", "", f"# {name}", "",
-              f"A unified encoder-decoder (`{config.get('arch')}`, d_model {config.get('d_model')}, "
-              f"{config.get('enc_layers')}+{config.get('dec_layers')} layers) from mmzoo {config.get('mmzoo_version')}, "
-              f"with modalities: {', '.join(['text', *config.get('modalities', {})])}.", ""]
-    if card.get("num_parameters"):
-        lines += [f"Parameters: {card['num_parameters'] / 1e6:.2f}M.", ""]
-    lines += ["## Load", "", "```python", "import zoo", f"bundle = zoo.load({card.get('load_as', './this-folder')!r})"]
-    lines += [s.card_example for n, s in task_specs().items() if n in tasks and s.card_example]
-    lines += ["```", "", "## Training data", "", card.get("training_data") or "Not recorded.", ""]
-    lines += ["## Metrics", ""]
-    if metrics:
-        lines += ["| metric | value |", "| --- | --- |", *[f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items())]]
-    else:
-        lines.append("Not recorded.")
-    lines += ["", "## Intended use", "",
-              card.get("intended_use") or f"Research and demos of {', '.join(tasks) or 'its tasks'} on data like its "
-              "training data; a starting point for fine-tuning with `zoo-finetune`.", "",
-              "## Limits", "",
-              card.get("limits") or "Trained only on the data above: expect poor results on other image domains, "
-              "vocabulary and languages. Not evaluated for fairness or safety; do not use for decisions about people.",
-              "", "## Reproduce", "", "```bash", card.get("command") or "# command not recorded", "```", ""]
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------
