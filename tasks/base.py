@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tasks.runtime.distributed import hold_full_params
 from zoo.generation import generate
 from zoo.model import UnifiedSeq2Seq
-from zoo.task_specs import TEXT_TASK, TaskSpec
+from zoo.task_specs import DEFAULT_GENERATION, TEXT_TASK, TaskSpec
 from zoo.vocab import EOS_ID, PAD_ID
 
 
@@ -79,9 +79,9 @@ class Seq2SeqTask(L.LightningModule):
         warmup_steps: int = 200,
         min_lr_ratio: float = 0.05,
         label_smoothing: float = 0.1,
-        max_new_tokens: int = 32,
-        num_beams: int = 1,
-        length_penalty: float = 1.0,
+        max_new_tokens: int = DEFAULT_GENERATION["max_new_tokens"],
+        num_beams: int = DEFAULT_GENERATION["num_beams"],
+        length_penalty: float = DEFAULT_GENERATION["length_penalty"],
         num_samples: int = 16,
         loss_average: str = "token",
     ):

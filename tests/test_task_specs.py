@@ -199,3 +199,15 @@ def test_a_spec_registered_outside_the_library_reaches_the_model_card_and_the_un
     finally:
         registered_specs().pop("toy_count")
     assert "toy_count" not in task_specs()
+
+
+def test_the_text_tasks_generation_defaults_are_the_specs():
+    import inspect
+
+    from tasks.base import Seq2SeqTask
+    from zoo.task_specs import DEFAULT_GENERATION
+
+    params = inspect.signature(Seq2SeqTask.__init__).parameters
+    assert {k: params[k].default for k in DEFAULT_GENERATION} == DEFAULT_GENERATION
+    for name in ("caption", "vqa", "sensor_to_text"):
+        assert dict(task_spec(name).generation) == DEFAULT_GENERATION

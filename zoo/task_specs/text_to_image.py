@@ -22,11 +22,6 @@ T2I_GENERATION: dict[str, Any] = {"guidance_scale": 3.0, "do_sample": True, "tem
                                   "top_p": 1.0, "use_cache": True, "seed": 0}
 
 
-def t2i_prompt(caption: str) -> str:
-    """The text-to-image instruction for one caption."""
-    return T2I_PROMPT.format(caption.strip())
-
-
 @dataclass(frozen=True)
 class TextToImageSpec(TaskSpec):
     """The code route: the outputs are image codes of the VQ tokenizer (``image_tokenizer`` below)."""
@@ -69,6 +64,11 @@ class TextToImageSpec(TaskSpec):
 TEXT_TO_IMAGE = register_task_spec(TextToImageSpec(
     "text_to_image", method="generate_image", prompt=T2I_PROMPT,
     card_example="bundle.generate_image(['a red circle'], seed=0)[0].save('red_circle.png')"))
+
+
+def t2i_prompt(caption: str) -> str:
+    """The text-to-image instruction for one caption."""
+    return TEXT_TO_IMAGE.instruction(caption)
 
 #: the layout route's planner (same task name, ``task.decoder=layout``): caption → layout words and location
 #: tokens, decoded greedily (:func:`zoo.layout_plan.parse_layout` reads the plan back)
