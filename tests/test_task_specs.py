@@ -99,12 +99,12 @@ def test_vqa_trie_allowed_tokens_and_question_ids_are_the_same_in_training_and_i
     task = VQATask(model, tok, decoding="trie", candidates=candidates)
     cand = task.candidate_tensors()
     bundle = Pretrained(model, tok, tasks={"vqa": {"decoding": "trie", "candidates": candidates}})
-    trie, = bundle._gen_kwargs("vqa", {})["processors"]
+    trie, = bundle._gen_kwargs(task_spec("vqa"), {})["processors"]
     for name in ("keys", "child", "parent", "token"):
         assert torch.equal(getattr(trie, name), getattr(cand["trie"], name)), name
     assert cand["ids"] == [[t + model.layout.text_start for t in tok.encode(c)] for c in candidates]
     open_set = Pretrained(model, tok, tasks={"vqa": {"decoding": "open", "candidates": candidates}})
-    assert "processors" not in open_set._gen_kwargs("vqa", {})
+    assert "processors" not in open_set._gen_kwargs(task_spec("vqa"), {})
 
     dm = VQADataModule(str(tmp_path), generate=None)
     dm.attach(model.layout, tok)

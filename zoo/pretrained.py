@@ -32,8 +32,8 @@ import torch
 
 from modalities.base import get_modality
 from zoo.model_card import model_card
-from zoo.task_specs import DEFAULT_GENERATION, decode_text, task_spec, task_specs, text_batch  # noqa: F401
-from zoo.task_specs.text_to_image import T2I_GENERATION  # noqa: F401
+from zoo.task_specs import DEFAULT_GENERATION, TaskSpec, decode_text, task_spec, task_specs, text_batch  # noqa: F401
+from zoo.task_specs.text_to_image import LAYOUT_PLAN, T2I_GENERATION  # noqa: F401
 from zoo.loading import (CONFIG_FILE, META_KEYS, PICKLE_SUFFIXES, WEIGHTS_FILE, ModelFolderError,  # noqa: F401
                          UnsafeModelError, check_state, confined, load_image_codes, load_text_tokenizer,
                          model_config_from_dict, model_root, read_json_object, read_weights, refuse_targets)
@@ -270,25 +270,25 @@ class Pretrained:
         """Generated unified ids ``[B, T]`` → strings (cut at the first EOS, text range only)."""
         return decode_text(tokens, self.layout, self.tokenizer)
 
-    def _gen_kwargs(self, task: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    def _gen_kwargs(self, spec: TaskSpec, overrides: dict[str, Any]) -> dict[str, Any]:
         """Generation settings: the task spec's defaults < the model's saved task entry < ``overrides``; plus the
         spec's processors for this model (VQA trained closed-set: the trie over its saved answers; cached)."""
-        spec, saved = task_spec(task), self.tasks.get(task)
+        saved, key = self.tasks.get(spec.name), f"processors:{spec.name}"
         kw = spec.generation_settings(saved, overrides)
-        if f"processors:{task}" not in self._pre:
-            self._pre[f"processors:{task}"] = spec.processors(saved, self.tokenizer, self.layout)
-        if self._pre[f"processors:{task}"]:
-            kw["processors"] = self._pre[f"processors:{task}"]
+        if key not in self._pre:
+            self._pre[key] = spec.processors(saved, self.tokenizer, self.layout)
+        if self._pre[key]:
+            kw["processors"] = self._pre[key]
         return kw
 
-    def _run_text(self, task: str, items: list[Any], batch_size: int, segments: Callable[[list[Any]], dict[str, Any]],
-                  overrides: dict[str, Any]) -> list[str]:
+    def _run_text(self, spec: TaskSpec, items: list[Any], batch_size: int,
+                  segments: Callable[[list[Any]], dict[str, Any]], overrides: dict[str, Any]) -> list[str]:
         """A text-writing task over ``items`` in batches; ``segments(chunk)`` builds a batch's encoder inputs."""
-        gen = self._gen_kwargs(task, overrides)
+        gen = self._gen_kwargs(spec, overrides)
         self.model.eval()
         out: list[str] = []
         for i in range(0, len(items), batch_size):
-            out += self._generate_text(task, segments(items[i:i + batch_size]), gen)
+            out += self._generate_text(spec, segments(items[i:i + batch_size]), gen)
         return out
 
     def _pixels(self, images: Sequence[Any]) -> torch.Tensor:
@@ -304,11 +304,11 @@ class Pretrained:
         return torch.stack(out).to(self.device)
 
     @torch.no_grad()
-    def _generate_text(self, task: str, segments: dict[str, Any], gen: dict[str, Any]) -> list[str]:
+    def _generate_text(self, spec: TaskSpec, segments: dict[str, Any], gen: dict[str, Any]) -> list[str]:
         from zoo.generation import generate
 
         with self.autocast():
-            tokens = generate(self.model, segments, allowed=task_spec(task).allowed_tokens(self.layout), **gen)
+            tokens = generate(self.model, segments, allowed=spec.allowed_tokens(self.layout), **gen)
         return self.decode_text(tokens)
 
     def autocast(self) -> Any:
@@ -321,14 +321,14 @@ class Pretrained:
                              "compute in fp32): set precision='fp32'")
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
-    def _require_task(self, task: str, method: str) -> None:
+    def _require_task(self, spec: TaskSpec) -> None:
         """Refuse a task the model was not trained for, when its config lists the tasks it was trained for."""
         specs = task_specs()
         known = [t for t in self.tasks if t in specs]
-        if known and task not in self.tasks:
+        if known and spec.name not in self.tasks:
             uses = ", ".join(f"{specs[t].method}()" for t in known)
-            raise UntrainedTaskError(f"this model was not trained for {task} ({method}() was called); config.json "
-                                     f"lists the tasks {known}: use {uses}")
+            raise UntrainedTaskError(f"this model was not trained for {spec.name} ({spec.method}() was called); "
+                                     f"config.json lists the tasks {known}: use {uses}")
 
     def _warn_long(self, texts: Sequence[str], limit: int, what: str) -> None:
         """Warn about each text longer than ``limit`` tokens (it is cut): its index, token count and the limit."""
@@ -342,10 +342,11 @@ class Pretrained:
                 num_beams: int | None = None, prompt: str | None = None) -> str | list[str]:
         """Caption one image or a list (paths, bytes, PIL images or preprocessed ``[3,H,W]`` tensors); ``prompt``
         defaults to the caption spec's instruction."""
-        self._require_task("caption", "caption")
-        prompt = task_spec("caption").instruction() if prompt is None else prompt
+        spec = task_spec("caption")
+        self._require_task(spec)
+        prompt = spec.instruction() if prompt is None else prompt
         items, single = _as_list(images)
-        out = self._run_text("caption", items, batch_size, lambda chunk: {
+        out = self._run_text(spec, items, batch_size, lambda chunk: {
             "image": self._pixels(chunk), "text": self._text_segment([prompt] * len(chunk))},
             {"max_new_tokens": max_new_tokens, "num_beams": num_beams})
         return out[0] if single else out
@@ -357,13 +358,14 @@ class Pretrained:
         qs = [questions] * len(items) if isinstance(questions, str) else list(questions)
         if len(qs) != len(items):
             raise ValueError(f"got {len(items)} images but {len(qs)} questions")
-        self._require_task("vqa", "answer")
+        spec = task_spec("vqa")
+        self._require_task(spec)
         blank = next((i for i, q in enumerate(qs) if not isinstance(q, str) or not q.strip()), None)
         if blank is not None:
             raise ValueError(f"question {blank} (for image {_name(items[blank])}) is blank: {qs[blank]!r}")
         max_len = self.model.cfg.max_positions
         self._warn_long([q.strip() for q in qs], max_len, "question")
-        out = self._run_text("vqa", list(zip(items, qs)), batch_size, lambda chunk: {
+        out = self._run_text(spec, list(zip(items, qs)), batch_size, lambda chunk: {
             "image": self._pixels([x for x, _ in chunk]), "text": self._text_segment([q.strip() for _, q in chunk],
                                                                                      max_len)},
             {"max_new_tokens": max_new_tokens, "num_beams": num_beams})
@@ -378,8 +380,9 @@ class Pretrained:
         if "sensor" not in self.model.cfg.modalities:
             raise NotImplementedError("describe() needs a model with a 'sensor' modality; this one has "
                                       f"{['text', *self.model.cfg.modalities]} (train one with a sensor experiment)")
-        self._require_task("sensor_to_text", "describe")
-        prompt = task_spec("sensor_to_text").instruction() if prompt is None else prompt
+        spec = task_spec("sensor_to_text")
+        self._require_task(spec)
+        prompt = spec.instruction() if prompt is None else prompt
         from modalities.sensor import SensorRecording, pad_sensor_batch
 
         tok = self.preprocessor("sensor")
@@ -399,7 +402,7 @@ class Pretrained:
             return {"sensor": (values.to(self.device), valid.to(self.device)),
                     "text": self._text_segment([prompt] * len(recs))}
 
-        out = self._run_text("sensor_to_text", items, batch_size, segments,
+        out = self._run_text(spec, items, batch_size, segments,
                              {"max_new_tokens": max_new_tokens, "num_beams": num_beams})
         return out[0] if single else out
 
@@ -418,13 +421,13 @@ class Pretrained:
             raise NotImplementedError("generate_image() needs a text-to-image model with an image_codes VQ tokenizer "
                                       "(an 'image_codes' folder in config.json); this one has none (its modalities: "
                                       f"{['text', *self.model.cfg.modalities]}); export a text_to_image run")
-        self._require_task("text_to_image", "generate_image")
         spec = task_spec("text_to_image")
+        self._require_task(spec)
         items, _ = _as_list(texts)
         prompts = [spec.instruction(str(t)) for t in items]
         max_len = self.model.cfg.max_positions
         self._warn_long(prompts, max_len, "prompt")
-        hp = spec.generation_settings(self.tasks.get("text_to_image"), dict(
+        hp = spec.generation_settings(self.tasks.get(spec.name), dict(
             guidance_scale=guidance_scale, seed=seed, do_sample=do_sample, temperature=temperature, top_k=top_k,
             top_p=top_p, use_cache=use_cache))
         gen = torch.Generator(self.device).manual_seed(int(hp["seed"]))
@@ -455,7 +458,7 @@ class Pretrained:
         if self.renderer is not None:  # the layout route: plan, then render (sampling options do not apply)
             from zoo.layout_generation import render_texts
 
-            self._require_task("text_to_image", "generate_image")
+            self._require_task(task_spec("text_to_image"))
             pixels = render_texts(self, [str(t) for t in items], batch_size)[0]
         else:
             codes = self.generate_image_codes(items, batch_size=batch_size, **sampling)
@@ -477,7 +480,7 @@ class Pretrained:
         if self.renderer is None:
             raise NotImplementedError("plan_layout() needs a layout-route text-to-image model (a 'renderer' folder "
                                       "in config.json); train one with task.decoder=layout")
-        self._require_task("text_to_image", "plan_layout")
+        self._require_task(LAYOUT_PLAN)
         from zoo.layout_generation import plan_layouts
 
         items, single = _as_list(texts)
@@ -498,7 +501,8 @@ class Pretrained:
         if sensor is not None:
             segs["sensor"] = (sensor[0].to(self.device), sensor[1].to(self.device))
         self.model.eval()
-        return self._generate_text(task, segs, self._gen_kwargs(task, overrides))
+        spec = task_spec(task)
+        return self._generate_text(spec, segs, self._gen_kwargs(spec, overrides))
 
     def __repr__(self) -> str:
         return (f"Pretrained(arch={self.model.cfg.arch!r}, params={self.num_parameters() / 1e6:.2f}M, "
