@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tasks.runtime.distributed import hold_full_params
 from zoo.generation import generate
 from zoo.model import UnifiedSeq2Seq
+from zoo.task_specs import DEFAULT_GENERATION, TEXT_TASK, TaskSpec
 from zoo.vocab import EOS_ID, PAD_ID
 
 
@@ -65,6 +66,8 @@ class Seq2SeqTask(L.LightningModule):
     """Base LightningModule: loss, optimisation, generation-based evaluation."""
 
     name = "seq2seq"
+    #: what this task shares with inference (prompt, allowed tokens, output decoding; :mod:`zoo.task_specs`)
+    spec: TaskSpec = TEXT_TASK
 
     def __init__(
         self,
@@ -76,9 +79,9 @@ class Seq2SeqTask(L.LightningModule):
         warmup_steps: int = 200,
         min_lr_ratio: float = 0.05,
         label_smoothing: float = 0.1,
-        max_new_tokens: int = 32,
-        num_beams: int = 1,
-        length_penalty: float = 1.0,
+        max_new_tokens: int = DEFAULT_GENERATION["max_new_tokens"],
+        num_beams: int = DEFAULT_GENERATION["num_beams"],
+        length_penalty: float = DEFAULT_GENERATION["length_penalty"],
         num_samples: int = 16,
         loss_average: str = "token",
     ):
@@ -139,15 +142,14 @@ class Seq2SeqTask(L.LightningModule):
         raise NotImplementedError
 
     def allowed_tokens(self) -> torch.Tensor | None:
-        """The vocabulary mask generation may emit: the text range (tasks that write text)."""
+        """The vocabulary mask generation may emit: the spec's (for tasks that write text, the text range)."""
         if self._allowed is None:
-            self._allowed = self.layout.allowed_mask("text")
+            self._allowed = self.spec.allowed_tokens(self.layout)
         return self._allowed
 
     def decode_outputs(self, tokens: torch.Tensor) -> list[Any]:
-        """Generated ids ``[B, T]`` → texts (up to EOS, text tokens only)."""
-        lo, hi = self.layout.ranges()["text"]
-        return self.tokenizer.decode_batch([[t - lo for t in row if lo <= t < hi] for row in strip_after_eos(tokens)])
+        """Generated ids ``[B, T]`` → outputs through the spec (texts: up to EOS, text tokens only)."""
+        return self.spec.decode(tokens, self.layout, self.tokenizer)
 
     def compute_metrics(self, stage: str, predictions: dict[Any, Any]) -> dict[str, float]:
         raise NotImplementedError

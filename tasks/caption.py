@@ -16,7 +16,7 @@ from tasks.base import Seq2SeqTask
 from tasks.data.coco import CaptionRecord, DataError, read_coco_captions
 from tasks.data.collate import Seq2SeqCollator
 from tasks.data_module import FileSplitsMixin, SplitInfo, TextDataModule, empty_split_error, image_preprocessor
-from zoo.instructions import CAPTION_PROMPT
+from zoo.task_specs import task_spec
 from zoo.vocab import VocabLayout
 
 
@@ -81,7 +81,7 @@ class CaptionDataModule(FileSplitsMixin, TextDataModule):
         eval_batch_size: int = 128,
         num_workers: int = 1,
         max_target_len: int = 32,
-        prompt: str = CAPTION_PROMPT,
+        prompt: str = task_spec("caption").prompt,
         val_limit: int | None = None,
         skip_bad: bool = False,
         check_files: str = "decode",
@@ -207,6 +207,7 @@ class CaptionTask(Seq2SeqTask):
     """Captioning: image + instruction → text; scored with CIDEr-D and BLEU-4."""
 
     name = "caption"
+    spec = task_spec("caption")
     monitor_metric = "cider"
 
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:

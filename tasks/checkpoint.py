@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # torch loads lazily: `zoo-export --help` stays instant
 
 #: Task hyper-parameters that matter at inference and go into config.json's "tasks" entry.
 TASK_SETTINGS = ("max_new_tokens", "num_beams", "length_penalty", "decoding",
-                 # text-to-image sampling (zoo.pretrained.T2I_GENERATION)
+                 # text-to-image sampling (zoo.task_specs.text_to_image.T2I_GENERATION)
                  "guidance_scale", "do_sample", "temperature", "top_k", "top_p", "use_cache", "seed")
 
 

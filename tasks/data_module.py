@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from modalities.image import ImageConfig, ImagePreprocessor
 from modalities.text import TextTokenizer
 from tasks.runtime.resume import ResumableLoader, eval_generator, run_seed
+from zoo.task_specs import unified_text_ids
 from zoo.vocab import VocabLayout
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,6 @@ class TextDataModule(TaskDataModule):
         logged as a warning: how many were cut, and the longest with its token count and its record
         (``names[i]``)."""
         assert self.tokenizer is not None and self.layout is not None
-        off = self.layout.text_start
         ids = self.tokenizer.encode_batch(texts, None if what else max_len)
         if what:
             long = [i for i, x in enumerate(ids) if len(x) > max_len]
@@ -125,7 +125,7 @@ class TextDataModule(TaskDataModule):
                 log.warning("%d of %d %s exceed the limit of %d tokens and are cut to it; the longest%s has %d "
                             "tokens", len(long), len(ids), what, max_len, who, len(ids[worst]))
                 ids = [x[:max_len] for x in ids]
-        return [[t + off for t in x] for x in ids]
+        return unified_text_ids(ids, self.layout)
 
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool, collate: Any = None) -> DataLoader:
         """Shuffled training batches drop the last partial one and resume exactly (:class:`ResumableLoader`);

@@ -24,6 +24,7 @@ from tasks.layout_metrics import layout_scores
 from zoo.generation import generate
 from zoo.layout_plan import layout_pieces, layout_prompt, parse_layout, quantize_box
 from zoo.layout_renderer import Layout, LayoutRenderer, LayoutRendererConfig
+from zoo.task_specs.text_to_image import LAYOUT_PLAN
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +276,7 @@ class LayoutTextToImageTask(Seq2SeqTask):
     route's own settings (:data:`LAYOUT_DEFAULTS`)."""
 
     name = "text_to_image"
+    spec = LAYOUT_PLAN  # text with location tokens (allowed_tokens); decode_outputs parses the plan
     monitor_metric = "all_acc"
 
     def __init__(self, *args: Any, decoder: str = "layout", layout: dict[str, Any] | None = None,
@@ -336,11 +338,6 @@ class LayoutTextToImageTask(Seq2SeqTask):
 
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {"text": (batch["prompt_ids"], batch["prompt_mask"])}
-
-    def allowed_tokens(self) -> torch.Tensor:
-        if self._allowed is None:
-            self._allowed = self.layout.allowed_mask("text", "loc_bins")
-        return self._allowed
 
     # --- training -----------------------------------------------------------------------------
     def token_weights(self, labels: torch.Tensor) -> torch.Tensor | None:

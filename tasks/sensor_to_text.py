@@ -26,7 +26,7 @@ from tasks.data.sensor_formats import ManifestRecord, read_manifest, read_record
 from tasks.data.coco import DataError
 from tasks.data_module import FileSplitsMixin, SplitInfo, TextDataModule, empty_split_error
 from zoo.atomic import atomic_file
-from zoo.instructions import SENSOR_PROMPT
+from zoo.task_specs import task_spec
 from zoo.vocab import VocabLayout
 
 # ------------------------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ class SensorTextDataModule(FileSplitsMixin, TextDataModule):
         eval_batch_size: int = 128,
         num_workers: int = 1,
         max_target_len: int = 48,
-        prompt: str = SENSOR_PROMPT,
+        prompt: str = task_spec("sensor_to_text").prompt,
         val_limit: int | None = None,
         skip_bad: bool = False,
         allow_outside_root: bool = False,
@@ -308,6 +308,7 @@ class SensorToTextTask(Seq2SeqTask):
     """Sensor recording + instruction → description; activity accuracy/F1, BLEU-4, CIDEr-D."""
 
     name = "sensor_to_text"
+    spec = task_spec("sensor_to_text")
     monitor_metric = "activity_acc"
 
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:

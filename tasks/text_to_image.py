@@ -25,8 +25,8 @@ from tasks.caption import CaptionDataModule
 from tasks.data.collate import pad_ids
 from tasks.data.shapes_images import load_images, scene_labels
 from zoo.atomic import atomic_file
-from zoo.guidance import guided_sample
-from zoo.instructions import t2i_prompt
+from zoo.task_specs import task_spec
+from zoo.task_specs.text_to_image import T2I_GENERATION as T2I, t2i_prompt
 from zoo.vocab import BOS_ID, VocabLayout
 
 log = logging.getLogger(__name__)
@@ -236,10 +236,12 @@ class TextToImageTask(Seq2SeqTask):
     """Caption → VQ codes with classifier-free guidance; judged by the Shapes attribute probe."""
 
     name = "text_to_image"
+    spec = task_spec("text_to_image")
     monitor_metric = "all_acc"
 
-    def __init__(self, *args: Any, guidance_scale: float = 3.0, do_sample: bool = True, temperature: float = 1.0,
-                 top_k: int = 32, top_p: float = 1.0, use_cache: bool = True, seed: int = 0,
+    def __init__(self, *args: Any, guidance_scale: float = T2I["guidance_scale"], do_sample: bool = T2I["do_sample"],
+                 temperature: float = T2I["temperature"], top_k: int = T2I["top_k"], top_p: float = T2I["top_p"],
+                 use_cache: bool = T2I["use_cache"], seed: int = T2I["seed"],
                  probe_path: str | None = None, probe_train: dict[str, Any] | None = None,
                  image_dir: str | None = None, onset_weight: float = 0.0,
                  attribute_words: dict[str, list[str]] | None = None, decoder: str = "codes", layout: Any = None,
@@ -305,14 +307,12 @@ class TextToImageTask(Seq2SeqTask):
 
     def allowed_tokens(self) -> torch.Tensor:
         if self._allowed is None:
-            self._allowed = self.image_tokenizer.allowed_mask(self.layout)
+            self._allowed = self.spec.allowed_tokens(self.layout, self.image_tokenizer)
         return self._allowed
 
     def uncond_inputs(self) -> dict[str, Any]:
         """The unconditional source: the instruction with an empty caption (one row)."""
-        off = self.layout.text_start
-        ids = torch.tensor([[t + off for t in self.tokenizer.encode(t2i_prompt(""))]], device=self.device)
-        return {"text": (ids, torch.ones_like(ids, dtype=torch.bool))}
+        return self.spec.uncond_inputs(self.tokenizer, self.layout, self.device)
 
     def token_weights(self, labels: torch.Tensor) -> torch.Tensor | None:
         """With ``onset_weight`` > 0 each onset code (:func:`onset_codes`) weighs ``1 + onset_weight`` in the loss.
@@ -331,14 +331,12 @@ class TextToImageTask(Seq2SeqTask):
     # --- generation ---------------------------------------------------------------------------
     @torch.no_grad()
     def generate_tokens(self, batch: dict[str, Any], **overrides: Any) -> torch.Tensor:
-        hp = {k: self.hparams[k] for k in ("guidance_scale", "do_sample", "temperature", "top_k", "top_p", "use_cache")}
+        hp = {k: self.hparams[k] for k in self.spec.generation if k != "seed"}
         hp.update(overrides)
-        scale = hp.pop("guidance_scale")
         if self._gen is None or self._gen.device != self.device:
             self._gen = torch.Generator(self.device).manual_seed(self.hparams.seed)
-        return guided_sample(self.model, self.model_inputs(batch), self.image_tokenizer.num_tokens,
-                             uncond=self.uncond_inputs() if scale != 1.0 else None, guidance_scale=scale,
-                             allowed=self.allowed_tokens(), generator=self._gen, **hp)
+        return self.spec.sample(self.model, self.model_inputs(batch), self.image_tokenizer, self.layout, hp,
+                                self._gen, uncond=self.uncond_inputs, allowed=self.allowed_tokens())
 
     def on_validation_epoch_start(self) -> None:
         self._gen = None  # the same seed every evaluation: comparable samples
@@ -347,7 +345,7 @@ class TextToImageTask(Seq2SeqTask):
         self._gen = None
 
     def decode_outputs(self, tokens: torch.Tensor) -> list[list[int]]:
-        return self.image_tokenizer.from_unified(tokens, self.layout).tolist()
+        return self.spec.decode(tokens, self.layout, self.image_tokenizer)
 
     def codes_to_images(self, codes: list[list[int]] | torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Pixels ``[N,3,H,W]`` in ``[0,1]`` of code rows (VQ decoder)."""

@@ -29,10 +29,9 @@ from tasks.data.formats import VQARecord, read_imagefolder, read_jsonl, read_vqa
 from tasks.data.coco import DataError
 from tasks.data.validate import Problems, confine_roots, filter_records
 from tasks.data_module import SplitInfo, TextDataModule, empty_split_error, image_preprocessor
-from zoo.generation import PrefixTrie
+from zoo.task_specs import decode_text, task_spec
+from zoo.task_specs.vqa import DECODING
 from zoo.vocab import BOS_ID, EOS_ID, PAD_ID, VocabLayout
-
-DECODING = ("open", "trie", "allcand")
 
 
 class VQASet(Dataset):
@@ -243,10 +242,9 @@ class VQADataModule(TextDataModule):
         texts = [r.question for r in recs] + [a for r in recs for a in r.answers]
         if self.aux_captions:
             from tasks.data.coco import read_coco_captions
-            from zoo.instructions import CAPTION_PROMPT
 
             caps = read_coco_captions(self.root / self.aux_captions, self.image_root, check_files=False)
-            texts += [CAPTION_PROMPT, *(c for r in caps for c in r.captions)]
+            texts += [task_spec("caption").prompt, *(c for r in caps for c in r.captions)]
         if self.aux_grounding:
             from tasks.data.grounding import grounding_prompt, read_grounding
 
@@ -318,7 +316,6 @@ class VQADataModule(TextDataModule):
         if not self.aux_captions:
             return None, None
         from tasks.data.coco import read_coco_captions
-        from zoo.instructions import CAPTION_PROMPT
 
         problems = Problems(self.skip_bad, self.aux_captions)
         recs = read_coco_captions(self.root / self.aux_captions, self.image_root, problems=problems)
@@ -326,7 +323,7 @@ class VQADataModule(TextDataModule):
         by_path = {r.path: r.captions for r in recs}
         texts = [by_path.get(p, []) for p in paths]
         flat = iter(self.encode_text([c for caps in texts for c in caps], self.max_question_len))
-        return [[next(flat) for _ in caps] for caps in texts], self.encode_text([CAPTION_PROMPT], 16)[0]
+        return [[next(flat) for _ in caps] for caps in texts], self.encode_text([task_spec("caption").prompt], 16)[0]
 
     def _aux_grounding(self, paths: list[Path]) -> list[list[tuple[list[int], list[int]]]] | None:
         """Each training image's grounding ``(prompt ids, four location ids)`` pairs from ``aux_grounding``."""
@@ -361,6 +358,7 @@ class VQATask(Seq2SeqTask):
     """VQA: image + question → answer; open-ended, trie-constrained or all-candidate decoding."""
 
     name = "vqa"
+    spec = task_spec("vqa")
     monitor_metric = "vqa_acc"
 
     def __init__(self, *args: Any, decoding: str = "open", candidates: list[str] | None = None,
@@ -384,11 +382,10 @@ class VQATask(Seq2SeqTask):
             if not self.candidates:
                 raise RuntimeError("closed-set decoding needs candidate answers (a training split or "
                                    "checkpoint['mmzoo']['candidates'])")
-            off = self.layout.text_start
-            ids = [[t + off for t in x] for x in self.tokenizer.encode_batch(self.candidates)]
+            ids, trie = self.spec.answer_trie(self.candidates, self.tokenizer, self.layout)
             tgt_in, _ = pad_ids([[1, *x] for x in ids])  # BOS + answer
             labels, _ = pad_ids([[*x, EOS_ID] for x in ids])  # answer + EOS
-            self._cand = {"ids": ids, "trie": PrefixTrie(ids, self.layout.size), "tgt_in": tgt_in, "labels": labels}
+            self._cand = {"ids": ids, "trie": trie, "tgt_in": tgt_in, "labels": labels}
         return self._cand
 
     def checkpoint_state(self) -> dict[str, Any]:
@@ -471,8 +468,6 @@ class VQATask(Seq2SeqTask):
         if not s:
             return
         pre = self.datamodule.preprocess
-        lo = self.layout.text_start
-        questions = self.tokenizer.decode_batch(
-            [[t - lo for t in row if t != PAD_ID] for row in s["prompt_ids"].tolist()])
+        questions = decode_text(s["prompt_ids"], self.layout, self.tokenizer)
         texts = [f"Q: {q} A: {a}" for q, a in zip(questions, s["predictions"])]
         save_grid([pre.denormalize(x) for x in s["image"]], texts, path, references=self.sample_references(stage))

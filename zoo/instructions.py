@@ -1,19 +1,14 @@
-"""Task instructions shared by training (``tasks``) and inference (``zoo.pretrained``), OFA style.
-
-Every task is "encoder segments → target"; the text segment of the source is one of these prompts.
+"""Task instructions, OFA style: every task is "encoder segments → target"; the text segment of the source is
+one of these prompts. Each task's prompt is defined in its spec (:mod:`zoo.task_specs`); this module names
+them together (and holds grounding's, whose task has no spec yet).
 """
 from __future__ import annotations
 
-#: ``[image] what does the image describe?`` → caption text
-CAPTION_PROMPT = "what does the image describe?"
-#: ``[sensor] what is the wearer doing?`` → activity description
-SENSOR_PROMPT = "what is the wearer doing?"
-#: ``what is the complete image? caption: <text>`` → image codes
-T2I_PROMPT = "what is the complete image? caption: {}"
+from zoo.task_specs.caption import CAPTION_PROMPT
+from zoo.task_specs.sensor_to_text import SENSOR_PROMPT
+from zoo.task_specs.text_to_image import T2I_PROMPT, t2i_prompt
+
+__all__ = ["CAPTION_PROMPT", "SENSOR_PROMPT", "T2I_PROMPT", "GROUNDING_PROMPT", "t2i_prompt"]
+
 #: ``[image] which region does the text describe? text: <phrase>`` → four location tokens (visual grounding)
 GROUNDING_PROMPT = "which region does the text describe? text: {}"
-
-
-def t2i_prompt(caption: str) -> str:
-    """The text-to-image instruction for one caption."""
-    return T2I_PROMPT.format(caption.strip())

@@ -65,9 +65,10 @@ def load_renderer(root: Path, folder: Path, entry: Any, where: str) -> tuple[Lay
 def plan_layouts(bundle: Any, texts: Sequence[str], batch_size: int = 32) -> list[Layout]:
     """Greedy layout plans of captions (stage 1): the unified model writes text with location tokens."""
     from zoo.generation import generate
+    from zoo.task_specs.text_to_image import LAYOUT_PLAN
 
     renderer = bundle.renderer
-    allowed = bundle.layout.allowed_mask("text", "loc_bins").to(bundle.device)
+    allowed = LAYOUT_PLAN.allowed_tokens(bundle.layout).to(bundle.device)
     max_len = bundle.model.cfg.max_positions
     out: list[Layout] = []
     bundle.model.eval()

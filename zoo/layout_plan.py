@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from zoo.layout_renderer import Layout, LayoutRendererConfig
+from zoo.task_specs.base import unified_text_ids
 from zoo.vocab import EOS_ID, VocabLayout
 
 #: ``what is the layout of the image? caption: <text>`` → the layout sequence
@@ -50,11 +51,10 @@ def layout_pieces(lay: Layout, layout: VocabLayout, tokenizer: Any, cache: dict[
     """The unified ids of a layout's tone word and of each object's entry (its words, then 4 location tokens);
     ``cache`` memoises the text ids of repeated words."""
     cache = {} if cache is None else cache
-    off = layout.text_start
 
     def text(s: str) -> list[int]:
         if s not in cache:
-            cache[s] = [t + off for t in tokenizer.encode(s)]
+            cache[s] = unified_text_ids([tokenizer.encode(s)], layout)[0]
         return cache[s]
 
     objects = [text(f"{o['size']} {o['colour']} {o['shape']}")

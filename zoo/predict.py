@@ -206,8 +206,9 @@ def predict(bundle: Any, task: str, inputs: str | None, *, question: str | None 
         layouts = None
         if getattr(bundle, "renderer", None) is not None:  # the layout route: each record also lists the planned boxes
             from zoo.layout_generation import render_texts
+            from zoo.task_specs import task_spec
 
-            bundle._require_task("text_to_image", "generate_image")
+            bundle._require_task(task_spec("text_to_image"))
             pixels, layouts = render_texts(bundle, prompts, batch_size)
             images = list(pixels)
         else:

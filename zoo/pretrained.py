@@ -26,24 +26,21 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from modalities.base import get_modality
-from zoo.instructions import CAPTION_PROMPT, SENSOR_PROMPT, t2i_prompt
+from zoo.model_card import model_card
+from zoo.task_specs import DEFAULT_GENERATION, TaskSpec, decode_text, task_spec, task_specs, text_batch  # noqa: F401
+from zoo.task_specs.text_to_image import LAYOUT_PLAN, T2I_GENERATION  # noqa: F401
 from zoo.loading import (CONFIG_FILE, META_KEYS, PICKLE_SUFFIXES, WEIGHTS_FILE, ModelFolderError,  # noqa: F401
                          UnsafeModelError, check_state, confined, load_image_codes, load_text_tokenizer,
                          model_config_from_dict, model_root, read_json_object, read_weights, refuse_targets)
-from zoo.vocab import EOS_ID
 
 CARD_FILE = "README.md"
 FORMAT_VERSION = 1
 IMAGE_CODES_DIR = "image_codes"
-DEFAULT_GENERATION = {"max_new_tokens": 32, "num_beams": 1, "length_penalty": 1.0}
-#: text-to-image sampling defaults (those of tasks/text_to_image.py); a model's "text_to_image" task entry overrides
-T2I_GENERATION = {"guidance_scale": 3.0, "do_sample": True, "temperature": 1.0, "top_k": 32, "top_p": 1.0,
-                  "use_cache": True, "seed": 0}
 
 
 def _version() -> str:
@@ -58,45 +55,6 @@ def full_modality_config(name: str, mcfg: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Model card
-# ------------------------------------------------------------------------------------------------
-def model_card(config: dict[str, Any], card: dict[str, Any] | None = None) -> str:
-    """Markdown model card: training data, metrics, intended use, limits and the reproducing command."""
-    card = dict(card or {})
-    tasks = list(config.get("tasks") or {})
-    metrics = card.get("metrics") or {}
-    name = card.get("name") or config.get("arch", "mmzoo model")
-    lines = ["---", "library_name: mmzoo", "tags:", "- mmzoo", *[f"- {t}" for t in tasks]]
-    if card.get("base_model"):
-        lines.append(f"base_model: {card['base_model']}")
-    lines += ["---", "", f"# {name}", "",
-              f"A unified encoder-decoder (`{config.get('arch')}`, d_model {config.get('d_model')}, "
-              f"{config.get('enc_layers')}+{config.get('dec_layers')} layers) from mmzoo {config.get('mmzoo_version')}, "
-              f"with modalities: {', '.join(['text', *config.get('modalities', {})])}.", ""]
-    if card.get("num_parameters"):
-        lines += [f"Parameters: {card['num_parameters'] / 1e6:.2f}M.", ""]
-    lines += ["## Load", "", "```python", "import zoo", f"bundle = zoo.load({card.get('load_as', './this-folder')!r})"]
-    if "caption" in tasks:
-        lines.append("print(bundle.caption(['image.png']))")
-    if "text_to_image" in tasks:
-        lines.append("bundle.generate_image(['a red circle'], seed=0)[0].save('red_circle.png')")
-    lines += ["```", "", "## Training data", "", card.get("training_data") or "Not recorded.", ""]
-    lines += ["## Metrics", ""]
-    if metrics:
-        lines += ["| metric | value |", "| --- | --- |", *[f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items())]]
-    else:
-        lines.append("Not recorded.")
-    lines += ["", "## Intended use", "",
-              card.get("intended_use") or f"Research and demos of {', '.join(tasks) or 'its tasks'} on data like its "
-              "training data; a starting point for fine-tuning with `zoo-finetune`.", "",
-              "## Limits", "",
-              card.get("limits") or "Trained only on the data above: expect poor results on other image domains, "
-              "vocabulary and languages. Not evaluated for fairness or safety; do not use for decisions about people.",
-              "", "## Reproduce", "", "```bash", card.get("command") or "# command not recorded", "```", ""]
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------
 # The bundle
 # ------------------------------------------------------------------------------------------------
 def read_sensor_file(path: str | Path, channels: Sequence[str], rate: float | None = None,
@@ -107,10 +65,6 @@ def read_sensor_file(path: str | Path, channels: Sequence[str], rate: float | No
     from modalities.sensor_io import read_recording
 
     return read_recording(path, channels, rate, timestamp_column=timestamp_column, time_unit=time_unit)
-
-
-#: inference tasks a saved model's "tasks" entry can list → the bundle method that runs each
-TASK_METHODS = {"caption": "caption", "vqa": "answer", "sensor_to_text": "describe", "text_to_image": "generate_image"}
 
 
 class UntrainedTaskError(ValueError):
@@ -309,38 +263,33 @@ class Pretrained:
 
     def _text_segment(self, texts: Sequence[str], max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Texts → unified ids ``[B, L]`` and mask (True = real)."""
-        rows = self.tokenizer.encode_batch(list(texts), max_len)
-        n = max(1, max(len(r) for r in rows))
-        ids = torch.zeros(len(rows), n, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long) + self.layout.text_start
-        return ids.to(self.device), (ids != 0).to(self.device)
+        ids, mask = text_batch(self.tokenizer.encode_batch(list(texts), max_len), self.layout)
+        return ids.to(self.device), mask.to(self.device)
 
     def decode_text(self, tokens: torch.Tensor) -> list[str]:
         """Generated unified ids ``[B, T]`` → strings (cut at the first EOS, text range only)."""
-        lo, hi = self.layout.ranges()["text"]
-        tokens = tokens.cpu()
-        before_eos = (tokens == EOS_ID).long().cumsum(1) == 0
-        keep = before_eos & (tokens >= lo) & (tokens < hi)
-        return self.tokenizer.decode_batch([(row[k] - lo).tolist() for row, k in zip(tokens, keep)])
+        return decode_text(tokens, self.layout, self.tokenizer)
 
-    def _gen_kwargs(self, task: str, overrides: dict[str, Any]) -> dict[str, Any]:
-        kw = {**DEFAULT_GENERATION, **{k: v for k, v in self.tasks.get(task, {}).items() if k in DEFAULT_GENERATION}}
-        kw.update({k: v for k, v in overrides.items() if v is not None})
+    def _gen_kwargs(self, spec: TaskSpec, overrides: dict[str, Any]) -> dict[str, Any]:
+        """Generation settings: the task spec's defaults < the model's saved task entry < ``overrides``; plus the
+        spec's processors for this model (VQA trained closed-set: the trie over its saved answers; cached)."""
+        saved, key = self.tasks.get(spec.name), f"processors:{spec.name}"
+        kw = spec.generation_settings(saved, overrides)
+        if key not in self._pre:
+            self._pre[key] = spec.processors(saved, self.tokenizer, self.layout)
+        if self._pre[key]:
+            kw["processors"] = self._pre[key]
         return kw
 
-    def _answer_trie(self) -> Any:
-        """For VQA models trained with closed-set decoding: a trie over the saved candidate answers."""
-        vqa = self.tasks.get("vqa") or {}
-        if not vqa.get("candidates") or vqa.get("decoding", "open") == "open":
-            return None
-        if "vqa_trie" not in self._pre:
-            from zoo.generation import PrefixTrie
-
-            off = self.layout.text_start
-            ids = [[t + off for t in x] for x in self.tokenizer.encode_batch(list(vqa["candidates"]))]
-            self._pre["vqa_trie"] = PrefixTrie(ids, self.layout.size)
-        return self._pre["vqa_trie"]
+    def _run_text(self, spec: TaskSpec, items: list[Any], batch_size: int,
+                  segments: Callable[[list[Any]], dict[str, Any]], overrides: dict[str, Any]) -> list[str]:
+        """A text-writing task over ``items`` in batches; ``segments(chunk)`` builds a batch's encoder inputs."""
+        gen = self._gen_kwargs(spec, overrides)
+        self.model.eval()
+        out: list[str] = []
+        for i in range(0, len(items), batch_size):
+            out += self._generate_text(spec, segments(items[i:i + batch_size]), gen)
+        return out
 
     def _pixels(self, images: Sequence[Any]) -> torch.Tensor:
         pre = self.preprocessor("image")
@@ -355,11 +304,11 @@ class Pretrained:
         return torch.stack(out).to(self.device)
 
     @torch.no_grad()
-    def _generate_text(self, task: str, segments: dict[str, Any], gen: dict[str, Any]) -> list[str]:
+    def _generate_text(self, spec: TaskSpec, segments: dict[str, Any], gen: dict[str, Any]) -> list[str]:
         from zoo.generation import generate
 
         with self.autocast():
-            tokens = generate(self.model, segments, allowed=self.layout.allowed_mask("text"), **gen)
+            tokens = generate(self.model, segments, allowed=spec.allowed_tokens(self.layout), **gen)
         return self.decode_text(tokens)
 
     def autocast(self) -> Any:
@@ -372,13 +321,14 @@ class Pretrained:
                              "compute in fp32): set precision='fp32'")
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
-    def _require_task(self, task: str, method: str) -> None:
+    def _require_task(self, spec: TaskSpec) -> None:
         """Refuse a task the model was not trained for, when its config lists the tasks it was trained for."""
-        known = [t for t in self.tasks if t in TASK_METHODS]
-        if known and task not in self.tasks:
-            uses = ", ".join(f"{TASK_METHODS[t]}()" for t in known)
-            raise UntrainedTaskError(f"this model was not trained for {task} ({method}() was called); config.json "
-                                     f"lists the tasks {known}: use {uses}")
+        specs = task_specs()
+        known = [t for t in self.tasks if t in specs]
+        if known and spec.name not in self.tasks:
+            uses = ", ".join(f"{specs[t].method}()" for t in known)
+            raise UntrainedTaskError(f"this model was not trained for {spec.name} ({spec.method}() was called); "
+                                     f"config.json lists the tasks {known}: use {uses}")
 
     def _warn_long(self, texts: Sequence[str], limit: int, what: str) -> None:
         """Warn about each text longer than ``limit`` tokens (it is cut): its index, token count and the limit."""
@@ -389,17 +339,16 @@ class Pretrained:
 
     # --- tasks --------------------------------------------------------------------------------
     def caption(self, images: Any, *, batch_size: int = 32, max_new_tokens: int | None = None,
-                num_beams: int | None = None, prompt: str = CAPTION_PROMPT) -> str | list[str]:
-        """Caption one image or a list (paths, bytes, PIL images or preprocessed ``[3,H,W]`` tensors)."""
-        self._require_task("caption", "caption")
+                num_beams: int | None = None, prompt: str | None = None) -> str | list[str]:
+        """Caption one image or a list (paths, bytes, PIL images or preprocessed ``[3,H,W]`` tensors); ``prompt``
+        defaults to the caption spec's instruction."""
+        spec = task_spec("caption")
+        self._require_task(spec)
+        prompt = spec.instruction() if prompt is None else prompt
         items, single = _as_list(images)
-        gen = self._gen_kwargs("caption", {"max_new_tokens": max_new_tokens, "num_beams": num_beams})
-        out: list[str] = []
-        self.model.eval()
-        for i in range(0, len(items), batch_size):
-            chunk = items[i:i + batch_size]
-            text = self._text_segment([prompt] * len(chunk))
-            out += self._generate_text("caption", {"image": self._pixels(chunk), "text": text}, gen)
+        out = self._run_text(spec, items, batch_size, lambda chunk: {
+            "image": self._pixels(chunk), "text": self._text_segment([prompt] * len(chunk))},
+            {"max_new_tokens": max_new_tokens, "num_beams": num_beams})
         return out[0] if single else out
 
     def answer(self, images: Any, questions: str | Sequence[str], *, batch_size: int = 32,
@@ -409,62 +358,53 @@ class Pretrained:
         qs = [questions] * len(items) if isinstance(questions, str) else list(questions)
         if len(qs) != len(items):
             raise ValueError(f"got {len(items)} images but {len(qs)} questions")
-        self._require_task("vqa", "answer")
+        spec = task_spec("vqa")
+        self._require_task(spec)
         blank = next((i for i, q in enumerate(qs) if not isinstance(q, str) or not q.strip()), None)
         if blank is not None:
             raise ValueError(f"question {blank} (for image {_name(items[blank])}) is blank: {qs[blank]!r}")
-        self._warn_long([q.strip() for q in qs], self.model.cfg.max_positions, "question")
-        gen = self._gen_kwargs("vqa", {"max_new_tokens": max_new_tokens, "num_beams": num_beams})
-        trie = self._answer_trie()
-        if trie is not None:
-            gen["processors"] = [trie]
-        out: list[str] = []
-        self.model.eval()
-        for i in range(0, len(items), batch_size):
-            chunk = items[i:i + batch_size]
-            text = self._text_segment([q.strip() for q in qs[i:i + batch_size]], self.model.cfg.max_positions)
-            out += self._generate_text("vqa", {"image": self._pixels(chunk), "text": text}, gen)
+        max_len = self.model.cfg.max_positions
+        self._warn_long([q.strip() for q in qs], max_len, "question")
+        out = self._run_text(spec, list(zip(items, qs)), batch_size, lambda chunk: {
+            "image": self._pixels([x for x, _ in chunk]), "text": self._text_segment([q.strip() for _, q in chunk],
+                                                                                     max_len)},
+            {"max_new_tokens": max_new_tokens, "num_beams": num_beams})
         return out[0] if single else out
 
     def describe(self, sensors: Any, *, batch_size: int = 32, max_new_tokens: int | None = None,
-                 num_beams: int | None = None, prompt: str = SENSOR_PROMPT, rate: float | None = None,
+                 num_beams: int | None = None, prompt: str | None = None, rate: float | None = None,
                  timestamp_column: str | None = "timestamp", time_unit: str = "s") -> str | list[str]:
         """Describe sensor recordings: ``SensorRecording``s, arrays ``[C, T]`` (configured channel order and
         rate) or ``.csv`` / ``.tsv`` / ``.npz`` / ``.npy`` files (see :func:`read_sensor_file`; ``rate``,
-        ``timestamp_column`` and ``time_unit`` say how files are sampled)."""
+        ``timestamp_column`` and ``time_unit`` say how files are sampled); ``prompt`` defaults to the spec's."""
         if "sensor" not in self.model.cfg.modalities:
             raise NotImplementedError("describe() needs a model with a 'sensor' modality; this one has "
                                       f"{['text', *self.model.cfg.modalities]} (train one with a sensor experiment)")
-        self._require_task("sensor_to_text", "describe")
+        spec = task_spec("sensor_to_text")
+        self._require_task(spec)
+        prompt = spec.instruction() if prompt is None else prompt
         from modalities.sensor import SensorRecording, pad_sensor_batch
 
         tok = self.preprocessor("sensor")
         items, single = _as_list(sensors)
         if single and getattr(sensors, "ndim", 0) == 3:  # a [B, C, T] array or tensor
             items, single = list(sensors), False
-        gen = self._gen_kwargs("sensor_to_text", {"max_new_tokens": max_new_tokens, "num_beams": num_beams})
-        out: list[str] = []
-        self.model.eval()
-        for i in range(0, len(items), batch_size):
+
+        def segments(chunk: list[Any]) -> dict[str, Any]:
             recs = []
-            for x in items[i:i + batch_size]:
+            for x in chunk:
                 if isinstance(x, (str, Path)):
                     x = read_sensor_file(x, tok.cfg.channels, rate, timestamp_column, time_unit)
                 elif not isinstance(x, SensorRecording):
                     x = SensorRecording(values=x.cpu().numpy() if torch.is_tensor(x) else x)
                 recs.append(tok(x))
             values, valid = pad_sensor_batch(recs)
-            segs = {"sensor": (values.to(self.device), valid.to(self.device)),
+            return {"sensor": (values.to(self.device), valid.to(self.device)),
                     "text": self._text_segment([prompt] * len(recs))}
-            out += self._generate_text("sensor_to_text", segs, gen)
-        return out[0] if single else out
 
-    def _t2i_settings(self, overrides: dict[str, Any]) -> dict[str, Any]:
-        """Sampling settings: mmzoo's defaults < the model's ``text_to_image`` task entry < ``overrides``."""
-        saved = self.tasks.get("text_to_image") or {}
-        kw = {**T2I_GENERATION, **{k: v for k, v in saved.items() if k in T2I_GENERATION}}
-        kw.update({k: v for k, v in overrides.items() if v is not None})
-        return kw
+        out = self._run_text(spec, items, batch_size, segments,
+                             {"max_new_tokens": max_new_tokens, "num_beams": num_beams})
+        return out[0] if single else out
 
     @torch.no_grad()
     def generate_image_codes(self, texts: str | Sequence[str], *, batch_size: int = 32,
@@ -476,32 +416,29 @@ class Pretrained:
         exactly ``h*w`` tokens, batched with the KV cache. One generator seeded with ``seed`` runs over the
         batches in order, so the codes equal those of the training task's evaluation with the same seed and
         batches (a sample depends on the seed and on the batch it was drawn in)."""
-        from zoo.guidance import guided_sample
-
         vq = self.image_tokenizer
         if vq is None:
             raise NotImplementedError("generate_image() needs a text-to-image model with an image_codes VQ tokenizer "
                                       "(an 'image_codes' folder in config.json); this one has none (its modalities: "
                                       f"{['text', *self.model.cfg.modalities]}); export a text_to_image run")
-        self._require_task("text_to_image", "generate_image")
+        spec = task_spec("text_to_image")
+        self._require_task(spec)
         items, _ = _as_list(texts)
-        self._warn_long([t2i_prompt(str(t)) for t in items], self.model.cfg.max_positions, "prompt")
-        hp = self._t2i_settings(dict(guidance_scale=guidance_scale, seed=seed, do_sample=do_sample,
-                                     temperature=temperature, top_k=top_k, top_p=top_p, use_cache=use_cache))
-        scale = float(hp.pop("guidance_scale"))
-        gen = torch.Generator(self.device).manual_seed(int(hp.pop("seed")))
-        allowed = vq.allowed_mask(self.layout)
+        prompts = [spec.instruction(str(t)) for t in items]
         max_len = self.model.cfg.max_positions
-        uncond = None
-        if scale != 1.0:  # the unconditional source: the instruction with an empty caption (one row)
-            uncond = {"text": self._text_segment([t2i_prompt("")], max_len)}
+        self._warn_long(prompts, max_len, "prompt")
+        hp = spec.generation_settings(self.tasks.get(spec.name), dict(
+            guidance_scale=guidance_scale, seed=seed, do_sample=do_sample, temperature=temperature, top_k=top_k,
+            top_p=top_p, use_cache=use_cache))
+        gen = torch.Generator(self.device).manual_seed(int(hp["seed"]))
+        uncond = spec.uncond_inputs(self.tokenizer, self.layout, self.device, max_len)
+        allowed = spec.allowed_tokens(self.layout, vq)
         out = []
         self.model.eval()
-        for i in range(0, len(items), batch_size):
-            cond = {"text": self._text_segment([t2i_prompt(str(t)) for t in items[i:i + batch_size]], max_len)}
+        for i in range(0, len(prompts), batch_size):
+            cond = {"text": self._text_segment(prompts[i:i + batch_size], max_len)}
             with self.autocast():
-                tokens = guided_sample(self.model, cond, vq.num_tokens, uncond=uncond, guidance_scale=scale,
-                                       allowed=allowed, generator=gen, **hp)  # [b, h*w] unified ids
+                tokens = spec.sample(self.model, cond, vq, self.layout, hp, gen, uncond=uncond, allowed=allowed)
             out.append(vq.from_unified(tokens, self.layout))
         return torch.cat(out).cpu()
 
@@ -521,7 +458,7 @@ class Pretrained:
         if self.renderer is not None:  # the layout route: plan, then render (sampling options do not apply)
             from zoo.layout_generation import render_texts
 
-            self._require_task("text_to_image", "generate_image")
+            self._require_task(task_spec("text_to_image"))
             pixels = render_texts(self, [str(t) for t in items], batch_size)[0]
         else:
             codes = self.generate_image_codes(items, batch_size=batch_size, **sampling)
@@ -543,7 +480,7 @@ class Pretrained:
         if self.renderer is None:
             raise NotImplementedError("plan_layout() needs a layout-route text-to-image model (a 'renderer' folder "
                                       "in config.json); train one with task.decoder=layout")
-        self._require_task("text_to_image", "plan_layout")
+        self._require_task(LAYOUT_PLAN)
         from zoo.layout_generation import plan_layouts
 
         items, single = _as_list(texts)
@@ -557,21 +494,15 @@ class Pretrained:
         CPU workers decode and tokenize): ``text_ids`` are the tokenizer's raw ids per row (the prompt or question),
         ``pixels`` ``[B,3,S,S]`` from :meth:`preprocessor`, ``sensor`` padded ``(values, valid)``. Generation
         settings resolve as in :meth:`caption`, so the results equal those of the task methods."""
-        rows = [list(r) for r in text_ids]
-        ids = torch.zeros(len(rows), max(1, max(len(r) for r in rows)), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long) + self.layout.text_start
-        segs: dict[str, Any] = {"text": (ids.to(self.device), (ids != 0).to(self.device))}
+        ids, mask = text_batch([list(r) for r in text_ids], self.layout)
+        segs: dict[str, Any] = {"text": (ids.to(self.device), mask.to(self.device))}
         if pixels is not None:
             segs["image"] = pixels.to(self.device)
         if sensor is not None:
             segs["sensor"] = (sensor[0].to(self.device), sensor[1].to(self.device))
-        gen = self._gen_kwargs(task, overrides)
-        trie = self._answer_trie() if task == "vqa" else None
-        if trie is not None:
-            gen["processors"] = [trie]
         self.model.eval()
-        return self._generate_text(task, segs, gen)
+        spec = task_spec(task)
+        return self._generate_text(spec, segs, self._gen_kwargs(spec, overrides))
 
     def __repr__(self) -> str:
         return (f"Pretrained(arch={self.model.cfg.arch!r}, params={self.num_parameters() / 1e6:.2f}M, "

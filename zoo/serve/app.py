@@ -46,15 +46,15 @@ def available_tasks(bundle: Any) -> list[str]:
 
 def prep_spec(bundle: Any, settings: ServeSettings) -> PrepSpec:
     """What the preprocessing workers need from the bundle (configs, tokenizer, prompts; no weights)."""
-    from zoo.instructions import CAPTION_PROMPT, SENSOR_PROMPT
     from zoo.pretrained import full_modality_config
+    from zoo.task_specs import task_spec
 
     mods = bundle.model.cfg.modalities
     return PrepSpec(tokenizer_json=bundle.tokenizer.to_str(),
                     image=full_modality_config("image", dict(mods["image"])) if "image" in mods else None,
                     sensor=full_modality_config("sensor", dict(mods["sensor"])) if "sensor" in mods else None,
                     max_text_tokens=bundle.model.cfg.max_positions,
-                    prompts={"caption": CAPTION_PROMPT, "sensor_to_text": SENSOR_PROMPT},
+                    prompts={t: task_spec(t).instruction() for t in ("caption", "sensor_to_text")},
                     max_image_side=settings.max_image_side, max_image_pixels=settings.max_image_pixels)
 
 
