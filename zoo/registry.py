@@ -52,5 +52,5 @@ def create_model(name: str, **overrides: Any):
 
 
 def _load_builtin() -> None:
-    import zoo.architectures  # noqa: F401  (registers the built-in sizes)
-    import zoo.imported.florence2_archs  # noqa: F401  (Florence-2's sizes)
+    from zoo import architectures  # noqa: F401  (registers the built-in sizes)
+    from zoo.imported import florence2_archs  # noqa: F401  (Florence-2's sizes)

@@ -16,10 +16,7 @@ BUILTIN = ("caption", "vqa", "sensor_to_text", "text_to_image")
 
 
 def _load_builtin() -> None:
-    import zoo.task_specs.caption  # noqa: F401
-    import zoo.task_specs.sensor_to_text  # noqa: F401
-    import zoo.task_specs.text_to_image  # noqa: F401
-    import zoo.task_specs.vqa  # noqa: F401
+    from zoo.task_specs import caption, sensor_to_text, text_to_image, vqa  # noqa: F401  (each registers itself)
 
 
 def task_specs() -> dict[str, TaskSpec]:
