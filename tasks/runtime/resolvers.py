@@ -26,9 +26,10 @@ def cpu_has_bf16() -> bool:
     return bf16_matmul_is_fast()
 
 
-def bf16_matmul_is_fast(n: int = 256, reps: int = 3) -> bool:
-    """Whether a bf16 ``n``-square matmul takes at most 1.5x the fp32 one here (best of ``reps``; ~10 ms where
-    bf16 is native, ~0.1 s where it is emulated)."""
+def bf16_matmul_is_fast(n: int = 256, seconds: float = 0.03) -> bool:
+    """Whether a bf16 ``n``-square matmul takes at most 1.5x the fp32 one here (the fastest of the repeats over
+    about ``seconds`` each, at least 3), on one thread so that another process busy on the other cores cannot
+    stall it."""
     import time
 
     import torch
@@ -36,14 +37,20 @@ def bf16_matmul_is_fast(n: int = 256, reps: int = 3) -> bool:
     def best(dtype: torch.dtype) -> float:
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
         a @ b  # warm-up
-        times = []
-        for _ in range(reps):
+        times: list[float] = []
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end or len(times) < 3:
             t0 = time.perf_counter()
             a @ b
             times.append(time.perf_counter() - t0)
         return min(times)
 
-    return best(torch.bfloat16) <= 1.5 * best(torch.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return best(torch.bfloat16) <= 1.5 * best(torch.float32)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def auto_precision(accelerator: str = "cpu") -> str:
@@ -121,20 +128,17 @@ def rank_suffix() -> str:
     return f"_rank{rank}" if rank else ""
 
 
-def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("zoo.precision"):
-        OmegaConf.register_new_resolver("zoo.precision", auto_precision)
-    if not OmegaConf.has_resolver("zoo.ddp_backend"):
-        OmegaConf.register_new_resolver("zoo.ddp_backend", ddp_backend)
-    if not OmegaConf.has_resolver("zoo.world_size"):
-        OmegaConf.register_new_resolver("zoo.world_size", world_size)
-    if not OmegaConf.has_resolver("zoo.rank_zero_subdir"):
-        OmegaConf.register_new_resolver("zoo.rank_zero_subdir", rank_zero_subdir)
-    if not OmegaConf.has_resolver("zoo.rank_suffix"):
-        OmegaConf.register_new_resolver("zoo.rank_suffix", rank_suffix)
-    if not OmegaConf.has_resolver("zoo.t2i_target"):
-        from tasks.registry import t2i_target
+def _t2i_target(*args: Any) -> Any:
+    from tasks.registry import t2i_target  # a task-level table: read when a config resolves it, not at import
 
-        OmegaConf.register_new_resolver("zoo.t2i_target", t2i_target)
-    if not OmegaConf.has_resolver("zoo.run_stamp"):
-        OmegaConf.register_new_resolver("zoo.run_stamp", run_stamp, use_cache=True)
+    return t2i_target(*args)
+
+
+def register_resolvers() -> None:
+    """Register the ``zoo.*`` resolvers the configs use (once per process)."""
+    resolvers = {"zoo.precision": auto_precision, "zoo.ddp_backend": ddp_backend, "zoo.world_size": world_size,
+                 "zoo.rank_zero_subdir": rank_zero_subdir, "zoo.rank_suffix": rank_suffix,
+                 "zoo.t2i_target": _t2i_target, "zoo.run_stamp": run_stamp}
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn, use_cache=name == "zoo.run_stamp")  # one stamp per run
