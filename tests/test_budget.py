@@ -23,6 +23,29 @@ def test_plan_scales_phases_and_gives_training_the_rest():
         make_plan(10, phases, speed_ratio=0.5)
 
 
+def test_latency_bound_phases_scale_by_the_decode_step_not_the_matmul():
+    from tasks.runtime.budget import make_plan
+
+    phases = {"data": 1.0, "backbone": 1.0, "evaluation": 1.25}
+    # half the matmul speed, the same small-step latency (one core of an AVX2-only CPU): generation costs the same
+    plan = make_plan(25, phases, speed_ratio=0.5, latency_ratio=1.0, latency_bound=("evaluation",))
+    assert plan["backbone"] == pytest.approx(2.0) and plan["evaluation"] == pytest.approx(1.25)
+    assert plan["training"] == pytest.approx(25 - 2.0 - 2.0 - 1.25)
+    slower_steps = make_plan(25, phases, speed_ratio=0.5, latency_ratio=0.8, latency_bound=("evaluation",))
+    assert slower_steps["evaluation"] == pytest.approx(1.25 / 0.8)
+    assert make_plan(25, phases, speed_ratio=0.5)["evaluation"] == pytest.approx(2.5)  # no latency figure: matmul
+
+
+def test_decode_step_calibration_runs_on_one_thread_and_restores_the_count():
+    import torch
+
+    from tasks.runtime.budget import decode_step_us
+
+    before = torch.get_num_threads()
+    assert 1 < decode_step_us(seconds=0.05) < 1e5
+    assert torch.get_num_threads() == before
+
+
 def test_matmul_calibration_is_short_and_positive():
     import time
 
@@ -53,6 +76,7 @@ def test_main_job_has_one_budget_and_it_can_be_turned_off(tmp_path):
     assert cfg.budget.total_minutes == 25 and set(cfg.budget.phases) >= {"data", "evaluation"}
     plan = make_plan(cfg.budget.total_minutes, dict(cfg.budget.phases), speed_ratio=0.62)
     assert "vq_tokenizer" not in plan and list(plan)[-2:] == ["training", "evaluation"]  # the layout route has none
+    assert list(cfg.budget.latency_phases) == ["evaluation"] and cfg.budget.reference_step_us > 0
     cfg = compose(["experiment=multitask", "budget.total_minutes=null"], tmp_path)
     assert cfg.budget.total_minutes is None and cfg.callbacks.time_budget.minutes == cfg.train_minutes
     cfg = compose(["experiment=t2i_shapes"], tmp_path)

@@ -39,12 +39,57 @@ def matmul_gflops(bf16: bool = False, n: int = 1024, seconds: float = 0.6) -> fl
     return 2 * n ** 3 / min(times) / 1e9
 
 
+def decode_step_us(width: int = 256, layers: int = 4, seconds: float = 0.3) -> float:
+    """Microseconds for one small decode-like step (``layers`` × LayerNorm + Linear + GELU on a 4-row batch, then a
+    softmax): the latency of many small operations, which bounds generation, as :func:`matmul_gflops` bounds
+    training. The fastest of repeated 20-step runs over about ``seconds``, on one thread (with two, another
+    process's load on the second core made each small operation wait milliseconds for it)."""
+    import torch
+
+    norms = [torch.nn.LayerNorm(width) for _ in range(layers)]
+    linears = [torch.nn.Linear(width, width) for _ in range(layers)]
+    x0 = torch.randn(4, 1, width)
+
+    def step() -> torch.Tensor:
+        x = x0
+        for norm, linear in zip(norms, linears):
+            x = x + torch.nn.functional.gelu(linear(norm(x)))
+        return torch.softmax(x, dim=-1)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _fastest_us(step, seconds)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fastest_us(step: Any, seconds: float) -> float:
+    import torch
+
+    with torch.no_grad():
+        step()  # warm-up
+        times: list[float] = []
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end or len(times) < 3:
+            t0 = time.perf_counter()
+            for _ in range(20):
+                step()
+            times.append((time.perf_counter() - t0) / 20)
+    return 1e6 * min(times)
+
+
 def make_plan(total_minutes: float, phases: Mapping[str, float], speed_ratio: float,
-              after: tuple[str, ...] = ("evaluation",)) -> dict[str, float]:
-    """Minutes per phase on this machine: each reference phase divided by ``speed_ratio`` (this machine's speed over
-    the reference machine's), and ``training`` the rest of ``total_minutes``. Raises when nothing is left."""
+              after: tuple[str, ...] = ("evaluation",), latency_ratio: float | None = None,
+              latency_bound: tuple[str, ...] = ()) -> dict[str, float]:
+    """Minutes per phase on this machine: each reference phase divided by ``speed_ratio`` (this machine's matmul
+    speed over the reference machine's) or, for the phases in ``latency_bound`` (generation: many small steps),
+    by ``latency_ratio`` (the reference's small-step time over this machine's); ``training`` gets the rest of
+    ``total_minutes``. Raises when nothing is left."""
     ratio = max(speed_ratio, 1e-3)
-    plan = {name: float(m) / ratio for name, m in phases.items() if m}  # a phase of 0 / null: not in this run
+    lat = ratio if latency_ratio is None else max(latency_ratio, 1e-3)
+    plan = {name: float(m) / (lat if name in latency_bound else ratio)
+            for name, m in phases.items() if m}  # a phase of 0 / null: not in this run
     plan["training"] = total_minutes - sum(plan.values())
     if plan["training"] < 1.0:
         raise ValueError(f"budget.total_minutes={total_minutes} leaves {plan['training']:.1f} min for training on this "
@@ -54,10 +99,12 @@ def make_plan(total_minutes: float, phases: Mapping[str, float], speed_ratio: fl
     return {k: plan[k] for k in order}
 
 
-def format_plan(total_minutes: float, plan: Mapping[str, float], gflops: float, ratio: float) -> str:
+def format_plan(total_minutes: float, plan: Mapping[str, float], gflops: float, ratio: float,
+                step_us: float | None = None, latency_ratio: float | None = None) -> str:
     parts = ", ".join(f"{name.replace('_', ' ')} {m:.1f} min" for name, m in plan.items())
+    latency = "" if step_us is None else f", decode step {step_us:.0f} us, {latency_ratio:.2f}x"
     return (f"[mmzoo] plan: about {total_minutes:.0f} min on this machine (matmul {gflops:.0f} GFLOP/s, {ratio:.2f}x "
-            f"the reference): {parts}")
+            f"the reference{latency}): {parts}")
 
 
 def plan_run(budget: Mapping[str, Any], bf16: bool) -> tuple[dict[str, float], float]:
@@ -67,7 +114,12 @@ def plan_run(budget: Mapping[str, Any], bf16: bool) -> tuple[dict[str, float], f
     gflops = matmul_gflops(bf16)
     reference = float(budget["reference_gflops_bf16" if bf16 else "reference_gflops"])
     ratio = gflops / reference
-    plan = make_plan(total, dict(budget["phases"]), ratio)
-    print(format_plan(total, plan, gflops, ratio), flush=True)
+    latency_bound = tuple(budget.get("latency_phases") or ())
+    step_us = latency_ratio = None
+    if latency_bound:
+        step_us = decode_step_us()
+        latency_ratio = float(budget["reference_step_us"]) / step_us
+    plan = make_plan(total, dict(budget["phases"]), ratio, latency_ratio=latency_ratio, latency_bound=latency_bound)
+    print(format_plan(total, plan, gflops, ratio, step_us, latency_ratio), flush=True)
     after = sum(m for k, m in plan.items() if k == "evaluation")
     return plan, 60.0 * (total - after)
