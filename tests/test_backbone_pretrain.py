@@ -56,6 +56,50 @@ def test_pretrain_caches_and_loads_into_the_model(tiny_shapes, tmp_path):
     assert not torch.equal(fresh.embedders["image"].backbone.state_dict()["conv1.0.weight"], backbone["conv1.0.weight"])
 
 
+def test_a_shipped_stem_replaces_pretraining(tiny_shapes, tmp_path, monkeypatch):
+    from tasks.tools import backbone_pretrain
+
+    spec = resolve_spec({"root": str(tiny_shapes), "epochs": 1, "batch_size": 16}, TINY_IMAGE)
+    trained = ensure_pretrained_backbone(spec, tmp_path / "made")
+    shipped = backbone_pretrain.ship_stem(trained, tmp_path / "stems")
+    assert shipped.name == trained.name and "root" not in json.loads(shipped.with_suffix(".json").read_text())["spec"]
+    assert all(v.dtype == torch.float16 for v in load_file(str(shipped)).values() if v.is_floating_point())
+
+    def no_training(spec):
+        raise AssertionError("pretrained although a shipped stem matches")
+
+    monkeypatch.setattr(backbone_pretrain, "SHIPPED_STEMS", tmp_path / "stems")
+    monkeypatch.setattr(backbone_pretrain, "pretrain_backbone", no_training)
+    used = ensure_pretrained_backbone(spec, tmp_path / "cache")
+    assert used == tmp_path / "cache" / trained.name
+    original, copied = load_file(str(trained)), load_file(str(used))
+    for k, v in original.items():
+        expected = v.half().float() if v.is_floating_point() else v
+        assert copied[k].dtype == v.dtype and torch.equal(copied[k], expected), k
+    assert json.loads(used.with_suffix(".json").read_text())["shipped"] == trained.name
+    other = resolve_spec({"root": str(tiny_shapes), "epochs": 2, "batch_size": 16}, TINY_IMAGE)
+    with pytest.raises(AssertionError, match="shipped stem"):  # another spec: no shipped file, so it would train
+        ensure_pretrained_backbone(other, tmp_path / "cache")
+
+
+def test_the_shipped_stem_is_the_one_the_shapes_experiments_ask_for(tmp_path):
+    """The main job, caption_shapes and vqa_shapes pretrain the same stem on the default Shapes data: its name (the
+    digest of spec, data marker and VERSION) must be the file shipped; a change of those defaults fails here until
+    the stem is regenerated (``python -m tasks.tools.backbone_pretrain ship ...``)."""
+    import zoo
+    from tasks.data.shapes import ShapesConfig, _marker
+    from tasks.tools.backbone_pretrain import SHIPPED_STEMS, spec_digest
+    from tests.conftest import compose
+
+    (tmp_path / "shapes.json").write_text(json.dumps(_marker(ShapesConfig())))
+    for experiment in ("multitask", "caption_shapes", "vqa_shapes"):
+        cfg = compose([f"experiment={experiment}"], tmp_path / experiment)
+        user = {k: v for k, v in OmegaConf.to_container(cfg.model.image_pretrain).items() if k != "freeze"}
+        spec = resolve_spec({**user, "root": str(tmp_path)}, zoo.model_config(cfg.model.name).modalities["image"])
+        name = f"{spec['backbone'].split(':', 1)[1]}-{spec_digest(spec)}.safetensors"
+        assert (SHIPPED_STEMS / name).is_file(), (experiment, name)
+
+
 def test_freeze_keeps_the_pretrained_stem_fixed(tiny_shapes):
     from tasks.cli.train import build_model
 
