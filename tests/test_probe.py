@@ -94,3 +94,43 @@ def test_probe_training_sanity_and_cache(tiny_shapes):
     assert set(acc) == {"colour_acc", "shape_acc", "count_acc", "all_acc"} and 0 <= acc["all_acc"] <= 1
     pred = loaded.predict(x[:4])
     assert pred["colour"].shape == (4, 6) and pred["shape"].shape == (4, 5) and pred["count"].shape == (4,)
+
+
+def test_a_shipped_probe_replaces_training(tiny_shapes, tmp_path, monkeypatch):
+    import shutil
+
+    from tasks.tools import probe as probe_module
+
+    made = ensure_probe(tiny_shapes, epochs=1, width=8, batch_size=32)
+    shipped = tmp_path / "shipped"
+    shutil.copytree(made, shipped / made.name)
+    shutil.rmtree(made)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained although a shipped probe matches")
+
+    monkeypatch.setattr(probe_module, "SHIPPED_PROBES", shipped)
+    monkeypatch.setattr(probe_module, "train_probe", no_training)
+    assert ensure_probe(tiny_shapes, epochs=1, width=8, batch_size=32) == made
+    assert (made / "probe.safetensors").read_bytes() == (shipped / made.name / "probe.safetensors").read_bytes()
+    with pytest.raises(AssertionError, match="shipped probe"):  # other settings: nothing shipped, it would train
+        ensure_probe(tiny_shapes, epochs=2, width=8, batch_size=32)
+
+
+def test_the_shipped_probe_is_the_one_the_main_job_asks_for(tmp_path):
+    """The main job judges its text-to-image samples with the probe of the default Shapes data: that probe's cache name
+    must be the folder shipped (a change of the data, PROBE_VERSION or the settings fails here until it is replaced)."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from tasks.data.shapes import ShapesConfig, _marker
+    from tasks.tools.probe import SHIPPED_PROBES, probe_name
+    from tests.conftest import compose
+
+    (tmp_path / "shapes.json").write_text(json.dumps(_marker(ShapesConfig())))
+    cfg = compose(["experiment=multitask"], tmp_path / "cfg")
+    kwargs = OmegaConf.to_container(cfg.task.tasks.text_to_image.probe_train) or {}
+    folder = SHIPPED_PROBES / probe_name(tmp_path, **kwargs)
+    loaded, acc = load_probe(folder)
+    assert acc["all_acc"] >= 0.95 and loaded.config["image_size"] == 64

@@ -37,7 +37,7 @@ VERSION = 3  # part of the cache key: bumped when the objective or the head chan
 #: stems this module pretrained on the default Shapes data (fp16, named like the cache files: same spec and data → same
 #: name): a first run uses them instead of pretraining (161 s of a 25-min budget on a slow CPU). Regenerate with
 #: ``python -m tasks.tools.backbone_pretrain ship <cache file>`` after a change of the objective, defaults or data.
-SHIPPED_STEMS = Path(__file__).parent / "stems"
+SHIPPED_STEMS = Path(__file__).parent / "shipped"
 
 
 class DenseSceneHead(nn.Module):
