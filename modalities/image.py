@@ -37,10 +37,16 @@ class ImageConfig(ModalityConfig):
     # Where the learned 2-D positions join the features: "before_norm" (added to the projected features, then
     # LayerNorm; older models) or "after_norm" (added to the normalised features, at a scale the encoder keeps).
     position: str = "before_norm"
+    # What the 2-D positions are: "learned" (a row and a column table, random at start) or "sincos" (fixed sines and
+    # cosines of the row in half the channels and of the column in the other half: geometry from the first step)
+    position_encoding: str = "learned"
 
     def __post_init__(self) -> None:
         if self.position not in ("before_norm", "after_norm"):
             raise ValueError(f"ImageConfig.position must be 'before_norm' or 'after_norm', got {self.position!r}")
+        if self.position_encoding not in ("learned", "sincos"):
+            raise ValueError("ImageConfig.position_encoding must be 'learned' or 'sincos', "
+                             f"got {self.position_encoding!r}")
         self.mean = tuple(float(x) for x in self.mean)
         self.std = tuple(float(x) for x in self.std)
         if self.resize not in ("squash", "center_crop"):
@@ -248,12 +254,18 @@ class ImageEmbedder(nn.Module):
         _, self.grid_h, self.grid_w, in_dim = feats.shape
         self.proj = nn.Linear(in_dim, d_model)
         self.norm = nn.LayerNorm(d_model)
-        self.row_pos = nn.Parameter(torch.zeros(self.grid_h, 1, d_model))
-        self.col_pos = nn.Parameter(torch.zeros(1, self.grid_w, d_model))
         # after the norm, features have unit scale per channel: positions start at half of it
         pos_std = 0.35 if cfg.position == "after_norm" else 0.02
-        nn.init.normal_(self.row_pos, std=pos_std)
-        nn.init.normal_(self.col_pos, std=pos_std)
+        if cfg.position_encoding == "sincos":  # fixed: buffers, not parameters (and not in the state dict)
+            row, col = sincos_2d(self.grid_h, self.grid_w, d_model)
+            scale = pos_std * 2**0.5  # sin/cos have RMS 1/sqrt(2): the same scale as the learned init
+            self.register_buffer("row_pos", scale * row, persistent=False)
+            self.register_buffer("col_pos", scale * col, persistent=False)
+        else:
+            self.row_pos = nn.Parameter(torch.zeros(self.grid_h, 1, d_model))
+            self.col_pos = nn.Parameter(torch.zeros(1, self.grid_w, d_model))
+            nn.init.normal_(self.row_pos, std=pos_std)
+            nn.init.normal_(self.col_pos, std=pos_std)
 
     @property
     def num_tokens(self) -> int:
@@ -286,6 +298,29 @@ class ImageEmbedder(nn.Module):
             x = self.norm((self.proj(feats) + pos).flatten(1, 2))
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         return x, mask
+
+
+def sincos_2d(rows: int, cols: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed 2-D positions: ``row [rows, 1, dim]`` with sines/cosines of the row index in the first half of the
+    channels (zeros in the second) and ``col [1, cols, dim]`` with those of the column in the second half. Periods run
+    from four grid widths (its sine rises monotonically across the grid: "left of" is one comparison) to a fifth of
+    the grid, so neighbouring cells and far apart ones both differ."""
+    half = dim // 2
+    n_freq = half // 2
+
+    def table(n: int) -> torch.Tensor:
+        pos = torch.arange(n, dtype=torch.float32)[:, None]
+        period = 4 * n * torch.logspace(0, -1.3, n_freq, base=10.0)  # 4n .. n/5 cells
+        angle = 2 * torch.pi * pos / torch.clamp(period, min=1e-3)
+        t = torch.zeros(n, half)
+        t[:, 0:2 * n_freq:2], t[:, 1:2 * n_freq:2] = torch.sin(angle), torch.cos(angle)
+        return t
+
+    row = torch.zeros(rows, 1, dim)
+    col = torch.zeros(1, cols, dim)
+    row[:, 0, :half] = table(rows)
+    col[0, :, half:2 * half] = table(cols)
+    return row, col
 
 
 def _check_saved(d: dict[str, Any]) -> None:

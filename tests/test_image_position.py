@@ -68,3 +68,32 @@ def test_position_is_saved_and_reloaded_with_identical_outputs(tmp_path):
 def test_unknown_position_is_refused():
     with pytest.raises(ValueError, match="before_norm.*after_norm"):
         ImageConfig(position="everywhere")
+
+
+def test_sincos_positions_are_fixed_monotone_and_saved(tmp_path):
+    from modalities.image import sincos_2d
+
+    with pytest.raises(ValueError, match="position_encoding"):
+        ImageConfig(**IMAGE, position_encoding="rope")
+    row, col = sincos_2d(4, 4, 32)
+    assert row.shape == (4, 1, 32) and col.shape == (1, 4, 32)
+    assert torch.all(row[:, 0, 16:] == 0) and torch.all(col[0, :, :16] == 0)  # rows and columns in separate halves
+    assert torch.all(row[1:, 0, 0] > row[:-1, 0, 0]) and torch.all(col[0, 1:, 16] > col[0, :-1, 16])  # monotone
+    cells = (row + col).flatten(0, 1)
+    assert torch.cdist(cells, cells).add(torch.eye(16) * 9).min() > 0.5  # every cell differs from every other
+
+    torch.manual_seed(0)
+    emb = ImageEmbedder(ImageConfig(**IMAGE, position="after_norm", position_encoding="sincos"), d_model=32)
+    assert not any("pos" in n for n, _ in emb.named_parameters()) and not any("pos" in k for k in emb.state_dict())
+    tok = TextTokenizer.train(["a red circle", "a blue square on the left"] * 8, vocab_size=80)
+    model = UnifiedSeq2Seq(ModelConfig(d_model=32, n_heads=2, enc_layers=1, dec_layers=1, ffn_dim=64,
+                                       max_positions=64, vocab={"text_size": tok.vocab_size},
+                                       modalities={"image": {**IMAGE, "position": "after_norm",
+                                                             "position_encoding": "sincos"}})).eval()
+    folder = Pretrained(model, tok, tasks={}).save_pretrained(tmp_path / "m")
+    loaded = Pretrained.from_folder(folder).model
+    assert loaded.embedders["image"].cfg.position_encoding == "sincos"
+    pixels, ids = torch.rand(2, 3, 32, 32), torch.randint(4, 40, (2, 5))
+    segments = {"image": pixels, "text": (ids, torch.ones_like(ids, dtype=torch.bool))}
+    with torch.no_grad():
+        assert torch.equal(loaded(segments, ids), model(segments, ids))
