@@ -46,6 +46,27 @@ def test_decode_step_calibration_runs_on_one_thread_and_restores_the_count():
     assert torch.get_num_threads() == before
 
 
+def test_batch_scale_shrinks_batches_where_steps_cost_more(tmp_path):
+    from omegaconf import OmegaConf
+
+    from tasks.runtime.budget import batch_scale, scale_batches
+
+    assert batch_scale("auto", 440, 395) == 1.0  # the reference kind of machine: full batches
+    assert batch_scale("auto", 296.25, 395) == pytest.approx(0.75)
+    assert batch_scale("auto", 104, 395) == 0.5  # fp32 on an AVX2-only CPU: the floor
+    assert batch_scale("auto", 104, 395, floor=0.25) == pytest.approx(104 / 395)
+    assert batch_scale(None, 104, 395) == 1.0 and batch_scale(0.5, 440, 395) == 0.5
+    with pytest.raises(ValueError, match="batch_scale"):
+        batch_scale(2, 440, 395)
+    cfg = OmegaConf.create({"data": {"tasks": {"caption": {"batch_size": 16}, "vqa": {"batch_size": 3}}}})
+    sizes = scale_batches(cfg, ["data.tasks.caption.batch_size", "data.tasks.vqa.batch_size"], 0.5)
+    assert sizes == {"data.tasks.caption.batch_size": 8, "data.tasks.vqa.batch_size": 2}
+    assert cfg.data.tasks.caption.batch_size == 8 and cfg.data.tasks.vqa.batch_size == 2
+    assert scale_batches(cfg, ["data.tasks.vqa.batch_size"], 0.1) == {"data.tasks.vqa.batch_size": 1}
+    with pytest.raises(ValueError, match="data.tasks.sensor.batch_size"):
+        scale_batches(cfg, ["data.tasks.sensor.batch_size"], 0.5)
+
+
 def test_matmul_calibration_is_short_and_positive():
     import time
 

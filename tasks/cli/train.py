@@ -191,7 +191,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if budget and budget.get("total_minutes"):  # one wall-clock budget for the whole run (tasks/runtime/budget.py)
         from tasks.runtime.budget import plan_run
 
-        _, deadline = plan_run(budget, bf16="bf16" in str(cfg.trainer.get("precision")))
+        _, deadline = plan_run(budget, bf16="bf16" in str(cfg.trainer.get("precision")), cfg=cfg)
     dm = instantiate(cfg.data)
     # torchrun/srun ranks: one prepares, the others read its cache; the RNG is left as it was (cache hit or miss)
     with prepare_lock(cfg.data.get("root") or cfg.paths.data_dir), isolated_rng():
