@@ -476,7 +476,7 @@ def test_zoo_predict_ocr_region_caption(cache_env, tmp_path, monkeypatch):
 
     # OCR regions: a fixed model answer (a random tiny model rarely writes 8 location tokens in a row)
     quad = "".join(f"<loc_{b}>" for b in (100, 100, 900, 100, 900, 900, 100, 900))
-    monkeypatch.setattr(Florence2, "generate", lambda self, images, prompt, **kw: [f"</s>HELLO{quad}</s>"] * len(images))
+    monkeypatch.setattr(Florence2, "generate", lambda self, ims, prompt, **kw: [f"</s>HELLO{quad}</s>"] * len(ims))
     run("task=ocr", "regions=true", f"out={tmp_path / 'oq' / 'o.json'}")
     recs = json.loads((tmp_path / "oq" / "o.json").read_text())
     assert recs[0]["quad_boxes"] == [[9, 4, 81, 4, 81, 36, 9, 36]] and recs[0]["labels"] == ["HELLO"]  # 90x40

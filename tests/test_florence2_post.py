@@ -127,9 +127,14 @@ def test_region_prompt_and_boxes_per_image():
     assert boxes_per_image([1, 2, 3, 4], 3) == [[1, 2, 3, 4]] * 3
     assert boxes_per_image([[1, 2, 3, 4], (0, 0, 5, 5)], 2) == [[1, 2, 3, 4], (0, 0, 5, 5)]
     assert boxes_per_image(torch.tensor([1.0, 2, 3, 4]), 1)[0].tolist() == [1, 2, 3, 4]
+    import numpy as np
+
+    assert quantize_box(np.array([64, 96, 192, 192]), 640, 480) == [100, 200, 300, 400]
+    assert len(boxes_per_image(np.array([[1, 2, 3, 4], [0, 0, 1, 1]]), 2)) == 2
     with pytest.raises(ValueError, match="2 image"):
         boxes_per_image([[1, 2, 3, 4]] * 3, 2)
-    for bad in ([1, 2, 3], [1, 2, float("nan"), 4], ["a", 2, 3, 4], [5, 0, 1, 1], [[1, 2, 3]]):
+    for bad in ([1, 2, 3], [1, 2, float("nan"), 4], ["a", 2, 3, 4], [5, 0, 1, 1], [[1, 2, 3]], "1234", None,
+                [True, 0, 1, 1]):
         with pytest.raises(ValueError, match="box"):
             boxes_per_image(bad, 1)
     with pytest.raises(ValueError, match="x0 > x1"):

@@ -107,12 +107,15 @@ def test_time_budget_sets_the_step_total_and_the_schedule_decays_within_it(tiny_
 
     step = [0]  # the fake clock reads the trainer's step, recorded as each TimeBudget hook is entered
     monkeypatch.setattr(callbacks, "time", SimpleNamespace(perf_counter=lambda: 1.0 * step[0], time=time.time))
-    for hook in ("on_train_start", "on_train_batch_start", "on_train_batch_end"):
-        def entered(self, trainer, *args, _hook=getattr(callbacks.TimeBudget, hook)):
-            step[0] = trainer.global_step
-            return _hook(self, trainer, *args)
 
-        monkeypatch.setattr(callbacks.TimeBudget, hook, entered)
+    def entered(hook):
+        def run(self, trainer, *args):
+            step[0] = trainer.global_step
+            return hook(self, trainer, *args)
+        return run
+
+    for name in ("on_train_start", "on_train_batch_start", "on_train_batch_end"):
+        monkeypatch.setattr(callbacks.TimeBudget, name, entered(getattr(callbacks.TimeBudget, name)))
     cfg = compose(["experiment=caption_shapes", *TINY, *_data(tiny_shapes), "trainer.max_epochs=-1",
                    "trainer.max_steps=100000", "+callbacks.time_budget._target_=tasks.runtime.callbacks.TimeBudget",
                    "+callbacks.time_budget.minutes=0.5", "+callbacks.time_budget.start=3",

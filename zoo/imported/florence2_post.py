@@ -9,6 +9,7 @@ comes back as its centre ``(b + 0.5) * S / 1000`` truncated to an integer, compu
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from typing import Any, Sequence
 
@@ -78,7 +79,7 @@ def quantize_box(box: Sequence[float], width: int, height: int) -> list[int]:
 
 def check_box(box: Any) -> None:
     """A box is 4 finite numbers ``[x0, y0, x1, y1]`` with ``x0 <= x1`` and ``y0 <= y1``."""
-    ok = (isinstance(box, (list, tuple)) or torch.is_tensor(box)) and len(box) == 4
+    ok = _sequence(box) and len(box) == 4
     vals = [float(v) for v in box] if ok and all(_number(v) for v in box) else None
     if vals is None or not all(math.isfinite(v) for v in vals):
         raise ValueError(f"a box is 4 finite numbers [x0, y0, x1, y1] in pixels, got {box!r:.200}")
@@ -86,16 +87,24 @@ def check_box(box: Any) -> None:
         raise ValueError(f"box {vals} has x0 > x1 or y0 > y1 (expected [x0, y0, x1, y1])")
 
 
+def _sequence(x: Any) -> bool:
+    """A list, tuple, tensor or array (not a string)."""
+    return not isinstance(x, (str, bytes)) and hasattr(x, "__len__") and hasattr(x, "__getitem__")
+
+
 def _number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) or (torch.is_tensor(v) and v.numel() == 1)
+    """A real number (Python, NumPy or a one-element tensor), not a bool."""
+    if torch.is_tensor(v):
+        return v.numel() == 1 and not v.dtype.is_complex
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def boxes_per_image(box: Any, n: int) -> list[Any]:
     """``n`` boxes from one box ``[x0, y0, x1, y1]`` (for every image) or a list of ``n`` boxes (one per image)."""
-    if (isinstance(box, (list, tuple)) or torch.is_tensor(box)) and len(box) and all(_number(v) for v in box):
+    if _sequence(box) and len(box) and all(_number(v) for v in box):
         check_box(box)
         return [box] * n
-    boxes = list(box) if isinstance(box, (list, tuple)) or torch.is_tensor(box) else [box]
+    boxes = list(box) if _sequence(box) else [box]
     if len(boxes) != n:
         raise ValueError(f"got {n} image(s) but {len(boxes)} boxes (give one box [x0, y0, x1, y1] for all images, "
                          "or one per image)")
