@@ -458,6 +458,10 @@ def test_zoo_predict_ocr_region_caption(cache_env, tmp_path, monkeypatch):
     files = [str(photos / "p0.png"), str(photos / "p1.png")]
     run = lambda *args: predict_main([f"pretrained={folder}", f"input={photos}", "num_beams=3", *args])  # noqa: E731
 
+    run("task=detect", "text=a red cat", f"out={tmp_path / 'ov.json'}")  # open-vocabulary detection
+    recs = json.loads((tmp_path / "ov.json").read_text())
+    assert [{"bboxes": r["bboxes"], "labels": r["labels"]} for r in recs] == \
+        m.detect(files, vocabulary="a red cat", num_beams=3) and recs[0]["text"] == "a red cat"
     run("task=ocr", f"out={tmp_path / 'ocr.json'}")
     assert [r["text"] for r in json.loads((tmp_path / "ocr.json").read_text())] == m.ocr(files, num_beams=3)
     run("task=caption", "detail=paragraph", f"out={tmp_path / 'c.json'}")

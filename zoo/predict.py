@@ -40,7 +40,8 @@ USAGE = __doc__.strip() + """
 
 arguments: pretrained= task= input= [question=] [text=] [out=|output=] [batch_size=32] [max_new_tokens=] [num_beams=]
            [device=cpu] [revision=] [allow_pickle=false] [precision=fp32|bf16] [quantize=none|int8] [skip_bad=false]
-Florence-2:    caption [detail=short|detailed|paragraph]; ground text=<phrase>; ocr [regions=false|true];
+Florence-2:    caption [detail=short|detailed|paragraph]; detect [text=<vocabulary>]; ground text=<phrase>;
+               ocr [regions=false|true];
                region box=x0,y0,x1,y1 (pixels) [region=category|description], or region region=proposals
 t2i:           [guidance_scale=<saved, 3.0>] [seed=<saved, 0>]
 sensor files:  [timestamp_column=timestamp|null] [time_unit=s|ms|us|ns] [rate=<Hz, files without timestamps>]"""
@@ -305,8 +306,8 @@ def _predict_boxes(bundle: Any, task: str, inputs: str, text: str | None, batch_
     paths = [str(f) for f in files]
     kw = {"batch_size": batch_size, **gen}
     draw = draw_boxes
-    if task == "detect":
-        results = bundle.detect(paths, **kw)
+    if task == "detect":  # with text=: open-vocabulary detection of that phrase
+        results = [{"text": text, **r} if text else r for r in bundle.detect(paths, vocabulary=text or None, **kw)]
     elif task == "ground":
         results = [{"text": text, **r} for r in bundle.ground(paths, [text] * len(paths), **kw)]
     elif task == "ocr" and not regions:  # text only: no boxes to draw

@@ -451,7 +451,8 @@ class Florence2(Pretrained):
     """A Florence-2 model in mmzoo's modules with its tokenizer, image preprocessing and generation defaults.
 
     ``generate`` returns Florence-2's raw text; ``caption`` / ``detect`` / ``ground`` / ``dense_caption`` /
-    ``ocr`` add its post-processing (boxes in pixel coordinates of each input image).
+    ``ocr`` / ``propose_regions`` / ``region_to_category`` / ``region_to_description`` add its post-processing
+    (boxes in pixel coordinates of each input image).
     """
 
     generation: dict[str, Any] = field(default_factory=dict)
