@@ -388,3 +388,126 @@ def test_zoo_predict_detect_and_ground(cache_env, tmp_path):
                   f"out={tmp_path / 'c.json'}"])
     caps = json.loads((tmp_path / "c.json").read_text())
     assert [c["caption"] for c in caps] == m.caption([str(photos / "p0.png"), str(photos / "p1.png")])
+
+
+# --- OCR and region tasks (zoo/imported/florence2_post.py) -----------------------------------------
+def test_ocr_and_region_helpers_equal_transformers(cache_env, monkeypatch):
+    """``m.ocr`` / ``m.region_to_category`` / ``m.region_to_description`` / ``m.propose_regions`` give what
+    transformers gives: its prompt (the pixel box quantised by its post-processor), its generated tokens, its
+    ``post_process_generation`` (on the text without ``<pad>``, which ``generate`` removes)."""
+    ref, processor = cache_env["a"]
+    m = load_folder_native("a", cache_env)
+    images = _images()  # 90x40, 79x57, 68x74: the same pixel box falls in other bins on each
+    sizes = [im.size for im in images]
+    kw = dict(num_beams=3, max_new_tokens=12, min_new_tokens=4)
+
+    def theirs(prompts: list[str], task: str) -> list:
+        inputs = _ref_inputs(processor, prompts, images)
+        with torch.no_grad():
+            ids = ref.generate(**inputs, **kw)
+        texts = [t.replace("<pad>", "") for t in processor.batch_decode(ids, skip_special_tokens=False)]
+        return [processor.post_process_generation(t, task=task, image_size=s)[task] for t, s in zip(texts, sizes)]
+
+    def loc(box, size):
+        return "".join(f"<loc_{b}>" for b in processor.post_processor.quantize(torch.tensor([box]), size)[0].tolist())
+
+    assert m.ocr(images, **kw) == theirs(["<OCR>"] * 3, "<OCR>")
+    assert m.ocr(images, regions=True, **kw) == theirs(["<OCR_WITH_REGION>"] * 3, "<OCR_WITH_REGION>")
+    assert m.propose_regions(images, **kw) == theirs(["<REGION_PROPOSAL>"] * 3, "<REGION_PROPOSAL>")
+    box = [5, 3.5, 60, 39]
+    for task, method in (("<REGION_TO_CATEGORY>", m.region_to_category),
+                         ("<REGION_TO_DESCRIPTION>", m.region_to_description)):
+        want = theirs([task + loc(box, s) for s in sizes], task)
+        assert method(images, box, **kw) == want
+        assert method(images[1], box, **kw) == want[1]  # one image → one answer
+    per_image = [[0, 0, 90, 40], [10, 20, 30, 40], [67, 73, 68, 74]]  # the whole image, inside, the far corner
+    want = theirs([f"<REGION_TO_CATEGORY>{loc(b, s)}" for b, s in zip(per_image, sizes)], "<REGION_TO_CATEGORY>")
+    assert m.region_to_category(images, per_image, **kw) == want
+    seen = []  # the prompts our helper writes: the box as the processor quantises it, for each image's size
+    generate = m.generate
+    monkeypatch.setattr(m, "generate", lambda ims, prompts, **k: seen.append(prompts) or generate(ims, prompts, **k))
+    m.region_to_description(images, [2, 2.5, 8, 8])
+    assert seen == [[f"<REGION_TO_DESCRIPTION>{loc([2, 2.5, 8, 8], s)}" for s in sizes]]
+    assert len(set(seen[0])) == 3  # other bins on each image
+    with pytest.raises(ValueError, match="3 image"):
+        m.region_to_category(images, per_image[:2])
+    with pytest.raises(ValueError, match="x0 > x1"):
+        m.region_to_description(images[0], [9, 0, 1, 5])
+
+
+def _predict_folder(cache_env, tmp_path):
+    """A local Florence-2 folder (the transformers-saved snapshot) and a folder of two PNG photos."""
+    from huggingface_hub import snapshot_download
+
+    folder = Path(snapshot_download("florence-community/tiny-a", local_files_only=True,
+                                    cache_dir=os.environ["HF_HUB_CACHE"]))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, im in enumerate(_images(2)):
+        im.convert("RGB").save(photos / f"p{i}.png")
+    return folder, photos
+
+
+def test_zoo_predict_ocr_region_caption(cache_env, tmp_path, monkeypatch):
+    """``zoo-predict task=ocr|region|caption`` on a local Florence-2 folder: JSON written, a PNG per image with the
+    boxes (quads for OCR regions) drawn."""
+    from zoo.predict import main as predict_main
+
+    folder, photos = _predict_folder(cache_env, tmp_path)
+    m = load_folder_native("a", cache_env)
+    files = [str(photos / "p0.png"), str(photos / "p1.png")]
+    run = lambda *args: predict_main([f"pretrained={folder}", f"input={photos}", "num_beams=3", *args])  # noqa: E731
+
+    run("task=detect", "text=a red cat", f"out={tmp_path / 'ov.json'}")  # open-vocabulary detection
+    recs = json.loads((tmp_path / "ov.json").read_text())
+    assert [{"bboxes": r["bboxes"], "labels": r["labels"]} for r in recs] == \
+        m.detect(files, vocabulary="a red cat", num_beams=3) and recs[0]["text"] == "a red cat"
+    run("task=ocr", f"out={tmp_path / 'ocr.json'}")
+    assert [r["text"] for r in json.loads((tmp_path / "ocr.json").read_text())] == m.ocr(files, num_beams=3)
+    run("task=caption", "detail=paragraph", f"out={tmp_path / 'c.json'}")
+    assert [r["caption"] for r in json.loads((tmp_path / "c.json").read_text())] == \
+        m.caption(files, detail="paragraph", num_beams=3)
+    run("task=region", "region=proposals", f"out={tmp_path / 'rp' / 'r.json'}")
+    recs = json.loads((tmp_path / "rp" / "r.json").read_text())
+    assert [{"bboxes": r["bboxes"], "labels": r["labels"]} for r in recs] == m.propose_regions(files, num_beams=3)
+
+    run("task=region", "box=10,5,60,30", "region=description", f"out={tmp_path / 'rd' / 'r.json'}")
+    recs = json.loads((tmp_path / "rd" / "r.json").read_text())
+    assert [r["description"] for r in recs] == m.region_to_description(files, [10, 5, 60, 30], num_beams=3)
+    assert all(r["box"] == [10, 5, 60, 30] for r in recs)
+    drawn = np.asarray(Image.open(recs[0]["png"]).convert("RGB"))
+    assert drawn.shape == (40, 90, 3) and (drawn[5, 10:60] == [255, 0, 0]).all()  # the input box, in red
+
+    # OCR regions: a fixed model answer (a random tiny model rarely writes 8 location tokens in a row)
+    quad = "".join(f"<loc_{b}>" for b in (100, 100, 900, 100, 900, 900, 100, 900))
+    monkeypatch.setattr(Florence2, "generate", lambda self, ims, prompt, **kw: [f"</s>HELLO{quad}</s>"] * len(ims))
+    run("task=ocr", "regions=true", f"out={tmp_path / 'oq' / 'o.json'}")
+    recs = json.loads((tmp_path / "oq" / "o.json").read_text())
+    assert recs[0]["quad_boxes"] == [[9, 4, 81, 4, 81, 36, 9, 36]] and recs[0]["labels"] == ["HELLO"]  # 90x40
+    drawn = np.asarray(Image.open(recs[0]["png"]).convert("RGB"))
+    source = np.asarray(Image.open(files[0]).convert("RGB"))
+    assert (drawn[4, 12:78] == [255, 0, 0]).all() and (drawn[20, 9] == [255, 0, 0]).all()  # top and left edges
+    assert (drawn[20:30, 20:70] == source[20:30, 20:70]).all()  # inside untouched
+
+
+def test_zoo_predict_refuses_bad_task_arguments_before_loading(tmp_path, capsys):
+    """A bad task name or a missing / misplaced task argument stops the run with an error naming the fix, before
+    the model loads (the pretrained name here does not exist)."""
+    from zoo.predict import main as predict_main
+
+    base = ["pretrained=/nonexistent/model", f"input={tmp_path}"]
+    for args, message in ((["task=segment"], "task must be one of"),
+                          (["task=ground"], "ground needs text="),
+                          (["task=ground", "text=  "], "ground needs text="),
+                          (["task=region"], "needs box=x0,y0,x1,y1"),
+                          (["task=region", "box=1,2,3"], "4 finite numbers"),
+                          (["task=region", "box=a,b,c,d"], "box must be x0,y0,x1,y1"),
+                          (["task=region", "box=9,0,1,5"], "x0 > x1"),
+                          (["task=region", "region=shape", "box=1,2,3,4"], "region must be one of"),
+                          (["task=region", "region=proposals", "box=1,2,3,4"], "finds the regions itself"),
+                          (["task=detect", "box=1,2,3,4"], "box= is for task=region"),
+                          (["task=detect", "regions=true"], "regions=true is for task=ocr"),
+                          (["task=caption", "detail=long"], "caption detail is one of"),
+                          (["task=ocr", "detail=short"], "task=caption only")):
+        with pytest.raises(SystemExit, match=message):
+            predict_main([*base, *args])

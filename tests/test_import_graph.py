@@ -3,8 +3,8 @@
 The graph is read from the source with ``ast``: every ``import`` / ``from ... import`` statement, at module level
 and inside functions alike (an import deferred into a function still ties the two modules together), relative
 imports resolved. ``from pkg import name`` is an edge to ``pkg.name`` when that is a module, else to ``pkg``.
-Importing a submodule also runs its parent packages' ``__init__``; those implicit edges are left out (every
-package's ``__init__`` is small and imports nothing of its own subpackages' users).
+``import a.b.c`` runs the ``__init__`` of ``a`` and ``a.b`` before ``a.b.c`` and binds ``a`` in the importer: it is an
+edge to each of ``a``, ``a.b`` and ``a.b.c``.
 """
 from __future__ import annotations
 
@@ -33,12 +33,15 @@ def project_modules() -> dict[str, Path]:
 
 def imported_names(path: Path, name: str) -> list[str]:
     """The dotted names ``path`` (module ``name``) imports, relative imports resolved; ``from a import b``
-    gives ``a.b`` (the caller keeps whichever of ``a.b`` / ``a`` is a module)."""
+    gives ``a.b`` (the caller keeps whichever of ``a.b`` / ``a`` is a module); ``import a.b.c`` gives ``a``,
+    ``a.b`` and ``a.b.c`` (the parent packages' ``__init__`` run, and ``a`` is bound)."""
     is_package = path.name == "__init__.py"
     out = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            out += [a.name for a in node.names]
+            for a in node.names:
+                parts = a.name.split(".")
+                out += [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = name.split(".")
@@ -134,7 +137,9 @@ def test_the_graph_sees_function_level_and_relative_imports(tmp_path):
     (pkg / "sub" / "__init__.py").write_text("from .b import g\n")
     (pkg / "a.py").write_text("def f():\n    from pkg.sub import b\n    return b\n")
     (pkg / "sub" / "b.py").write_text("from .. import a\nfrom ..a import f\n")
+    (pkg / "c.py").write_text("import pkg.sub.b as b\n")
     assert imported_names(pkg / "a.py", "pkg.a") == ["pkg.sub.b"]
+    assert imported_names(pkg / "c.py", "pkg.c") == ["pkg", "pkg.sub", "pkg.sub.b"]  # every parent's __init__ runs
     assert imported_names(pkg / "sub" / "b.py", "pkg.sub.b") == ["pkg.a", "pkg.a.f"]
     assert imported_names(pkg / "sub" / "__init__.py", "pkg.sub") == ["pkg.sub.b.g"]
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]

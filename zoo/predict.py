@@ -10,6 +10,10 @@ examples:
     zoo-predict pretrained=... task=sensor input=recordings/ out=descriptions.json
     zoo-predict pretrained=hf-hub:microsoft/Florence-2-base task=detect input=photos/ out=boxes.json   # + boxes/*.png
     zoo-predict pretrained=florence2-base.ms task=ground input=cat.jpg text="a cat on a mat"
+    zoo-predict pretrained=florence2-base.ms task=caption detail=paragraph input=photos/
+    zoo-predict pretrained=florence2-base.ms task=ocr regions=true input=scans/ out=ocr.json    # + boxes/*.png (quads)
+    zoo-predict pretrained=florence2-base.ms task=region box=10,20,200,240 input=cat.jpg          # region=category
+    zoo-predict pretrained=florence2-base.ms task=region region=proposals input=cat.jpg out=regions.json
 
 Results print as JSON lines, or go to ``out`` (``output`` is the same; a ``.json`` file; a folder of PNG files
 for ``t2i``, whose JSON lines print). An unreadable input file stops the run with an error naming it; with
@@ -25,13 +29,20 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-TASKS = ("caption", "vqa", "t2i", "sensor", "detect", "ground")
+TASKS = ("caption", "vqa", "t2i", "sensor", "detect", "ground", "ocr", "region")
+#: Florence-2's tasks with boxes: JSON plus a PNG per image with the boxes drawn
+BOX_TASKS = ("detect", "ground", "ocr", "region")
+REGIONS = ("category", "description", "proposals")
+DETAILS = ("short", "detailed", "paragraph")
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SENSOR_EXTS = {".npy", ".npz", ".csv", ".tsv"}
 USAGE = __doc__.strip() + """
 
 arguments: pretrained= task= input= [question=] [text=] [out=|output=] [batch_size=32] [max_new_tokens=] [num_beams=]
            [device=cpu] [revision=] [allow_pickle=false] [precision=fp32|bf16] [quantize=none|int8] [skip_bad=false]
+Florence-2:    caption [detail=short|detailed|paragraph]; detect [text=<vocabulary>]; ground text=<phrase>;
+               ocr [regions=false|true];
+               region box=x0,y0,x1,y1 (pixels) [region=category|description], or region region=proposals
 t2i:           [guidance_scale=<saved, 3.0>] [seed=<saved, 0>]
 sensor files:  [timestamp_column=timestamp|null] [time_unit=s|ms|us|ns] [rate=<Hz, files without timestamps>]"""
 
@@ -120,6 +131,43 @@ def check_options(precision: str = "fp32", quantize: str | None = "none", device
             raise ValueError(f"quantize=int8 runs on the CPU only; drop quantize or use device=cpu (got device={device})")
 
 
+def parse_box(spec: str | None) -> list[float] | None:
+    """``"x0,y0,x1,y1"`` (pixels) → 4 floats, checked; ``None`` stays ``None``."""
+    if spec is None:
+        return None
+    from zoo.imported.florence2_post import check_box
+
+    try:
+        box = [float(v) for v in str(spec).replace(" ", "").split(",")]
+    except ValueError:
+        raise ValueError(f"box must be x0,y0,x1,y1 in pixels, got {spec!r}") from None
+    check_box(box)
+    return box
+
+
+def check_task_args(task: str, *, text: str | None = None, detail: str | None = None, regions: bool = False,
+                    box: Any = None, region: str = "category") -> None:
+    """Refuse a task's missing or misplaced arguments before the model loads, naming the fix."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+    if task == "ground" and not (text and text.strip()):
+        raise ValueError("ground needs text=<the phrase or caption to ground>")
+    if detail is not None and (task != "caption" or detail not in DETAILS):
+        raise ValueError(f"detail={detail!r}: caption detail is one of {DETAILS} (Florence-2, task=caption only)")
+    if regions and task != "ocr":
+        raise ValueError(f"regions=true is for task=ocr, not task={task}")
+    if task == "region":
+        if region not in REGIONS:
+            raise ValueError(f"region must be one of {REGIONS}, got {region!r}")
+        if region != "proposals" and box is None:
+            raise ValueError(f"task=region region={region} needs box=x0,y0,x1,y1 (pixels of each image); "
+                             "region=proposals needs none")
+        if region == "proposals" and box is not None:
+            raise ValueError("box= is for region=category|description; region=proposals finds the regions itself")
+    elif box is not None:
+        raise ValueError(f"box= is for task=region, not task={task}")
+
+
 def _readable(items: list[Any], read: Any, skip_bad: bool, skipped: dict[str, str]) -> list[tuple[Any, Any]]:
     """``(item, read(item))`` for each item that reads; a failure raises naming the file, or with ``skip_bad``
     is recorded in ``skipped`` (file → why)."""
@@ -139,13 +187,20 @@ def _readable(items: list[Any], read: Any, skip_bad: bool, skipped: dict[str, st
 
 def predict(bundle: Any, task: str, inputs: str | None, *, question: str | None = None, text: str | None = None,
             batch_size: int = 32, out: str | None = None, sensor_read: dict[str, Any] | None = None,
-            t2i: dict[str, Any] | None = None, skip_bad: bool = False, **gen: Any) -> list[dict[str, Any]]:
+            t2i: dict[str, Any] | None = None, skip_bad: bool = False, detail: str | None = None,
+            regions: bool = False, box: Any = None, region: str = "category", **gen: Any) -> list[dict[str, Any]]:
     """Run ``task`` over the inputs; returns one JSON-able record per input. ``sensor_read`` holds
     :meth:`Pretrained.describe`'s file-reading options (``rate``, ``timestamp_column``, ``time_unit``),
     ``t2i`` :meth:`Pretrained.generate_image`'s sampling options (``guidance_scale``, ``seed``, ...).
     Each input file is read in batches of ``batch_size``; an unreadable one raises naming it, or with
-    ``skip_bad`` gets ``{"input": file, "error": why}`` in place of its result."""
+    ``skip_bad`` gets ``{"input": file, "error": why}`` in place of its result. Florence-2: ``detail`` (caption),
+    ``regions`` (ocr), ``box`` and ``region`` (region); see :func:`check_task_args`."""
     gen = {k: v for k, v in gen.items() if v is not None}
+    check_task_args(task, text=text, detail=detail, regions=regions, box=box, region=region)
+    if detail is not None and not _is_florence2(bundle):
+        raise NotImplementedError(f"detail= is Florence-2's caption option; this model is {bundle!r}")
+    if _is_florence2(bundle) and task == "caption":
+        gen["detail"] = detail or "short"
     if task in ("caption", "vqa", "sensor"):
         skipped: dict[str, str] = {}
         if task == "caption":
@@ -227,30 +282,53 @@ def predict(bundle: Any, task: str, inputs: str | None, *, question: str | None 
                 recs[-1]["layout"] = {"tone": layouts[i].tone, "objects": [{**o, "box": [round(float(v), 4) for v in o["box"]]}
                                                                            for o in layouts[i].objects]}
         return recs
-    if task in ("detect", "ground"):  # box tasks (Florence-2): JSON boxes + a PNG per image with the boxes drawn
-        return _predict_boxes(bundle, task, _need(inputs, task), text, batch_size, out, gen)
+    if task in BOX_TASKS:  # Florence-2: JSON (+ a PNG per image with the boxes drawn)
+        return _predict_boxes(bundle, task, _need(inputs, task), text, batch_size, out, gen, regions, box, region)
     raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
 
 
-def _predict_boxes(bundle: Any, task: str, inputs: str, text: str | None, batch_size: int, out: str | None,
-                   gen: dict[str, Any]) -> list[dict[str, Any]]:
-    if not hasattr(bundle, "detect"):
-        raise NotImplementedError(f"task {task} needs a model with boxes (Florence-2); this one is {bundle!r}")
-    from zoo.imported.florence2 import draw_boxes
+def _is_florence2(bundle: Any) -> bool:
+    return all(hasattr(bundle, a) for a in ("detect", "ground", "ocr"))
 
+
+def _predict_boxes(bundle: Any, task: str, inputs: str, text: str | None, batch_size: int, out: str | None,
+                   gen: dict[str, Any], regions: bool = False, box: Any = None,
+                   region: str = "category") -> list[dict[str, Any]]:
+    if not _is_florence2(bundle):
+        raise NotImplementedError(f"task {task} needs a Florence-2 model; this one is {bundle!r}")
+    import re
+
+    from zoo.imported.florence2 import draw_boxes
+    from zoo.imported.florence2_post import draw_quads
+
+    check_task_args(task, text=text, regions=regions, box=box, region=region)
     files = collect_files(inputs, IMAGE_EXTS)
-    if task == "ground" and not text:
-        raise ValueError("ground needs text=<the phrase or caption to ground>")
     paths = [str(f) for f in files]
-    results = (bundle.detect(paths, batch_size=batch_size, **gen) if task == "detect"
-               else bundle.ground(paths, [text] * len(paths), batch_size=batch_size, **gen))
+    kw = {"batch_size": batch_size, **gen}
+    draw = draw_boxes
+    if task == "detect":  # with text=: open-vocabulary detection of that phrase
+        results = [{"text": text, **r} if text else r for r in bundle.detect(paths, vocabulary=text or None, **kw)]
+    elif task == "ground":
+        results = [{"text": text, **r} for r in bundle.ground(paths, [text] * len(paths), **kw)]
+    elif task == "ocr" and not regions:  # text only: no boxes to draw
+        return [{"input": p, "text": t} for p, t in zip(paths, bundle.ocr(paths, **kw))]
+    elif task == "ocr":
+        results, draw = bundle.ocr(paths, regions=True, **kw), draw_quads
+    elif region == "proposals":
+        results = bundle.propose_regions(paths, **kw)
+    else:
+        ask = bundle.region_to_category if region == "category" else bundle.region_to_description
+        results = [{"box": list(box), region: a, "bboxes": [list(box)], "labels": [re.sub(r"<loc_\d+>", "", a)]}
+                   for a in ask(paths, box, **kw)]
     folder = (Path(out).with_suffix("") if out else Path(f"{task}_outputs")).parent / "boxes"
     folder.mkdir(parents=True, exist_ok=True)
     recs = []
     for f, res in zip(files, results):
         png = folder / f"{f.stem}.png"
-        draw_boxes(f, res).save(png)
-        recs.append({"input": str(f), **({"text": text} if text else {}), **res, "png": str(png)})
+        draw(f, res).save(png)
+        if task == "region" and region != "proposals":  # the drawn box is the input box: keep the answer only
+            res = {k: v for k, v in res.items() if k not in ("bboxes", "labels")}
+        recs.append({"input": str(f), **res, "png": str(png)})
     return recs
 
 
@@ -280,11 +358,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                     {"pretrained": ..., "task": ..., "input": None, "question": None, "text": None, "out": None,
                      "batch_size": 32, "max_new_tokens": None, "num_beams": None, "device": None, "revision": None,
                      "allow_pickle": False, "precision": "fp32", "quantize": "none", "timestamp_column": "timestamp", "time_unit": "s",
-                     "rate": None, "guidance_scale": None, "seed": None, "output": None, "skip_bad": False}, USAGE)
+                     "rate": None, "guidance_scale": None, "seed": None, "output": None, "skip_bad": False,
+                     "detail": None, "regions": False, "box": None, "region": "category"}, USAGE)
     if args["task"] not in TASKS:
         raise SystemExit(f"error: task must be one of {TASKS}, got {args['task']!r}")
     try:
         check_options(args["precision"], args["quantize"], args["device"])
+        box = parse_box(args["box"])
+        florence = {"detail": args["detail"], "regions": args["regions"], "box": box, "region": args["region"]}
+        check_task_args(args["task"], text=args["text"], **florence)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     from zoo.hub import load
@@ -304,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                        "rate": float(args["rate"]) if args["rate"] is not None else None}
         results = predict(bundle, args["task"], args["input"], question=args["question"], text=args["text"],
                           batch_size=args["batch_size"], out=args["out"] or args["output"], sensor_read=sensor_read,
-                          t2i=t2i, skip_bad=args["skip_bad"], **gen)
+                          t2i=t2i, skip_bad=args["skip_bad"], **florence, **gen)
     except (OSError, ValueError, NotImplementedError) as e:
         raise SystemExit(f"error: {e}") from None
     out = args["out"] or args["output"]

@@ -22,6 +22,7 @@ import torch
 from zoo.config import ModelConfig
 from zoo.generation_hf import HFGenerationConfig, hf_generate
 from zoo.imported.florence2_keys import florence2_aliases, florence2_table
+from zoo.imported.florence2_post import boxes_per_image, parse_ocr, parse_regions, parse_text, region_prompt
 from zoo.imported.keymap import convert, expand
 from zoo.loading import (Check, ModelFolderError, _bool, _list_of, _nonneg, _num, _optional, _str,
                          _upto, check_keys, check_state, model_config_from_dict, model_root, read_json_object,
@@ -450,7 +451,8 @@ class Florence2(Pretrained):
     """A Florence-2 model in mmzoo's modules with its tokenizer, image preprocessing and generation defaults.
 
     ``generate`` returns Florence-2's raw text; ``caption`` / ``detect`` / ``ground`` / ``dense_caption`` /
-    ``ocr`` add its post-processing (boxes in pixel coordinates of each input image).
+    ``ocr`` / ``propose_regions`` / ``region_to_category`` / ``region_to_description`` add its post-processing
+    (boxes in pixel coordinates of each input image).
     """
 
     generation: dict[str, Any] = field(default_factory=dict)
@@ -595,6 +597,41 @@ class Florence2(Pretrained):
         prompts = [f"<CAPTION_TO_PHRASE_GROUNDING>{p}" for p in phrases]
         return self._boxes(images, prompts[0] if len(prompts) == 1 else prompts, BANNED_GROUNDING, batch_size,
                            **generation)
+
+    def ocr(self, images: Any, *, regions: bool = False, batch_size: int = 8, **generation: Any) -> Any:
+        """The text in each image (``<OCR>``, a string); with ``regions=True`` (``<OCR_WITH_REGION>``) its lines as
+        ``{"quad_boxes": [[x0, y0, x1, y1, x2, y2, x3, y3], ...], "labels": [line, ...]}`` in pixels."""
+        if regions:
+            return self._parsed(images, "<OCR_WITH_REGION>", parse_ocr, batch_size, generation)
+        return self._parsed(images, "<OCR>", lambda text, w, h: parse_text(text), batch_size, generation)
+
+    def propose_regions(self, images: Any, *, batch_size: int = 8, **generation: Any) -> Any:
+        """Region proposals (``<REGION_PROPOSAL>``): ``{"bboxes": [...], "labels": ["", ...]}`` per image in pixels."""
+        return self._parsed(images, "<REGION_PROPOSAL>", parse_regions, batch_size, generation)
+
+    def region_to_category(self, images: Any, box: Any, *, batch_size: int = 8, **generation: Any) -> Any:
+        """The category of a region (``<REGION_TO_CATEGORY>``). ``box``: ``[x0, y0, x1, y1]`` in pixels (one for all
+        images, or one per image), written into the prompt as 4 location tokens quantised as Florence-2's processor
+        does. Returns the answer text as its post-processing does (the published models answer ``label<loc_..>x4``)."""
+        return self._region("<REGION_TO_CATEGORY>", images, box, batch_size, generation)
+
+    def region_to_description(self, images: Any, box: Any, *, batch_size: int = 8, **generation: Any) -> Any:
+        """A description of a region (``<REGION_TO_DESCRIPTION>``); ``box`` as in :meth:`region_to_category`."""
+        return self._region("<REGION_TO_DESCRIPTION>", images, box, batch_size, generation)
+
+    def _region(self, task: str, images: Any, box: Any, batch_size: int, generation: dict[str, Any]) -> Any:
+        items, single = _as_list(images)
+        boxes = boxes_per_image(box, len(items))
+        prompts = [region_prompt(task, b, *self._size(x)) for b, x in zip(boxes, items)]
+        texts = self.generate(items, prompts, batch_size=batch_size, **generation)
+        return parse_text(texts[0]) if single else [parse_text(t) for t in texts]
+
+    def _parsed(self, images: Any, prompt: str, parse: Any, batch_size: int, generation: dict[str, Any]) -> Any:
+        """``parse(text, width, height)`` of each image's generated text."""
+        items, single = _as_list(images)
+        texts = self.generate(items, prompt, batch_size=batch_size, **generation)
+        out = [parse(t, *self._size(x)) for t, x in zip(texts, items)]
+        return out[0] if single else out
 
     # --- I/O ----------------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
