@@ -89,7 +89,7 @@ def save_final_last(trainer) -> None:
         if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath and trainer.global_step > 0:
             path = Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
             if getattr(cb, "_last_global_step_saved", -1) != trainer.global_step:
-                trainer.save_checkpoint(path)  # every rank: FSDP gathers shards collectively
+                trainer.save_checkpoint(path, weights_only=False)  # optimizer too (resumable); every rank: FSDP gathers shards collectively
             return
 
 
@@ -108,7 +108,7 @@ def save_final_best(trainer) -> None:
             continue
         path = cb.format_checkpoint_name({**trainer.callback_metrics, "epoch": torch.tensor(trainer.current_epoch),
                                           "step": torch.tensor(trainer.global_step)})
-        trainer.save_checkpoint(path)  # every rank: FSDP gathers shards collectively
+        trainer.save_checkpoint(path, weights_only=False)  # optimizer too; every rank: FSDP gathers shards collectively
         cb.best_model_path, cb.best_model_score, cb.best_k_models = path, score, {path: score}
 
 
