@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=20, help="new tokens per row (EOS suppressed until then)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--cases", nargs="+", default=["caption:3", "caption:1", "od:1"], help="prompt:beams")
+    ap.add_argument("--ab", action="store_true",
+                    help="also time mmzoo with timm's own DaViT forward (MMZOO_FAST_DAVIT=0): before/after in one run")
     ap.add_argument("--name", default=None, help="results file name (default: florence2[_batch...])")
     args = ap.parse_args()
     cases = [parse_case(c) for c in args.cases]
@@ -127,8 +129,9 @@ def main() -> None:
             inputs["pixel_values"] = pixels
             kw = dict(num_beams=beams, max_new_tokens=args.new, min_new_tokens=args.new, early_stopping=False)
             outs: dict[str, torch.Tensor] = {}
-            cpu: dict[str, list[float]] = {"hf": [], "mmzoo": []}
-            mem: dict[str, list[float]] = {"hf": [], "mmzoo": []}
+            sides = ["hf", "mmzoo"] + (["mmzoo_timm"] if args.ab else [])
+            cpu: dict[str, list[float]] = {k: [] for k in sides}
+            mem: dict[str, list[float]] = {k: [] for k in sides}
 
             def timed(side: str, fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
                 def call() -> None:
@@ -137,12 +140,21 @@ def main() -> None:
                         outs[side] = fn()
                     cpu[side].append(time.process_time() - c0)
                     mem[side].append(p.growth_mib)
-                    if side == "mmzoo":
-                        assert torch.equal(outs["mmzoo"], outs["hf"]), f"tokens differ: {name} beams {beams} batch {batch}"
+                    if side != "hf":
+                        assert torch.equal(outs[side], outs["hf"]), f"tokens differ: {side} {name} {beams} {batch}"
                 return call
+
+            def timm_tower() -> torch.Tensor:
+                os.environ["MMZOO_FAST_DAVIT"] = "0"
+                try:
+                    return ours.generate_ids(list(pixels), [prompt] * batch, **kw)
+                finally:
+                    del os.environ["MMZOO_FAST_DAVIT"]
 
             fns = {"hf": timed("hf", lambda: ref.generate(**inputs, **kw)),
                    "mmzoo": timed("mmzoo", lambda: ours.generate_ids(list(pixels), [prompt] * batch, **kw))}
+            if args.ab:
+                fns["mmzoo_timm"] = timed("mmzoo_timm", timm_tower)
             reps, warmup = (args.reps, args.warmup) if batch == 1 else (args.reps_large, 0)
             if first_call_mib is None:  # mmzoo's first call packs its weights (kept for later calls)
                 rss0 = _rss()
@@ -158,14 +170,20 @@ def main() -> None:
             length = outs["hf"].shape[1] - 1
             payload[key] = {**s, "cpu_time": s_cpu, "identical_tokens": True, "new_tokens": length, "rounds": reps,
                             "working_mib": working}
-            rows.append([key, s["hf"]["median_s"], s["mmzoo"]["median_s"], batch / s["hf"]["median_s"],
-                         batch / s["mmzoo"]["median_s"], s["mmzoo"]["speedup_vs_hf"],
-                         s_cpu["mmzoo"]["speedup_vs_hf"], f"{working['hf']:.0f} / {working['mmzoo']:.0f}",
-                         f"yes ({length} new)"])
+            row = [key, s["hf"]["median_s"], s["mmzoo"]["median_s"], batch / s["hf"]["median_s"],
+                   batch / s["mmzoo"]["median_s"], s["mmzoo"]["speedup_vs_hf"], s_cpu["mmzoo"]["speedup_vs_hf"]]
+            if args.ab:
+                row += [s["mmzoo_timm"]["median_s"], s["mmzoo_timm"]["speedup_vs_hf"],
+                        s_cpu["mmzoo_timm"]["speedup_vs_hf"]]
+            rows.append(row + [" / ".join(f"{working[k]:.0f}" for k in sides), f"yes ({length} new)"])
             print(rows[-1], flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(table(rows, ["case", "transformers s", "mmzoo s", "transformers images/s", "mmzoo images/s",
-                       "× transformers", "× (CPU time)", "working MiB (tf / mmzoo)", "same tokens"]))
+    header = ["case", "transformers s", "mmzoo s", "transformers images/s", "mmzoo images/s", "× transformers",
+              "× (CPU time)"]
+    if args.ab:
+        header += ["mmzoo, timm tower s", "×", "× (CPU time)"]
+    mem_names = " / ".join(["transformers", "mmzoo"] + (["timm tower"] if args.ab else []))
+    print(table(rows, header + [f"working MiB ({mem_names})", "same tokens"]))
     print(f"peak RSS of the process (both models): {peak:.0f} MiB; mmzoo's first call kept {first_call_mib:.0f} MiB "
           f"(packed weight copies); {time.perf_counter() - t_start:.0f} s in all")
     name = args.name or ("florence2" if args.batches == [1, 8] else f"florence2_batch{'_'.join(map(str, args.batches))}")
