@@ -75,3 +75,35 @@ def test_switch_off(monkeypatch):
     t = tower()
     with packed_linears(Holder(t)):
         assert "forward_features" not in t.__dict__
+
+
+def test_florence2_generation_uses_it_with_identical_tokens(tmp_path, monkeypatch):
+    """Florence-2 generation runs the lean tower (padded windows in the later stages) and gives transformers'
+    tokens, the same as with timm's forward."""
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from florence2_reference import build_reference
+
+    from zoo.imported.florence2 import load_folder
+
+    ref, processor = build_reference(tmp_path / "m", image_size=80, window=3, seed=3)
+    ours = load_folder(tmp_path / "m")
+    pixels = torch.randn(2, 3, 80, 80, generator=torch.Generator().manual_seed(0))
+    calls = []
+    call = FastDaViT.__call__
+    monkeypatch.setattr(FastDaViT, "__call__", lambda self, x: calls.append(self.applies(x)) or call(self, x))
+    for beams in (1, 3):
+        kw = dict(num_beams=beams, max_new_tokens=10, min_new_tokens=10)
+        inputs = processor(text=["<CAPTION>", "<OD>"], images=list(pixels), return_tensors="pt", padding=True)
+        inputs["pixel_values"] = pixels
+        with torch.no_grad():
+            expected = ref.generate(**inputs, **kw)
+        fast = ours.generate_ids(list(pixels), ["<CAPTION>", "<OD>"], **kw)
+        monkeypatch.setenv("MMZOO_FAST_DAVIT", "0")
+        plain = ours.generate_ids(list(pixels), ["<CAPTION>", "<OD>"], **kw)
+        monkeypatch.delenv("MMZOO_FAST_DAVIT")
+        assert torch.equal(fast, expected) and torch.equal(plain, expected)
+    assert calls == [True, True]  # one lean tower pass per generation, none with the switch off
