@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     ap.add_argument("--reps", type=int, default=3, help="alternating rounds at batch 1")
     ap.add_argument("--reps-large", type=int, default=1, help="alternating rounds at batches > 1")
-    ap.add_argument("--warmup", type=int, default=1, help="warm-up calls per case at batch 1 (none at batches > 1)")
+    ap.add_argument("--warmup", type=int, default=1, help="warm-up calls of each contender before the first case")
     ap.add_argument("--new", type=int, default=20, help="new tokens per row (EOS suppressed until then)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--cases", nargs="+", default=["caption:3", "caption:1", "od:1"], help="prompt:beams")
@@ -155,7 +155,8 @@ def main() -> None:
                    "mmzoo": timed("mmzoo", lambda: ours.generate_ids(list(pixels), [prompt] * batch, **kw))}
             if args.ab:
                 fns["mmzoo_timm"] = timed("mmzoo_timm", timm_tower)
-            reps, warmup = (args.reps, args.warmup) if batch == 1 else (args.reps_large, 0)
+            reps = args.reps if batch == 1 else args.reps_large
+            warmup = args.warmup if not payload else 0  # the first case warms up every contender
             if first_call_mib is None:  # mmzoo's first call packs its weights (kept for later calls)
                 rss0 = _rss()
                 with torch.inference_mode():
