@@ -1,19 +1,32 @@
 """florence2: Florence-2-base-sized model, mmzoo vs transformers' ``Florence2ForConditionalGeneration``.
 
 The same random weights on both sides (transformers saves them, mmzoo loads the folder through its key table),
-fp32 on the CPU, 768-px images, prompts ``<CAPTION>`` and ``<OD>``, beam 3 (Florence-2's default) and greedy,
-latency at batch 1 and throughput at batch 8. Every timed call asserts identical tokens. Exactly ``--new`` tokens
-are generated on both sides (EOS suppressed until then) so both do the same decoding work.
+fp32 on the CPU, 768-px images, latency at batch 1 and throughput at batch 8 for ``<CAPTION>`` (beam 3, Florence-2's
+default, and greedy) and ``<OD>`` (greedy). Every timed call asserts identical tokens. With random weights the
+model never picks EOS on its own, so exactly ``--new`` tokens are generated on both sides (EOS suppressed until
+then: ``min_new_tokens = max_new_tokens``): both do the same decoding work, and the workload is one image-tower
+pass, one encoder pass over the 577 image + prompt tokens, and ``--new`` decoder steps per row.
 
-    python -m benchmarks.florence2 [--reps 3] [--new 20]
+    python -m benchmarks.florence2 [--threads N] [--reps 3] [--reps-large 1] [--new 20]
+                                   [--batches 1 8] [--cases caption:3 caption:1 od:1]
+
+Times: wall-clock (the table's ratio) and the process CPU time of each call (its ratio too: on a shared machine
+it is not inflated by time spent descheduled; with one thread it is the compute time).
+Memory: the peak RSS of the process (both models loaded); per contender the peak RSS growth during its timed
+calls above the RSS before each call (its working memory: activations, KV cache), sampled every 2 ms; and what
+mmzoo's first call keeps (its packed oneDNN weight copies, reused by every later call).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -23,59 +36,163 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 BASE = dict(image_size=768, depths=(1, 1, 9, 1), dims=(128, 256, 512, 1024), heads=(4, 8, 16, 32), window=12,
             d_model=768, layers=6, n_heads=12, ffn=3072, vocab_rows=51328, max_positions=1024)
+PROMPTS = {"caption": "<CAPTION>", "od": "<OD>", "detailed_caption": "<DETAILED_CAPTION>"}
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+class PeakRSS:
+    """Peak growth of the process RSS during the ``with`` block, above its RSS at entry (sampled every 2 ms)."""
+
+    def __enter__(self) -> "PeakRSS":
+        self.start = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+    @property
+    def growth_mib(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU model name and its AVX-512 flags (from /proc/cpuinfo), for the record."""
+    info: dict[str, Any] = {"model": "?", "avx512": []}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and info["model"] == "?":
+                info["model"] = value.strip()
+            elif key.strip() == "flags" and not info["avx512"]:
+                info["avx512"] = sorted(f for f in value.split() if f.startswith("avx512"))
+    except OSError:
+        pass
+    return info
+
+
+def parse_case(case: str) -> tuple[str, int]:
+    name, _, beams = case.partition(":")
+    if name not in PROMPTS or not beams.isdigit() or int(beams) < 1:
+        raise SystemExit(f"bad case {case!r}: expected <{'|'.join(PROMPTS)}>:<beams>, e.g. caption:3")
+    return name, int(beams)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--new", type=int, default=20)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    ap.add_argument("--reps", type=int, default=3, help="alternating rounds at batch 1")
+    ap.add_argument("--reps-large", type=int, default=1, help="alternating rounds at batches > 1")
+    ap.add_argument("--warmup", type=int, default=1, help="warm-up calls of each contender before the first case")
+    ap.add_argument("--new", type=int, default=20, help="new tokens per row (EOS suppressed until then)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--beams", type=int, nargs="+", default=[3, 1])
-    ap.add_argument("--prompts", nargs="+", default=["<CAPTION>", "<OD>"])
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--cases", nargs="+", default=["caption:3", "caption:1", "od:1"], help="prompt:beams")
+    ap.add_argument("--ab", action="store_true",
+                    help="also time mmzoo with timm's own DaViT forward (MMZOO_FAST_DAVIT=0): before/after in one run")
+    ap.add_argument("--name", default=None, help="results file name (default: florence2[_batch...])")
     args = ap.parse_args()
+    cases = [parse_case(c) for c in args.cases]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from florence2_reference import build_reference
 
     from zoo.imported.florence2 import load_folder
 
+    t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         ref, processor = build_reference(Path(d) / "base", **BASE)
         ours = load_folder(Path(d) / "base")
     ref.eval()
     print(f"params: transformers {sum(p.numel() for p in ref.parameters()) / 1e6:.1f}M, "
-          f"mmzoo {ours.num_parameters() / 1e6:.1f}M", flush=True)
+          f"mmzoo {ours.num_parameters() / 1e6:.1f}M; torch threads {torch.get_num_threads()}", flush=True)
     g = torch.Generator().manual_seed(0)
     rows, payload = [], {}
+    first_call_mib: float | None = None
     for batch in args.batches:
         pixels = torch.randn(batch, 3, 768, 768, generator=g)
-        for prompt in args.prompts:
+        for name, beams in cases:
+            prompt = PROMPTS[name]
             inputs = processor(text=[prompt] * batch, images=[torch.zeros(3, 8, 8)] * batch, return_tensors="pt")
             inputs["pixel_values"] = pixels
-            for beams in args.beams:
-                kw = dict(num_beams=beams, max_new_tokens=args.new, min_new_tokens=args.new, early_stopping=False)
-                outs = {}
+            kw = dict(num_beams=beams, max_new_tokens=args.new, min_new_tokens=args.new, early_stopping=False)
+            outs: dict[str, torch.Tensor] = {}
+            sides = ["hf", "mmzoo"] + (["mmzoo_timm"] if args.ab else [])
+            cpu: dict[str, list[float]] = {k: [] for k in sides}
+            mem: dict[str, list[float]] = {k: [] for k in sides}
 
-                def run_hf():
-                    with torch.inference_mode():
-                        outs["hf"] = ref.generate(**inputs, **kw)
+            def timed(side: str, fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+                def call() -> None:
+                    c0 = time.process_time()
+                    with torch.inference_mode(), PeakRSS() as p:
+                        outs[side] = fn()
+                    cpu[side].append(time.process_time() - c0)
+                    mem[side].append(p.growth_mib)
+                    if side != "hf":
+                        assert torch.equal(outs[side], outs["hf"]), f"tokens differ: {side} {name} {beams} {batch}"
+                return call
 
-                def run_ours():
-                    with torch.inference_mode():
-                        outs["mmzoo"] = ours.generate_ids(list(pixels), [prompt] * batch, **kw)
-                    assert torch.equal(outs["mmzoo"], outs["hf"]), "tokens differ"
+            def timm_tower() -> torch.Tensor:
+                os.environ["MMZOO_FAST_DAVIT"] = "0"
+                try:
+                    return ours.generate_ids(list(pixels), [prompt] * batch, **kw)
+                finally:
+                    del os.environ["MMZOO_FAST_DAVIT"]
 
-                times = measure_alternating({"hf": run_hf, "mmzoo": run_ours}, reps=args.reps, warmup=args.warmup)
-                s = summarize(times, baseline="hf")
-                key = f"{prompt.strip('<>').lower()}_batch{batch}_beams{beams}"
-                payload[key] = {**s, "identical_tokens": True, "tokens": list(outs["hf"].shape)}
-                rows.append([key, s["hf"]["median_s"], s["mmzoo"]["median_s"],
-                             batch / s["mmzoo"]["median_s"], s["mmzoo"]["speedup_vs_hf"], "yes"])
-                print(rows[-1], flush=True)
+            fns = {"hf": timed("hf", lambda: ref.generate(**inputs, **kw)),
+                   "mmzoo": timed("mmzoo", lambda: ours.generate_ids(list(pixels), [prompt] * batch, **kw))}
+            if args.ab:
+                fns["mmzoo_timm"] = timed("mmzoo_timm", timm_tower)
+            reps = args.reps if batch == 1 else args.reps_large
+            warmup = args.warmup if not payload else 0  # the first case warms up every contender
+            if first_call_mib is None:  # mmzoo's first call packs its weights (kept for later calls)
+                rss0 = _rss()
+                with torch.inference_mode():
+                    ours.generate_ids(list(pixels), [prompt] * batch, **kw)
+                first_call_mib = (_rss() - rss0) / 2**20
+            times = measure_alternating(fns, reps=reps, warmup=warmup)
+            cpu = {k: v[-reps:] for k, v in cpu.items()}  # the timed rounds only
+            working = {k: max(v[-reps:]) for k, v in mem.items()}
+            s = summarize(times, baseline="hf")
+            s_cpu = summarize(cpu, baseline="hf")
+            key = f"{name}_batch{batch}_beams{beams}"
+            length = outs["hf"].shape[1] - 1
+            payload[key] = {**s, "cpu_time": s_cpu, "identical_tokens": True, "new_tokens": length, "rounds": reps,
+                            "working_mib": working}
+            row = [key, s["hf"]["median_s"], s["mmzoo"]["median_s"], batch / s["hf"]["median_s"],
+                   batch / s["mmzoo"]["median_s"], s["mmzoo"]["speedup_vs_hf"], s_cpu["mmzoo"]["speedup_vs_hf"]]
+            if args.ab:
+                row += [s["mmzoo_timm"]["median_s"], s["mmzoo_timm"]["speedup_vs_hf"],
+                        s_cpu["mmzoo_timm"]["speedup_vs_hf"]]
+            rows.append(row + [" / ".join(f"{working[k]:.0f}" for k in sides), f"yes ({length} new)"])
+            print(rows[-1], flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(table(rows, ["case", "transformers s", "mmzoo s", "mmzoo images/s", "× transformers", "same tokens"]))
-    print(f"peak RSS of the process (both models): {peak:.0f} MiB")
-    name = "florence2" if args.batches == [1, 8] else f"florence2_batch{'_'.join(map(str, args.batches))}"
-    print(f"saved {save(name, {'args': vars(args), 'results': payload, 'peak_rss_mib': peak})}")
+    header = ["case", "transformers s", "mmzoo s", "transformers images/s", "mmzoo images/s", "× transformers",
+              "× (CPU time)"]
+    if args.ab:
+        header += ["mmzoo, timm tower s", "×", "× (CPU time)"]
+    mem_names = " / ".join(["transformers", "mmzoo"] + (["timm tower"] if args.ab else []))
+    print(table(rows, header + [f"working MiB ({mem_names})", "same tokens"]))
+    print(f"peak RSS of the process (both models): {peak:.0f} MiB; mmzoo's first call kept {first_call_mib:.0f} MiB "
+          f"(packed weight copies); {time.perf_counter() - t_start:.0f} s in all")
+    name = args.name or ("florence2" if args.batches == [1, 8] else f"florence2_batch{'_'.join(map(str, args.batches))}")
+    cpu_model = cpu_info()
+    print(f"CPU: {cpu_model['model']}; {' '.join(cpu_model['avx512']) or 'no AVX-512'}")
+    record = {"args": vars(args), "cpu": cpu_model, "results": payload, "peak_rss_mib": peak,
+              "mmzoo_first_call_kept_mib": first_call_mib}
+    print(f"saved {save(name, record)}")
 
 
 if __name__ == "__main__":

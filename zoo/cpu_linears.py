@@ -143,10 +143,13 @@ def packed_linears(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     for m in ffns:
         m.forward = _packed_ffn_forward(m, cache.setdefault(id(m.fc1), _Packed()))  # type: ignore[method-assign]
     layers += ffns
+    from zoo.fast_davit import install  # Florence-2's timm DaViT tower: its lean forward on the packed weights
+
+    layers += install(model, cache)
     model.__dict__["packed_output"] = cache.setdefault(id(model), _Packed())
     try:
         yield
     finally:
         for m in layers:
-            del m.forward
+            del m.__dict__["forward_features" if "forward_features" in m.__dict__ else "forward"]
         model.__dict__["packed_output"] = None
