@@ -4,6 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from omegaconf import OmegaConf
+
 from tests.conftest import compose
 from tests.test_multitask import _fake_trainer
 
@@ -46,25 +48,25 @@ def test_decode_step_calibration_runs_on_one_thread_and_restores_the_count():
     assert torch.get_num_threads() == before
 
 
-def test_batch_scale_shrinks_batches_where_steps_cost_more(tmp_path):
-    from omegaconf import OmegaConf
+def test_a_slow_machine_gets_the_cheaper_configuration(tmp_path, monkeypatch, capsys):
+    from tasks.runtime import budget
+    from tasks.runtime.budget import apply_overrides, is_slow, plan_run
 
-    from tasks.runtime.budget import batch_scale, scale_batches
-
-    assert batch_scale("auto", 440, 395) == 1.0  # the reference kind of machine: full batches
-    assert batch_scale("auto", 296.25, 395) == pytest.approx(0.75)
-    assert batch_scale("auto", 104, 395) == 0.5  # fp32 on an AVX2-only CPU: the floor
-    assert batch_scale("auto", 104, 395, floor=0.25) == pytest.approx(104 / 395)
-    assert batch_scale(None, 104, 395) == 1.0 and batch_scale(0.5, 440, 395) == 0.5
-    with pytest.raises(ValueError, match="batch_scale"):
-        batch_scale(2, 440, 395)
-    cfg = OmegaConf.create({"data": {"tasks": {"caption": {"batch_size": 16}, "vqa": {"batch_size": 3}}}})
-    sizes = scale_batches(cfg, ["data.tasks.caption.batch_size", "data.tasks.vqa.batch_size"], 0.5)
-    assert sizes == {"data.tasks.caption.batch_size": 8, "data.tasks.vqa.batch_size": 2}
-    assert cfg.data.tasks.caption.batch_size == 8 and cfg.data.tasks.vqa.batch_size == 2
-    assert scale_batches(cfg, ["data.tasks.vqa.batch_size"], 0.1) == {"data.tasks.vqa.batch_size": 1}
-    with pytest.raises(ValueError, match="data.tasks.sensor.batch_size"):
-        scale_batches(cfg, ["data.tasks.sensor.batch_size"], 0.5)
+    assert not is_slow(440, 395, 0.5) and is_slow(104, 395, 0.5)  # bf16 Zen 5 / fp32 on an AVX2-only CPU
+    cfg = compose(["experiment=multitask"], tmp_path)
+    slow = cfg.budget.slow_machine
+    assert 0 < slow.below < 1 and slow.overrides
+    full = {k: OmegaConf.select(cfg, k) for k in slow.overrides}
+    monkeypatch.setattr(budget, "decode_step_us", lambda: 175.0)
+    for gflops, expected_slow in ((440.0, False), (104.0, True)):
+        monkeypatch.setattr(budget, "matmul_gflops", lambda bf16, g=gflops: g)
+        run = compose(["experiment=multitask"], tmp_path)
+        plan_run(run.budget, bf16=expected_slow is False, cfg=run)
+        got = {k: OmegaConf.select(run, k) for k in slow.overrides}
+        assert got == (dict(slow.overrides) if expected_slow else full)
+        assert ("cheaper configuration" in capsys.readouterr().out) == expected_slow
+    with pytest.raises(ValueError, match="data.tasks.captions.batch_size is not in the config"):
+        apply_overrides(cfg, {"data.tasks.captions.batch_size": 8})
 
 
 def test_matmul_calibration_is_short_and_positive():

@@ -10,7 +10,7 @@ reserve is scaled the same way.
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 #: when this module was first imported (``tasks.cli.train`` imports it at start): the run's clock starts here
 RUN_START = time.monotonic()
@@ -107,40 +107,27 @@ def format_plan(total_minutes: float, plan: Mapping[str, float], gflops: float, 
             f"the reference{latency}): {parts}")
 
 
-def batch_scale(setting: float | str | None, training_gflops: float, reference_training_gflops: float,
-                floor: float = 0.5) -> float:
-    """How much to shrink the batches on this machine. ``"auto"``: its matmul speed in the training precision over
-    the reference machine's (which trains in bf16), within ``[floor, 1]``: where each step costs more, each step
-    carries less, so the loop still takes many steps (a slow CPU bought a third of the reference's steps at full
-    batches and every task fell under its bar). A number: that scale; null: 1."""
-    if setting is None:
-        return 1.0
-    if setting == "auto":
-        return min(1.0, max(floor, training_gflops / reference_training_gflops))
-    scale = float(setting)
-    if not 0 < scale <= 1:
-        raise ValueError(f"budget.batch_scale must be 'auto', null or in (0, 1], got {setting!r}")
-    return scale
+def is_slow(training_gflops: float, reference_training_gflops: float, below: float) -> bool:
+    """Whether this machine trains below ``below`` times the reference machine's speed (its matmul GFLOP/s in the
+    training precision over the reference's, which trains in bf16)."""
+    return training_gflops / reference_training_gflops < below
 
 
-def scale_batches(cfg: Any, keys: Sequence[str], scale: float) -> dict[str, int]:
-    """Multiply the batch sizes at ``keys`` (dotted config paths) by ``scale`` (at least 1); returns the new sizes."""
+def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> None:
+    """Set each dotted config path of ``overrides`` in ``cfg`` (each must exist: a typo is an error, not a new key)."""
     from omegaconf import OmegaConf
 
-    sizes = {}
-    for key in keys:
-        value = OmegaConf.select(cfg, key)
-        if not isinstance(value, int):
-            raise ValueError(f"budget.scaled_batches: {key} is {value!r}, not a batch size")
-        sizes[key] = max(1, round(value * scale))
-        OmegaConf.update(cfg, key, sizes[key])
-    return sizes
+    for key, value in overrides.items():
+        if OmegaConf.select(cfg, key, default="<missing>") == "<missing>":
+            raise ValueError(f"budget.slow_machine.overrides: {key} is not in the config")
+        OmegaConf.update(cfg, key, value)
 
 
 def plan_run(budget: Mapping[str, Any], bf16: bool, cfg: Any = None) -> tuple[dict[str, float], float]:
     """Calibrate, print the plan and return it with the deadline of the training loop (seconds since the run
-    started): ``total - the evaluation reserve``. With ``cfg``, the batch sizes at ``budget.scaled_batches`` are
-    scaled by :func:`batch_scale` in place."""
+    started): ``total - the evaluation reserve``. With ``cfg``, a machine slower than ``budget.slow_machine.below``
+    times the reference gets ``budget.slow_machine.overrides`` applied to ``cfg`` in place (a cheaper configuration:
+    where steps are dear, each must teach more)."""
     total = float(budget["total_minutes"])
     gflops = matmul_gflops(bf16)
     reference = float(budget["reference_gflops_bf16" if bf16 else "reference_gflops"])
@@ -152,13 +139,13 @@ def plan_run(budget: Mapping[str, Any], bf16: bool, cfg: Any = None) -> tuple[di
         latency_ratio = float(budget["reference_step_us"]) / step_us
     plan = make_plan(total, dict(budget["phases"]), ratio, latency_ratio=latency_ratio, latency_bound=latency_bound)
     print(format_plan(total, plan, gflops, ratio, step_us, latency_ratio), flush=True)
-    keys = list(budget.get("scaled_batches") or ())
-    if cfg is not None and keys:
-        scale = batch_scale(budget.get("batch_scale"), gflops, float(budget["reference_gflops_bf16"]),
-                            float(budget.get("min_batch_scale", 0.5)))
-        if scale < 1:
-            sizes = scale_batches(cfg, keys, scale)
-            print(f"[mmzoo] batches x{scale:.2f} on this machine (more, smaller steps): "
-                  + ", ".join(f"{k.split('.')[-2]} {v}" for k, v in sizes.items()), flush=True)
+    slow = budget.get("slow_machine") or {}
+    if cfg is not None and slow.get("overrides"):
+        reference_training = float(budget["reference_gflops_bf16"])
+        if is_slow(gflops, reference_training, float(slow["below"])):
+            apply_overrides(cfg, slow["overrides"])
+            print(f"[mmzoo] this machine trains at {gflops / reference_training:.2f}x the reference (under "
+                  f"{slow['below']}): the cheaper configuration for slow machines: "
+                  + ", ".join(f"{k.removeprefix('data.tasks.')}={v}" for k, v in slow["overrides"].items()), flush=True)
     after = sum(m for k, m in plan.items() if k == "evaluation")
     return plan, 60.0 * (total - after)
