@@ -44,19 +44,25 @@ def test_before_norm_is_the_default_and_normalises_features_and_positions_togeth
 
 
 def test_position_is_saved_and_reloaded_with_identical_outputs(tmp_path):
+    folder, loaded = _save_and_reload(tmp_path, {"position": "after_norm"})
+    assert json.loads((folder / "config.json").read_text())["modalities"]["image"]["position"] == "after_norm"
+    assert loaded.embedders["image"].cfg.position == "after_norm"
+
+
+def _save_and_reload(tmp_path, image: dict) -> tuple:
+    """Save a micro model with these image settings and load it back: the outputs must be identical."""
     tok = TextTokenizer.train(["a red circle", "a blue square on the left"] * 8, vocab_size=80)
     torch.manual_seed(0)
     model = UnifiedSeq2Seq(ModelConfig(d_model=32, n_heads=2, enc_layers=1, dec_layers=1, ffn_dim=64,
                                        max_positions=64, vocab={"text_size": tok.vocab_size},
-                                       modalities={"image": {**IMAGE, "position": "after_norm"}})).eval()
+                                       modalities={"image": {**IMAGE, **image}})).eval()
     folder = Pretrained(model, tok, tasks={}).save_pretrained(tmp_path / "m")
-    assert json.loads((folder / "config.json").read_text())["modalities"]["image"]["position"] == "after_norm"
     loaded = Pretrained.from_folder(folder).model
-    assert loaded.embedders["image"].cfg.position == "after_norm"
     pixels, ids = torch.rand(2, 3, 32, 32), torch.randint(4, 40, (2, 5))
     segments = {"image": pixels, "text": (ids, torch.ones_like(ids, dtype=torch.bool))}
     with torch.no_grad():
         assert torch.equal(loaded(segments, ids), model(segments, ids))
+    return folder, loaded
 
     cfg = json.loads((folder / "config.json").read_text())
     cfg["modalities"]["image"]["position"] = "after_the_stem"
@@ -85,15 +91,5 @@ def test_sincos_positions_are_fixed_monotone_and_saved(tmp_path):
     torch.manual_seed(0)
     emb = ImageEmbedder(ImageConfig(**IMAGE, position="after_norm", position_encoding="sincos"), d_model=32)
     assert not any("pos" in n for n, _ in emb.named_parameters()) and not any("pos" in k for k in emb.state_dict())
-    tok = TextTokenizer.train(["a red circle", "a blue square on the left"] * 8, vocab_size=80)
-    model = UnifiedSeq2Seq(ModelConfig(d_model=32, n_heads=2, enc_layers=1, dec_layers=1, ffn_dim=64,
-                                       max_positions=64, vocab={"text_size": tok.vocab_size},
-                                       modalities={"image": {**IMAGE, "position": "after_norm",
-                                                             "position_encoding": "sincos"}})).eval()
-    folder = Pretrained(model, tok, tasks={}).save_pretrained(tmp_path / "m")
-    loaded = Pretrained.from_folder(folder).model
+    _, loaded = _save_and_reload(tmp_path, {"position": "after_norm", "position_encoding": "sincos"})
     assert loaded.embedders["image"].cfg.position_encoding == "sincos"
-    pixels, ids = torch.rand(2, 3, 32, 32), torch.randint(4, 40, (2, 5))
-    segments = {"image": pixels, "text": (ids, torch.ones_like(ids, dtype=torch.bool))}
-    with torch.no_grad():
-        assert torch.equal(loaded(segments, ids), model(segments, ids))
