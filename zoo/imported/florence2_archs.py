@@ -52,3 +52,15 @@ def test_florence2() -> dict[str, Any]:
                                                "embed_dims": [16, 32, 48, 64], "num_heads": [2, 2, 4, 4],
                                                "window_size": 3, "image_size": 64, "max_pos_embeddings": 24,
                                                "max_temporal_embeddings": 12}})
+
+
+@register_model("florence2-small")
+def florence2_small() -> dict[str, Any]:
+    """CPU-sized Florence-2 (about 2M parameters besides the embedding): d128, 3+3 layers, a 4-stage DaViT of widths
+    32..128 at 128 px (17 image tokens); learns Shapes detection (``experiment=od_shapes``) in minutes on a CPU."""
+    return dict(d_model=128, n_heads=4, enc_layers=3, dec_layers=3, ffn_dim=512, max_positions=256, **BART_FORM,
+                vocab={"text_size": 1300},
+                modalities={"florence_image": {"tower": "davit_base_fl", "depths": [1, 1, 2, 1],
+                                               "embed_dims": [32, 64, 96, 128], "num_heads": [2, 4, 4, 4],
+                                               "window_size": 4, "image_size": 128, "max_pos_embeddings": 24,
+                                               "max_temporal_embeddings": 12}})
