@@ -60,6 +60,28 @@ def train_florence_tokenizer(texts: Sequence[str], vocab_size: int) -> FlorenceT
     return FlorenceTokenizer(tok)
 
 
+def init_location_embeddings(model: Any, tokenizer: FlorenceTokenizer, shortest_period: float = 16.0) -> int:
+    """Give the ``<loc_0>`` .. ``<loc_999>`` rows of a *randomly initialised* model's token embedding (its tied output
+    projection) sinusoids of the bin index (periods from ``shortest_period`` to 4000 bins), at the embedding's own
+    scale: neighbouring bins start similar, so what is learned about one bin carries to its neighbours (a model
+    trained from scratch learns boxes in a fraction of the steps). Returns the rows set; a pretrained Florence-2
+    has learned its own and must not get these."""
+    ids = [tokenizer.token_id(f"<loc_{i}>") for i in range(1000)]
+    if any(i is None for i in ids):
+        return 0
+    weight = model.embed_tokens.weight
+    d = weight.shape[1]
+    bins = torch.arange(1000, dtype=torch.float64)[:, None]
+    periods = torch.logspace(torch.log10(torch.tensor(4000.0)), torch.log10(torch.tensor(shortest_period)), d // 2,
+                             dtype=torch.float64)
+    angles = 2 * torch.pi * bins / periods[None, :]  # [1000, d/2]
+    rows = torch.zeros(1000, d, dtype=torch.float64)
+    rows[:, 0:2 * (d // 2):2], rows[:, 1:2 * (d // 2):2] = angles.sin(), angles.cos()
+    with torch.no_grad():  # RMS 1/sqrt(2) per entry → the embedding's std
+        weight[torch.tensor(ids)] = (rows * (2 ** 0.5) * weight.std().double()).to(weight.dtype)
+    return len(ids)
+
+
 # ------------------------------------------------------------------------------------------------
 # Data
 # ------------------------------------------------------------------------------------------------
@@ -289,7 +311,8 @@ class Florence2Task(Seq2SeqTask):
     name = "florence2"
     MONITOR = {"detection": "map_50", "caption": "cider", "grounding": "acc50", "vqa": "vqa_acc"}
 
-    def __init__(self, *args: Any, kind: str = "detection", no_repeat_ngram_size: int = 0, **kwargs: Any):
+    def __init__(self, *args: Any, kind: str = "detection", no_repeat_ngram_size: int = 0,
+                 init_locations: bool = False, **kwargs: Any):
         kwargs.setdefault("label_smoothing", 0.0)
         super().__init__(*args, **kwargs)
         if kind not in KINDS:
@@ -315,6 +338,14 @@ class Florence2Task(Seq2SeqTask):
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     # --- training -------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        """``init_locations``: a model trained from its architecture (not fine-tuned, not resumed) starts with
+        smooth location-token embeddings (:func:`init_location_embeddings`)."""
+        if self.hparams.init_locations and self.finetune_info is None and self.trainer.ckpt_path is None \
+                and self.global_step == 0:
+            n = init_location_embeddings(self.plain_model(), self.tokenizer)
+            log.info("initialised %d location-token embeddings as sinusoids of the bin index", n)
+
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {"florence_image": batch["pixels"], "text": (batch["prompt_ids"], batch["prompt_mask"])}
 
@@ -399,6 +430,22 @@ class Florence2Task(Seq2SeqTask):
                               finetune=self.finetune_info)
 
 
+def new_florence2(arch: str, tokenizer: FlorenceTokenizer, init_locations: bool = True, **overrides: Any) -> Any:
+    """A randomly initialised Florence-2 of a registered architecture (``florence2-small``, ``test-florence2``, ...)
+    around ``tokenizer`` (the text range sized to it), as a :class:`zoo.imported.florence2.Florence2` bundle: its
+    ``save_pretrained`` folder is a starting point ``zoo-finetune pretrained=<folder>`` loads offline
+    (``init_locations``: :func:`init_location_embeddings`)."""
+    import zoo
+    from zoo.imported.florence2 import Florence2
+
+    model = zoo.create_model(arch, vocab={"text_size": tokenizer.vocab_size - 4}, **overrides).eval()
+    if init_locations:
+        init_location_embeddings(model, tokenizer)
+    meta = {"layout": "transformers", "source": f"{arch} (random weights)", "revision": None, "license": None}
+    return Florence2(model=model, tokenizer=tokenizer, source=meta["source"], generation=dict(BASE_GENERATION),
+                     meta=meta)
+
+
 def florence2_bundle(model: Any, tokenizer_json: str, state: dict[str, Any], source: str) -> Any:
     """The :class:`zoo.imported.florence2.Florence2` bundle of a trained model (zoo-export writes it as a folder
     ``zoo.load`` reads back)."""
@@ -413,4 +460,4 @@ def florence2_bundle(model: Any, tokenizer_json: str, state: dict[str, Any], sou
 
 
 __all__ = ["Florence2Task", "Florence2DataModule", "collate_florence", "expand_prompt", "train_florence_tokenizer",
-           "florence2_bundle", "boxes_of"]
+           "florence2_bundle", "new_florence2", "init_location_embeddings", "boxes_of"]

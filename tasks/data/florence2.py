@@ -161,7 +161,7 @@ def read_grounding_records(path: str | Path, image_root: str | Path | None = Non
         if "<" in phrase or ">" in phrase:
             problems.report(f"{path}: ref {phrase!r} contains '<' or '>' (they would read as Florence-2 tokens)")
             continue
-        bins = quantize_boxes([ref.box], 1.0, 1.0)[0]  # normalised box: the same bins as pixels / side
+        bins = quantize_boxes([[v * 1000 for v in ref.box]], 1000, 1000)[0]  # a normalised box, on a 1000-px side
         out.append(FlorenceRecord(i, ref.path, f"<CAPTION_TO_PHRASE_GROUNDING>{phrase}",
                                   (f"{phrase}{loc_tokens(bins)}",), {"box": list(ref.box)}, (1.0, 1.0),
                                   f"{path}: ref {i} ({phrase!r})"))
