@@ -17,7 +17,8 @@ from tasks.data.coco import DataError
 from tasks.data.florence2 import (od_target, read_caption_records, read_coco_instances, read_grounding_records,
                                   read_vqa_records, write_shapes_instances)
 from tasks.detection_metrics import detection_map, grounding_accuracy
-from tasks.florence2 import Florence2DataModule, Florence2Task, collate_florence, expand_prompt, new_florence2
+from tasks.florence2 import (Florence2DataModule, Florence2Task, boxes_of, collate_florence, expand_prompt,
+                             new_florence2)
 from zoo.imported.florence2 import dequantize_boxes, load_folder, quantize_boxes, swap01
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -319,5 +320,10 @@ def test_detection_map_against_hand_values():
     fp_first = detection_map({1: {"boxes": [[40, 40, 50, 50], [10, 10, 30, 30]], "labels": ["circle", "circle"]}},
                              ref)
     assert fp_first["map_50"] == pytest.approx(0.5, abs=0.01)
+    # Florence-2's text → boxes at the bin centres → the metric (what validation does)
+    found = boxes_of("circle<loc_156><loc_156><loc_468><loc_468>square<loc_0><loc_0><loc_9><loc_9>", (64, 64))
+    assert found["labels"] == ["circle", "square"]
+    assert found["boxes"][0] == pytest.approx([10.016, 10.016, 29.984, 29.984], abs=1e-4)
+    assert detection_map({1: found}, ref)["map_50"] == pytest.approx(1.0)
     assert grounding_accuracy({1: [[0, 0, 0.5, 0.5]], 2: []}, {1: [0, 0, 0.5, 0.4], 2: [0, 0, 1, 1]}) == \
         {"acc50": 0.5, "miou": pytest.approx(0.4)}
