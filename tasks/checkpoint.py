@@ -169,7 +169,7 @@ def bundle_from_checkpoint(ckpt: dict[str, Any], where: str = "checkpoint",
     ft = meta.finetune or {}
     model = load_model_state(UnifiedSeq2Seq(cfg), _model_state(ckpt, where), ft, adapter_out)
     if meta.task == "florence2":  # Florence-2's own bundle: its tokenizer, decoding defaults and provenance
-        from tasks.florence2 import florence2_bundle
+        from tasks.florence2_bundle import florence2_bundle
 
         return florence2_bundle(model, meta.tokenizer, meta.state, where)
     tokenizer = TextTokenizer.from_str(meta.tokenizer)

@@ -24,13 +24,13 @@ from tasks.data.coco import DataError
 from tasks.data.florence2 import KINDS, FlorenceRecord, read_records, write_shapes_instances
 from tasks.data.validate import Problems
 from tasks.data_module import SplitInfo, TaskDataModule, empty_split_error
+from tasks.florence2_bundle import (BASE_GENERATION, florence2_bundle, init_location_embeddings,  # noqa: F401
+                                    new_florence2)
 from zoo.imported.florence2 import (MS_EXTRA_TOKENS, TASK_PROMPTS, TASK_PROMPTS_WITH_INPUT, FlorenceTokenizer,
-                                    dequantize_boxes, parse_boxes, swap01, task_prompt)
+                                    dequantize_boxes, parse_boxes, task_prompt)
 from zoo.vocab import PAD_ID
 
 log = logging.getLogger(__name__)
-#: the decoding every Florence-2 checkpoint uses unless its generation_config.json says otherwise (unified ids)
-BASE_GENERATION: dict[str, Any] = {"decoder_start_id": swap01(2), "eos_id": swap01(2), "pad_id": swap01(1)}
 #: default files of each kind (``data.kind``) when ``data.train_file`` etc. are not given
 DEFAULT_FILES = {"detection": "instances_{split}.json", "caption": "captions_{split}.json",
                  "grounding": "refs_{split}.json", "vqa": "questions_{split}.json"}
@@ -58,28 +58,6 @@ def train_florence_tokenizer(texts: Sequence[str], vocab_size: int) -> FlorenceT
     tok.train_from_iterator([_LOC.sub(" ", t) for t in texts], trainer=trainer)
     tok.add_special_tokens(list(MS_EXTRA_TOKENS))
     return FlorenceTokenizer(tok)
-
-
-def init_location_embeddings(model: Any, tokenizer: FlorenceTokenizer, shortest_period: float = 16.0) -> int:
-    """Give the ``<loc_0>`` .. ``<loc_999>`` rows of a *randomly initialised* model's token embedding (its tied output
-    projection) sinusoids of the bin index (periods from ``shortest_period`` to 4000 bins), at the embedding's own
-    scale: neighbouring bins start similar, so what is learned about one bin carries to its neighbours (a model
-    trained from scratch learns boxes in a fraction of the steps). Returns the rows set; a pretrained Florence-2
-    has learned its own and must not get these."""
-    ids = [tokenizer.token_id(f"<loc_{i}>") for i in range(1000)]
-    if any(i is None for i in ids):
-        return 0
-    weight = model.embed_tokens.weight
-    d = weight.shape[1]
-    bins = torch.arange(1000, dtype=torch.float64)[:, None]
-    periods = torch.logspace(torch.log10(torch.tensor(4000.0)), torch.log10(torch.tensor(shortest_period)), d // 2,
-                             dtype=torch.float64)
-    angles = 2 * torch.pi * bins / periods[None, :]  # [1000, d/2]
-    rows = torch.zeros(1000, d, dtype=torch.float64)
-    rows[:, 0:2 * (d // 2):2], rows[:, 1:2 * (d // 2):2] = angles.sin(), angles.cos()
-    with torch.no_grad():  # RMS 1/sqrt(2) per entry → the embedding's std
-        weight[torch.tensor(ids)] = (rows * (2 ** 0.5) * weight.std().double()).to(weight.dtype)
-    return len(ids)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -428,35 +406,6 @@ class Florence2Task(Seq2SeqTask):
         return CheckpointMeta(task=self.name, model_config=self.plain_model().cfg.to_dict(),
                               tokenizer=self.tokenizer.tok.to_str(), state=self.checkpoint_state(),
                               finetune=self.finetune_info)
-
-
-def new_florence2(arch: str, tokenizer: FlorenceTokenizer, init_locations: bool = True, **overrides: Any) -> Any:
-    """A randomly initialised Florence-2 of a registered architecture (``florence2-small``, ``test-florence2``, ...)
-    around ``tokenizer`` (the text range sized to it), as a :class:`zoo.imported.florence2.Florence2` bundle: its
-    ``save_pretrained`` folder is a starting point ``zoo-finetune pretrained=<folder>`` loads offline
-    (``init_locations``: :func:`init_location_embeddings`)."""
-    import zoo
-    from zoo.imported.florence2 import Florence2
-
-    model = zoo.create_model(arch, vocab={"text_size": tokenizer.vocab_size - 4}, **overrides).eval()
-    if init_locations:
-        init_location_embeddings(model, tokenizer)
-    meta = {"layout": "transformers", "source": f"{arch} (random weights)", "revision": None, "license": None}
-    return Florence2(model=model, tokenizer=tokenizer, source=meta["source"], generation=dict(BASE_GENERATION),
-                     meta=meta)
-
-
-def florence2_bundle(model: Any, tokenizer_json: str, state: dict[str, Any], source: str) -> Any:
-    """The :class:`zoo.imported.florence2.Florence2` bundle of a trained model (zoo-export writes it as a folder
-    ``zoo.load`` reads back)."""
-    from tokenizers import Tokenizer
-
-    from zoo.imported.florence2 import Florence2
-
-    info = state.get("florence2") or {}
-    meta = dict(info.get("meta") or {"layout": "transformers", "source": None, "revision": None, "license": None})
-    return Florence2(model=model.eval(), tokenizer=FlorenceTokenizer(Tokenizer.from_str(tokenizer_json)),
-                     source=source, generation={**BASE_GENERATION, **(info.get("generation") or {})}, meta=meta)
 
 
 __all__ = ["Florence2Task", "Florence2DataModule", "collate_florence", "expand_prompt", "train_florence_tokenizer",
