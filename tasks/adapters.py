@@ -70,10 +70,10 @@ def merge_lora(peft_model: Any) -> nn.Module:
 
 
 def freeze_encoder(model: nn.Module) -> None:
-    """Freeze modality embedders, encoder layers, encoder positions/norm and type embeddings (the tied
+    """Freeze modality embedders, encoder layers, encoder positions/norms and type embeddings (the tied
     token embedding stays trainable: the decoder uses it)."""
     for name, p in model.named_parameters():
-        if name.startswith(("embedders.", "encoder.", "enc_norm.", "enc_pos.", "type_embed.")):
+        if name.startswith(("embedders.", "encoder.", "enc_norm.", "enc_embed_norm.", "enc_pos.", "type_embed.")):
             p.requires_grad_(False)
 
 
@@ -139,6 +139,9 @@ def from_pretrained(cfg: DictConfig) -> tuple[nn.Module, Any, dict[str, Any]]:
     print(f"[mmzoo] fine-tuning {bundle.source} ({bundle.model.cfg.arch}) mode={ft['mode']}: "
           f"{trainable / 1e6:.3f}M of {total / 1e6:.2f}M parameters trainable")
     info = {"pretrained": str(cfg.pretrained), "mode": ft["mode"], "tasks": bundle.tasks}
+    for key in ("generation", "meta"):  # imported checkpoints (Florence-2): decoding defaults and provenance
+        if isinstance(getattr(bundle, key, None), dict):
+            info[key] = dict(getattr(bundle, key))
     if ft["mode"] == "lora":
         info["lora"] = ft["lora"]
     return model, bundle.tokenizer, info

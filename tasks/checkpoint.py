@@ -137,6 +137,23 @@ def image_tokenizer_for(ckpt: dict[str, Any], where: str, vq: str | Path | None 
     return None if folder is None else ImageCodeTokenizer.from_pretrained(folder).eval()
 
 
+def load_model_state(model: Any, state: dict[str, torch.Tensor], finetune: dict[str, Any],
+                     adapter_out: str | Path | None = None) -> Any:
+    """Load a checkpoint's model weights (a LoRA run's adapters merged, and saved to ``adapter_out`` when given);
+    the model in eval mode."""
+    if finetune.get("mode") == "lora":
+        from tasks.adapters import apply_lora, merge_lora, save_adapter
+
+        model = apply_lora(model, **finetune["lora"])
+        model.load_state_dict(state, strict=True)
+        if adapter_out is not None:
+            save_adapter(model, adapter_out)
+        model = merge_lora(model)
+    else:
+        model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
 def bundle_from_checkpoint(ckpt: dict[str, Any], where: str = "checkpoint",
                            adapter_out: str | Path | None = None, vq: str | Path | None = None) -> Any:
     """Rebuild the :class:`zoo.pretrained.Pretrained` bundle of a training checkpoint (LoRA merged; the VQ
@@ -149,20 +166,12 @@ def bundle_from_checkpoint(ckpt: dict[str, Any], where: str = "checkpoint",
     if meta.model_config is None or meta.tokenizer is None:
         raise ValueError(f"{where}: a {meta.task!r} checkpoint holds no unified model (no model config / tokenizer)")
     cfg = model_config_from_dict(dict(meta.model_config), f"{where}['mmzoo']['model_config']")
-    model = UnifiedSeq2Seq(cfg)
-    state = _model_state(ckpt, where)
     ft = meta.finetune or {}
-    if ft.get("mode") == "lora":
-        from tasks.adapters import apply_lora, merge_lora, save_adapter
+    model = load_model_state(UnifiedSeq2Seq(cfg), _model_state(ckpt, where), ft, adapter_out)
+    if meta.task == "florence2":  # Florence-2's own bundle: its tokenizer, decoding defaults and provenance
+        from tasks.florence2_bundle import florence2_bundle
 
-        model = apply_lora(model, **ft["lora"])
-        model.load_state_dict(state, strict=True)
-        if adapter_out is not None:
-            save_adapter(model, adapter_out)
-        model = merge_lora(model)
-    else:
-        model.load_state_dict(state, strict=True)
-    model.eval()
+        return florence2_bundle(model, meta.tokenizer, meta.state, where)
     tokenizer = TextTokenizer.from_str(meta.tokenizer)
     hp = ckpt.get("hyper_parameters") or {}
     tasks = dict(ft.get("tasks") or {})

@@ -106,5 +106,6 @@ register_task("vqa", "tasks.vqa:VQATask", "tasks.vqa:VQADataModule", "shapes_vqa
 register_task("text_to_image", "tasks.text_to_image:TextToImageTask", "tasks.text_to_image:T2IDataModule", "shapes_t2i")
 register_task("multitask", "tasks.multitask:MultitaskTask", "tasks.multitask:MultitaskDataModule", "multitask")
 register_task("sensor_to_text", "tasks.sensor_to_text:SensorToTextTask", "tasks.sensor_to_text:SensorTextDataModule", "motion")
+register_task("florence2", "tasks.florence2:Florence2Task", "tasks.florence2:Florence2DataModule", "florence2_od_shapes")
 register_t2i_decoder("codes", "tasks.text_to_image:TextToImageTask", "tasks.text_to_image:T2IDataModule")
 register_t2i_decoder("layout", "tasks.layout_t2i:LayoutTextToImageTask", "tasks.layout_t2i:LayoutT2IDataModule")

@@ -13,6 +13,7 @@ import torch
 
 from tests.conftest import EXPERIMENTS, compose
 
+FLORENCE2_EXPERIMENTS = ("od_shapes", "florence2_caption_shapes")
 TINY = ["model=test_tiny", "data.num_workers=0", "data.batch_size=4", "data.eval_batch_size=16",
         "data.tokenizer_vocab_size=300", "task.max_new_tokens=8"]
 
@@ -70,6 +71,8 @@ def _tiny(experiment: str) -> list[str]:
         return []
     if experiment.startswith("vq_shapes"):  # the VQ tokenizer task: no text tokenizer, no generation
         return [o for o in TINY if not o.startswith(("data.tokenizer_vocab_size", "task.max_new_tokens"))]
+    if experiment in FLORENCE2_EXPERIMENTS:  # Florence-2's task needs a Florence-2 architecture
+        return ["model=test_florence2" if o == "model=test_tiny" else o for o in TINY]
     return TINY
 
 

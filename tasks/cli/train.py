@@ -210,7 +210,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     else:
         tokenizer = dm.load_tokenizer()
         data_overrides = dm.model_overrides()
-        model = build_model(cfg.model, tokenizer.vocab_size, data_overrides)
+        # a datamodule whose tokenizer holds the specials too (Florence-2's BART layout) says its text range
+        text_size = dm.text_vocab_size(tokenizer) if hasattr(dm, "text_vocab_size") else tokenizer.vocab_size
+        model = build_model(cfg.model, text_size, data_overrides)
         dm.bind(model.cfg, model.layout)
     if not standalone:
         if cfg.get("grad_checkpointing") is not None:

@@ -389,12 +389,25 @@ _LOC = re.compile(r"<loc_(\d+)>")
 _BOX = re.compile(r"([^<]+)((?:<loc_\d+>){4,})")
 
 
-def dequantize_boxes(bins: Sequence[Sequence[int]], width: int, height: int) -> list[list[int]]:
+def dequantize_boxes(bins: Sequence[Sequence[int]], width: int, height: int,
+                     integer: bool = True) -> list[list[Any]]:
     """Location bins (1000 per side) ``[[x0, y0, x1, y1], ...]`` → pixel boxes at the bins' centres, truncated to
-    integers in float32 as Florence-2's post-processor does."""
+    integers in float32 as Florence-2's post-processor does (``integer=False``: the float centres, which
+    :func:`quantize_boxes` maps back to the same bins)."""
     t = torch.tensor([list(b) for b in bins], dtype=torch.int64).reshape(-1, 4)
     scale = torch.tensor([width / 1000, height / 1000, width / 1000, height / 1000], dtype=torch.float32)
-    return ((t + 0.5) * scale).int().tolist()
+    centres = (t + 0.5) * scale
+    return centres.int().tolist() if integer else centres.tolist()
+
+
+def quantize_boxes(boxes: Sequence[Sequence[float]], width: float, height: float) -> list[list[int]]:
+    """Pixel boxes ``[[x0, y0, x1, y1], ...]`` → location bins (1000 per side): ``floor(v / (side / 1000))`` in
+    float32, clamped to ``[0, 999]``, as Florence-2's post-processor quantises. Inverse of
+    :func:`dequantize_boxes`: bins → centres → bins is the identity, pixels → bins → centres moves a coordinate
+    by at most half a bin (``side / 2000`` pixels)."""
+    t = torch.tensor([[float(v) for v in b] for b in boxes], dtype=torch.float32).reshape(-1, 4)
+    per_bin = torch.tensor([width / 1000, height / 1000, width / 1000, height / 1000], dtype=torch.float32)
+    return (t / per_bin).floor().clamp(0, 999).int().tolist()
 
 
 def parse_boxes(text: str, width: int, height: int, banned: set[str] | None = None) -> dict[str, list[Any]]:
