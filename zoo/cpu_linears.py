@@ -15,50 +15,28 @@ other dtypes or devices, sharded (DTensor / FSDP) parameters, a PyTorch build wi
 """
 from __future__ import annotations
 
-import os
 import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-
-def onednn_available() -> bool:
-    """Whether packed oneDNN linears are on: this PyTorch build has the kernels, and ``MMZOO_CPU_PACKED`` is
-    not ``0`` (set it to ``0`` for MKL's exact fp32 numbers, for example to compare with a sharded run)."""
-    ops = torch.ops.mkldnn
-    return (os.environ.get("MMZOO_CPU_PACKED", "1") != "0" and torch.backends.mkldnn.is_available()
-            and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
-
-
-class _Packed:
-    """The packed weight of one linear layer and the weight state it was packed from."""
-
-    __slots__ = ("source", "key", "weight")
-
-    def __init__(self) -> None:
-        self.source: weakref.ref | None = None  # the weight tensor object it was packed from
-        self.key: tuple[int, int] | None = None  # (its version counter, its storage address) then
-        self.weight: torch.Tensor | None = None
-
-    def get(self, weight: torch.Tensor) -> torch.Tensor:
-        key = (weight._version, weight.data_ptr())
-        if self.source is None or self.source() is not weight or key != self.key:
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-            self.source, self.key = weakref.ref(weight), key
-        assert self.weight is not None
-        return self.weight
-
+from zoo.onednn import (  # noqa: F401
+    _PLAIN,
+    _Packed,
+    onednn_available,
+    onednn_linear,
+    packed_applies,
+    packed_linear,
+)
 
 #: packed weights per model (by layer id); weak keys: a deleted model takes its packed copies along, and the
 #: copies never travel with the model (state_dict, deepcopy, pickle)
-_PACKED: "weakref.WeakKeyDictionary[nn.Module, dict[int, _Packed]]" = weakref.WeakKeyDictionary()
+_PACKED: weakref.WeakKeyDictionary[nn.Module, dict[int, _Packed]] = weakref.WeakKeyDictionary()
 
 
-_PLAIN = (torch.Tensor, nn.Parameter)  # not DTensor or other tensor subclasses
 
 
 def release_packed(model: nn.Module) -> None:
@@ -74,35 +52,6 @@ def _release_all_after_step(optimizer: torch.optim.Optimizer, args: object, kwar
 
 
 register_optimizer_step_post_hook(_release_all_after_step)
-
-
-def packed_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``x @ weight.T`` runs on the packed kernel: plain fp32 CPU tensors, outside autograd."""
-    return (type(weight) in _PLAIN and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)))
-
-
-def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: _Packed,
-                  gelu: str | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` (then ``F.gelu(approximate=gelu)`` when ``gelu`` is ``"none"`` or ``"tanh"``),
-    through the packed oneDNN kernel where it applies (CPU fp32, no grad); the GELU is then fused into the GEMM."""
-    if not packed_applies(x, weight):
-        y = F.linear(x, weight, bias)
-        return y if gelu is None else F.gelu(y, approximate=gelu)
-    # single rows too: in a decoding loop the weights stream from memory rather than cache, and the packed
-    # layout streams faster (batch-1 greedy 9 % faster than with MKL for the small layers, although MKL wins
-    # cache-hot microbenchmarks of those)
-    out = onednn_linear(x.reshape(-1, x.shape[-1]), packed.get(weight), bias, gelu)
-    return out.view(*x.shape[:-1], out.shape[-1])
-
-
-def onednn_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None,
-                  gelu: str | None = None) -> torch.Tensor:
-    """The oneDNN GEMM of 2-D ``x`` with an already packed weight, the GELU (``"none"`` or ``"tanh"``) fused in when
-    given. No checks: callers make sure the packed path applies (:func:`packed_applies`)."""
-    act, alg = ("none", "") if gelu is None else ("gelu", gelu)
-    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, act, [], alg)
 
 
 def _packed_forward(layer: nn.Linear, packed: _Packed):
@@ -143,7 +92,9 @@ def packed_linears(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     for m in ffns:
         m.forward = _packed_ffn_forward(m, cache.setdefault(id(m.fc1), _Packed()))  # type: ignore[method-assign]
     layers += ffns
-    from zoo.fast_davit import install  # Florence-2's timm DaViT tower: its lean forward on the packed weights
+    from zoo.fast_davit import (
+        install,  # Florence-2's timm DaViT tower: its lean forward on the packed weights
+    )
 
     layers += install(model, cache)
     model.__dict__["packed_output"] = cache.setdefault(id(model), _Packed())

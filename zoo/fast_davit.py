@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as nn_module
 
-from zoo.cpu_linears import _Packed, onednn_linear, packed_applies
+from zoo.onednn import _Packed, onednn_linear, packed_applies
 
 _DAVIT = ("timm.models.davit", "DaVit")
 
