@@ -67,6 +67,11 @@ def test_a_slow_machine_gets_the_cheaper_configuration(tmp_path, monkeypatch, ca
         assert ("cheaper configuration" in capsys.readouterr().out) == expected_slow
     with pytest.raises(ValueError, match="data.tasks.captions.batch_size is not in the config"):
         apply_overrides(cfg, {"data.tasks.captions.batch_size": 8})
+    # what the user set on the command line wins over the slow machine's configuration
+    run = compose(["experiment=multitask", "data.tasks.caption.batch_size=12"], tmp_path)
+    applied = apply_overrides(run, slow.overrides, keep={"data.tasks.caption.batch_size"})
+    assert run.data.tasks.caption.batch_size == 12 and "data.tasks.caption.batch_size" not in applied
+    assert run.data.tasks.sensor_to_text.batch_size == slow.overrides["data.tasks.sensor_to_text.batch_size"]
 
 
 def test_matmul_calibration_is_short_and_positive():
@@ -104,3 +109,23 @@ def test_main_job_has_one_budget_and_it_can_be_turned_off(tmp_path):
     assert cfg.budget.total_minutes is None and cfg.callbacks.time_budget.minutes == cfg.train_minutes
     cfg = compose(["experiment=t2i_shapes"], tmp_path)
     assert cfg.budget.total_minutes is None  # single-task experiments keep their own schedules
+
+
+def test_command_line_keys_are_what_the_user_set():
+    from hydra import compose as hcompose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from tasks.cli.train import command_line_keys
+    from tasks.runtime.resolvers import register_resolvers
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="configs", version_base="1.3"):
+        cfg = hcompose(config_name="train", return_hydra_config=True,
+                       overrides=["experiment=multitask", "data.tasks.caption.batch_size=12", "+foo.bar=1"])
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert command_line_keys() == {"experiment", "data.tasks.caption.batch_size", "foo.bar"}
+    finally:
+        HydraConfig.instance().cfg = None

@@ -125,6 +125,15 @@ def instantiate_loggers(logger_cfg: Any) -> list[Any]:
     return [instantiate(c) for c in logger_cfg.values() if c is not None]
 
 
+def command_line_keys() -> set[str]:
+    """The config keys set on this run's command line (``key=value``, ``+key=value``), empty outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    return {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+
+
 def has_test_split(dm: Any) -> bool:
     """Whether the datamodule has test data (``has_split("test")``; a multi-task one: every task's)."""
     if dm.subs:
@@ -191,7 +200,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if budget and budget.get("total_minutes"):  # one wall-clock budget for the whole run (tasks/runtime/budget.py)
         from tasks.runtime.budget import plan_run
 
-        _, deadline = plan_run(budget, bf16="bf16" in str(cfg.trainer.get("precision")), cfg=cfg)
+        _, deadline = plan_run(budget, bf16="bf16" in str(cfg.trainer.get("precision")), cfg=cfg,
+                               user_keys=command_line_keys())
     dm = instantiate(cfg.data)
     # torchrun/srun ranks: one prepares, the others read its cache; the RNG is left as it was (cache hit or miss)
     with prepare_lock(cfg.data.get("root") or cfg.paths.data_dir), isolated_rng():

@@ -10,7 +10,7 @@ reserve is scaled the same way.
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 #: when this module was first imported (``tasks.cli.train`` imports it at start): the run's clock starts here
 RUN_START = time.monotonic()
@@ -113,21 +113,27 @@ def is_slow(training_gflops: float, reference_training_gflops: float, below: flo
     return training_gflops / reference_training_gflops < below
 
 
-def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> None:
-    """Set each dotted config path of ``overrides`` in ``cfg`` (each must exist: a typo is an error, not a new key)."""
+def apply_overrides(cfg: Any, overrides: Mapping[str, Any], keep: Collection[str] = ()) -> dict[str, Any]:
+    """Set each dotted config path of ``overrides`` in ``cfg`` (each must exist: a typo is an error, not a new key),
+    except those in ``keep`` (what the user set on the command line wins). Returns what was set."""
     from omegaconf import OmegaConf
 
+    applied = {}
     for key, value in overrides.items():
         if OmegaConf.select(cfg, key, default="<missing>") == "<missing>":
             raise ValueError(f"budget.slow_machine.overrides: {key} is not in the config")
-        OmegaConf.update(cfg, key, value)
+        if key not in keep:
+            OmegaConf.update(cfg, key, value)
+            applied[key] = value
+    return applied
 
 
-def plan_run(budget: Mapping[str, Any], bf16: bool, cfg: Any = None) -> tuple[dict[str, float], float]:
+def plan_run(budget: Mapping[str, Any], bf16: bool, cfg: Any = None,
+             user_keys: Collection[str] = ()) -> tuple[dict[str, float], float]:
     """Calibrate, print the plan and return it with the deadline of the training loop (seconds since the run
     started): ``total - the evaluation reserve``. With ``cfg``, a machine slower than ``budget.slow_machine.below``
     times the reference gets ``budget.slow_machine.overrides`` applied to ``cfg`` in place (a cheaper configuration:
-    where steps are dear, each must teach more)."""
+    where steps are dear, each must teach more), except the keys in ``user_keys`` (set on the command line)."""
     total = float(budget["total_minutes"])
     gflops = matmul_gflops(bf16)
     reference = float(budget["reference_gflops_bf16" if bf16 else "reference_gflops"])
@@ -143,9 +149,9 @@ def plan_run(budget: Mapping[str, Any], bf16: bool, cfg: Any = None) -> tuple[di
     if cfg is not None and slow.get("overrides"):
         reference_training = float(budget["reference_gflops_bf16"])
         if is_slow(gflops, reference_training, float(slow["below"])):
-            apply_overrides(cfg, slow["overrides"])
+            applied = apply_overrides(cfg, slow["overrides"], keep=user_keys)
             print(f"[mmzoo] this machine trains at {gflops / reference_training:.2f}x the reference (under "
-                  f"{slow['below']}): the cheaper configuration for slow machines: "
-                  + ", ".join(f"{k.removeprefix('data.tasks.')}={v}" for k, v in slow["overrides"].items()), flush=True)
+                  f"{slow['below']}): the cheaper configuration for slow machines (budget.slow_machine=null: off): "
+                  + ", ".join(f"{k.removeprefix('data.tasks.')}={v}" for k, v in applied.items()), flush=True)
     after = sum(m for k, m in plan.items() if k == "evaluation")
     return plan, 60.0 * (total - after)
