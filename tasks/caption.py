@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader, Dataset
 from modalities.image import ImagePreprocessor
 from modalities.text import TextTokenizer
 from tasks.base import Seq2SeqTask
-from tasks.data.coco import CaptionRecord, DataError, read_coco_captions
+from tasks.data.coco import CaptionRecord, read_coco_captions
 from tasks.data.collate import Seq2SeqCollator
-from tasks.data_module import FileSplitsMixin, SplitInfo, TextDataModule, empty_split_error, image_preprocessor
+from tasks.data_module import FileSplitsMixin, SplitInfo, TextDataModule, image_preprocessor
 from zoo.task_specs import task_spec
 from zoo.vocab import VocabLayout
 
@@ -121,11 +121,7 @@ class CaptionDataModule(FileSplitsMixin, TextDataModule):
             recs = filter_records(recs, lambda r: r.path, lambda r: f"{path}: image id={r.image_id}",
                                   problems, self.check_files,
                                   confine_roots(self.allow_outside_root, self.root, self.image_root))
-            problems.log()
-            self.split_infos[split] = info = SplitInfo(str(path), len(recs), list(problems.messages))
-            if split == "train" and not recs:
-                raise DataError(f"{empty_split_error(info, split)}: nothing to train on")
-            self.records[split] = recs
+            self._keep(split, path, recs, problems)
         return self.records[split]
 
     def ensure_data(self) -> None:

@@ -145,6 +145,17 @@ class FileSplitsMixin:
     """``split_info`` for datamodules with one file per split (``self.files``) read by ``self._read(split)``,
     which fills ``self.split_infos``; the train split's batch count uses ``self.batch_size``."""
 
+    def _keep(self, split: str, path: Any, recs: list, problems: Any) -> None:
+        """Log the split's skipped records, record its :class:`SplitInfo` and its records; an empty train split
+        is an error."""
+        from tasks.data.coco import DataError
+
+        problems.log()
+        self.split_infos[split] = info = SplitInfo(str(path), len(recs), list(problems.messages))
+        if split == "train" and not recs:
+            raise DataError(f"{empty_split_error(info, split)}: nothing to train on")
+        self.records[split] = recs
+
     def split_info(self, split: str) -> SplitInfo | None:
         if not self.files.get(split):
             return None

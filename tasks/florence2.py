@@ -20,10 +20,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.base import Seq2SeqTask
-from tasks.data.coco import DataError
 from tasks.data.florence2 import KINDS, FlorenceRecord, read_records, write_shapes_instances
 from tasks.data.validate import Problems
-from tasks.data_module import SplitInfo, TaskDataModule, empty_split_error
+from tasks.data_module import FileSplitsMixin, SplitInfo, TaskDataModule
 from tasks.florence2_bundle import (BASE_GENERATION, florence2_bundle, init_location_embeddings,  # noqa: F401
                                     new_florence2)
 from zoo.imported.florence2 import (MS_EXTRA_TOKENS, TASK_PROMPTS, TASK_PROMPTS_WITH_INPUT, FlorenceTokenizer,
@@ -99,7 +98,7 @@ def collate_florence(items: list[dict[str, Any]]) -> dict[str, Any]:
             "prompt_mask": prompt_ids != PAD_ID, "labels": labels, "tgt_in": tgt_in, "ids": [x["id"] for x in items]}
 
 
-class Florence2DataModule(TaskDataModule):
+class Florence2DataModule(FileSplitsMixin, TaskDataModule):
     """``(image, prompt, target)`` records of one kind (``detection | caption | grounding | vqa``) from the standard
     files (:mod:`tasks.data.florence2`); generates Shapes (and its COCO instances files) on first use.
 
@@ -151,11 +150,7 @@ class Florence2DataModule(TaskDataModule):
             ann = self.annotations.get(split)
             recs = read_records(self.kind, path, self.image_root, problems,
                                 annotations=self.root / ann if ann else None)
-            problems.log()
-            self.split_infos[split] = info = SplitInfo(str(path), len(recs), list(problems.messages))
-            if split == "train" and not recs:
-                raise DataError(f"{empty_split_error(info, split)}: nothing to train on")
-            self.records[split] = recs
+            self._keep(split, path, recs, problems)
         return self.records[split]
 
     def prepare_data(self) -> None:
@@ -166,15 +161,6 @@ class Florence2DataModule(TaskDataModule):
 
     def has_split(self, split: str) -> bool:
         return bool(self.files.get(split)) and (self.root / self.files[split]).is_file()
-
-    def split_info(self, split: str) -> SplitInfo | None:
-        if not self.files.get(split):
-            return None
-        recs = self._read(split)
-        info = self.split_infos[split]
-        if split == "train":
-            info.units, info.batches = len(recs), len(recs) // self.batch_size
-        return info
 
     def _eval_records(self, stage: str) -> list[FlorenceRecord]:
         recs = self._read(stage)
