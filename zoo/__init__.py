@@ -1,42 +1,28 @@
 """mmzoo's model zoo: the unified seq2seq model, its registry, vocabulary, generation and I/O.
 
-Imports are lazy so that ``import zoo`` stays cheap.
+Imports are lazy so that ``import zoo`` stays cheap: each public name is read from its module on first use (PEP 562).
 """
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 from zoo.version import __version__
 
-__all__ = ["create_model", "list_models", "model_config", "load", "list_pretrained", "register_pretrained",
-           "Pretrained", "UnifiedSeq2Seq", "ModelConfig", "VocabLayout", "ModelFolderError", "UnsafeModelError"]
+_HOME = {  # public name → the module that defines it
+    "create_model": "zoo.registry", "list_models": "zoo.registry", "model_config": "zoo.registry",
+    "load": "zoo.hub", "list_pretrained": "zoo.hub", "register_pretrained": "zoo.hub",
+    "Pretrained": "zoo.pretrained", "UnifiedSeq2Seq": "zoo.model", "ModelConfig": "zoo.config",
+    "VocabLayout": "zoo.vocab", "ModelFolderError": "zoo.loading", "UnsafeModelError": "zoo.loading",
+}
+__all__ = list(_HOME)
 
 
-def __getattr__(name: str):
-    if name in ("create_model", "list_models", "model_config"):
-        from zoo import registry
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'zoo' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOME[name]), name)
 
-        return getattr(registry, name)
-    if name in ("load", "list_pretrained", "register_pretrained"):
-        from zoo import hub
 
-        return getattr(hub, name)
-    if name == "Pretrained":
-        from zoo.pretrained import Pretrained
-
-        return Pretrained
-    if name in ("ModelFolderError", "UnsafeModelError"):
-        from zoo import loading
-
-        return getattr(loading, name)
-    if name == "UnifiedSeq2Seq":
-        from zoo.model import UnifiedSeq2Seq
-
-        return UnifiedSeq2Seq
-    if name == "ModelConfig":
-        from zoo.config import ModelConfig
-
-        return ModelConfig
-    if name == "VocabLayout":
-        from zoo.vocab import VocabLayout
-
-        return VocabLayout
-    raise AttributeError(f"module 'zoo' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOME])

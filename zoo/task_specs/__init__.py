@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import importlib
+
 from zoo.task_specs.base import (DEFAULT_GENERATION, TEXT_TASK, TaskSpec, decode_text, encode_text,
                                  register_task_spec, registered_specs, text_batch, unified_text_ids)
 
@@ -16,7 +18,8 @@ BUILTIN = ("caption", "vqa", "sensor_to_text", "text_to_image")
 
 
 def _load_builtin() -> None:
-    from zoo.task_specs import caption, sensor_to_text, text_to_image, vqa  # noqa: F401  (each registers itself)
+    for name in BUILTIN:  # each module registers its spec when first imported
+        importlib.import_module(f"zoo.task_specs.{name}")
 
 
 def task_specs() -> dict[str, TaskSpec]:
