@@ -12,7 +12,6 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tasks.runtime.resolvers import register_resolvers
 
 
 def load_for_eval(source: str, task_type: str | None = None, unsafe_pickle: bool = False
@@ -98,16 +97,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 def main() -> None:
-    from tasks.cli.help import maybe_print_help
+    from tasks.cli.entry import run_job, start_command
 
-    maybe_print_help("zoo-eval")  # before Hydra and Lightning load
+    start_command("zoo-eval")
     import hydra
 
-    register_resolvers()
-
     @hydra.main(version_base="1.3", config_path="pkg://configs", config_name="eval")
-    def _main(cfg: DictConfig) -> None:
-        evaluate(cfg)
+    def _main(cfg: DictConfig) -> None:  # defined here: Hydra names the job (and its log) after this file
+        run_job(evaluate, cfg)
 
     _main()
 

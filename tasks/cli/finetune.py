@@ -34,25 +34,14 @@ def finetune(cfg: DictConfig) -> dict[str, float]:
 
 
 def main() -> None:
-    from tasks.cli.help import maybe_print_help
+    from tasks.cli.entry import run_job, start_command
 
-    maybe_print_help("zoo-finetune")  # before Hydra and Lightning load
+    start_command("zoo-finetune")
     import hydra
 
-    from tasks.runtime.resolvers import register_resolvers
-
-    register_resolvers()
-
     @hydra.main(version_base="1.3", config_path="pkg://configs", config_name="finetune")
-    def _main(cfg: DictConfig) -> float | None:
-        from tasks.data.coco import DataError
-
-        try:
-            metrics = finetune(cfg)
-        except DataError as e:  # bad data, or a run that would train nothing: the message, not a traceback
-            raise SystemExit(f"error: {e}") from None
-        opt = cfg.get("optimized_metric")
-        return metrics.get(opt) if opt else None
+    def _main(cfg: DictConfig) -> float | None:  # defined here: Hydra names the job (and its log) after this file
+        return run_job(finetune, cfg)
 
     _main()
 

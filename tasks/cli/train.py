@@ -9,7 +9,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from tasks.runtime.budget import RUN_START  # noqa: F401  (starts the run's clock: budget.total_minutes counts from here)
-from tasks.runtime.resolvers import register_resolvers
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
@@ -284,23 +283,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def main() -> None:
-    from tasks.cli.help import maybe_print_help
+    from tasks.cli.entry import run_job, start_command
 
-    maybe_print_help("zoo-train")  # before Hydra and Lightning load
+    start_command("zoo-train")
     import hydra
 
-    register_resolvers()
-
     @hydra.main(version_base="1.3", config_path="pkg://configs", config_name="train")
-    def _main(cfg: DictConfig) -> float | None:
-        from tasks.data.coco import DataError
-
-        try:
-            metrics = train(cfg)
-        except DataError as e:  # bad data, or a run that would train nothing: the message, not a traceback
-            raise SystemExit(f"error: {e}") from None
-        opt = cfg.get("optimized_metric")
-        return metrics.get(opt) if opt else None
+    def _main(cfg: DictConfig) -> float | None:  # defined here: Hydra names the job (and its log) after this file
+        return run_job(train, cfg)
 
     _main()
 
