@@ -129,3 +129,21 @@ def test_command_line_keys_are_what_the_user_set():
         assert command_line_keys() == {"experiment", "data.tasks.caption.batch_size", "foo.bar"}
     finally:
         HydraConfig.instance().cfg = None
+
+
+def test_calibrations_leave_the_seeded_random_stream_alone():
+    """The bf16 probe and the budget's calibrations run before training (the bf16 probe only on a run's first call,
+    e.g. not at all when backbone pretraining already asked): a draw from the global RNG there made a run that
+    pretrained its stem differ from the same seed's run that read it from the cache."""
+    import torch
+
+    from tasks.runtime.budget import decode_step_us, matmul_gflops
+    from tasks.runtime.resolvers import bf16_matmul_is_fast
+
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    bf16_matmul_is_fast(n=32, seconds=0.001)
+    matmul_gflops(n=32, seconds=0.001)
+    decode_step_us(width=16, layers=1, seconds=0.001)
+    assert torch.equal(torch.rand(4), expected)

@@ -79,16 +79,16 @@ def build_model(model_cfg: DictConfig, text_vocab_size: int, data_overrides: dic
 
 
 def save_final_last(trainer) -> None:
-    """Write ``last.ckpt`` at the final step when the step-interval checkpoint missed it (a run that ends at a
-    time budget or a step total off its interval, with no validation in the loop): the checkpoint then holds
-    the weights that the final metrics describe, and resuming from it finds the run complete."""
+    """Write ``last.ckpt`` at the final step (a run that ends at a time budget or a step total off the checkpoint
+    interval would otherwise keep an older one): the checkpoint then holds the weights that the final metrics
+    describe, and resuming from it finds the run complete. Where the interval already saved this step, the write
+    repeats it (atomically) rather than read Lightning's private bookkeeping."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     for cb in trainer.checkpoint_callbacks:
         if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath and trainer.global_step > 0:
             path = Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
-            if getattr(cb, "_last_global_step_saved", -1) != trainer.global_step:
-                trainer.save_checkpoint(path, weights_only=False)  # optimizer too (resumable); every rank: FSDP gathers shards collectively
+            trainer.save_checkpoint(path, weights_only=False)  # optimizer too (resumable); every rank: FSDP gathers shards collectively
             return
 
 

@@ -28,7 +28,8 @@ def matmul_gflops(bf16: bool = False, n: int = 1024, seconds: float = 0.6) -> fl
     import torch
 
     dtype = torch.bfloat16 if bf16 else torch.float32
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    gen = torch.Generator().manual_seed(0)  # not the global stream: calibrating must not change the seeded run
+    a, b = torch.randn(n, n, dtype=dtype, generator=gen), torch.randn(n, n, dtype=dtype, generator=gen)
     a @ b  # warm-up
     times: list[float] = []
     end = time.perf_counter() + seconds
@@ -46,9 +47,10 @@ def decode_step_us(width: int = 256, layers: int = 4, seconds: float = 0.3) -> f
     process's load on the second core made each small operation wait milliseconds for it)."""
     import torch
 
-    norms = [torch.nn.LayerNorm(width) for _ in range(layers)]
-    linears = [torch.nn.Linear(width, width) for _ in range(layers)]
-    x0 = torch.randn(4, 1, width)
+    with torch.random.fork_rng(devices=[]):  # the layers' init draws: keep the seeded run's stream where it was
+        norms = [torch.nn.LayerNorm(width) for _ in range(layers)]
+        linears = [torch.nn.Linear(width, width) for _ in range(layers)]
+        x0 = torch.randn(4, 1, width)
 
     def step() -> torch.Tensor:
         x = x0
