@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from modalities.base import ModalityConfig, is_ident, list_of, optional, register_modality, upto
-from modalities.image import load_image
+from modalities.image import ImagePreprocessor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -85,28 +83,15 @@ class FlorenceImageConfig(ModalityConfig):
         return 1 + self.grid() ** 2
 
 
-class FlorenceImagePreprocessor:
-    """Decode → RGB → bicubic resize to ``image_size`` (squash, as Florence-2's processor) → normalise to
-    ``[3, S, S]``. Picklable, for DataLoader workers."""
+class FlorenceImagePreprocessor(ImagePreprocessor):
+    """The image preprocessing of :class:`ImagePreprocessor` (bicubic squash to ``image_size``, normalise to
+    ``[3, S, S]``) with Florence-2's processor's rescale, ``x * (1/255)`` in float32, so that its pixels equal the
+    reference's bit for bit. Takes a :class:`FlorenceImageConfig` (image_size, mean, std). Picklable, for
+    DataLoader workers."""
 
-    def __init__(self, cfg: FlorenceImageConfig):
-        self.cfg = cfg
-        self.mean = np.asarray(cfg.mean, dtype=np.float32).reshape(3, 1, 1)
-        self.std = np.asarray(cfg.std, dtype=np.float32).reshape(3, 1, 1)
-
-    def __call__(self, source: str | Path | bytes | Image.Image) -> torch.Tensor:
-        img = load_image(source)
-        s = self.cfg.image_size
-        if img.size != (s, s):
-            img = img.resize((s, s), Image.BICUBIC)
-        arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) * np.float32(1 / 255)  # [3, S, S]
-        return torch.from_numpy((arr - self.mean) / self.std)
-
-    def denormalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Inverse of the normalisation, clamped to [0, 1]."""
-        mean = torch.tensor(self.cfg.mean, device=pixels.device).view(-1, 1, 1)
-        std = torch.tensor(self.cfg.std, device=pixels.device).view(-1, 1, 1)
-        return (pixels * std + mean).clamp(0, 1)
+    @staticmethod
+    def to_unit(pixels: np.ndarray) -> np.ndarray:
+        return pixels * np.float32(1 / 255)
 
 
 def temporal_sinusoid(positions: int, dim: int) -> torch.Tensor:

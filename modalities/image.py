@@ -103,12 +103,17 @@ class ImagePreprocessor:
     def __call__(self, source: str | Path | bytes | Image.Image) -> torch.Tensor:
         img = load_image(source)
         s = self.cfg.image_size
-        if self.cfg.resize == "center_crop":
+        if getattr(self.cfg, "resize", "squash") == "center_crop":
             img = ImageOps.fit(img, (s, s), Image.BICUBIC)
         elif img.size != (s, s):
             img = img.resize((s, s), Image.BICUBIC)
-        arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0  # [3, S, S]
+        arr = self.to_unit(np.asarray(img, dtype=np.float32).transpose(2, 0, 1))  # [3, S, S]
         return torch.from_numpy((arr - self.mean) / self.std)
+
+    @staticmethod
+    def to_unit(pixels: np.ndarray) -> np.ndarray:
+        """0-255 values to [0, 1]."""
+        return pixels / 255.0
 
     def denormalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """Inverse of the normalisation, clamped to [0, 1] (for sample grids)."""

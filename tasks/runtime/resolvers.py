@@ -27,29 +27,16 @@ def cpu_has_bf16() -> bool:
 
 
 def bf16_matmul_is_fast(n: int = 256, seconds: float = 0.03) -> bool:
-    """Whether a bf16 ``n``-square matmul takes at most 1.5x the fp32 one here (the fastest of the repeats over
-    about ``seconds`` each, at least 3), on one thread so that another process busy on the other cores cannot
-    stall it."""
-    import time
-
+    """Whether a bf16 ``n``-square matmul takes at most 1.5x the fp32 one here (each the fastest of repeats over
+    about ``seconds``), on one thread so that another process busy on the other cores cannot stall it."""
     import torch
 
-    def best(dtype: torch.dtype) -> float:
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        a @ b  # warm-up
-        times: list[float] = []
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end or len(times) < 3:
-            t0 = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t0)
-        return min(times)
+    from tasks.runtime.budget import matmul_gflops
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with torch.random.fork_rng(devices=[]):  # a probe, not the run's randomness: the seeded stream stays put
-            return best(torch.bfloat16) <= 1.5 * best(torch.float32)
+        return matmul_gflops(bf16=True, n=n, seconds=seconds) * 1.5 >= matmul_gflops(n=n, seconds=seconds)
     finally:
         torch.set_num_threads(threads)
 
