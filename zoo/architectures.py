@@ -39,29 +39,28 @@ def ofa_tiny() -> dict[str, Any]:
                 modalities={"image": _image("timm:resnet10t", 3, 64)})
 
 
+def _ofa_published(d: int, heads: int, enc: int, dec: int, ffn: int, resnet: str, size: int) -> dict[str, Any]:
+    """OFA's published sizes: BPE text of 50k, 8192 image codes, 1000 location bins, a ResNet stage-3 stem."""
+    return dict(d_model=d, n_heads=heads, enc_layers=enc, dec_layers=dec, ffn_dim=ffn, max_positions=1024,
+                vocab=dict(_VOCAB, text_size=50000, image_code_size=8192, loc_bins=1000),
+                modalities={"image": _image(f"timm:{resnet}", 3, size)})
+
+
 @register_model("ofa-medium")
 def ofa_medium() -> dict[str, Any]:
-    return dict(d_model=512, n_heads=8, enc_layers=4, dec_layers=4, ffn_dim=2048, max_positions=1024,
-                vocab=dict(_VOCAB, text_size=50000, image_code_size=8192, loc_bins=1000),
-                modalities={"image": _image("timm:resnet50", 3, 256)})
+    return _ofa_published(512, 8, 4, 4, 2048, "resnet50", 256)
 
 
 @register_model("ofa-base")
 def ofa_base() -> dict[str, Any]:
-    return dict(d_model=768, n_heads=12, enc_layers=6, dec_layers=6, ffn_dim=3072, max_positions=1024,
-                vocab=dict(_VOCAB, text_size=50000, image_code_size=8192, loc_bins=1000),
-                modalities={"image": _image("timm:resnet101", 3, 384)})
+    return _ofa_published(768, 12, 6, 6, 3072, "resnet101", 384)
 
 
 @register_model("ofa-large")
 def ofa_large() -> dict[str, Any]:
-    return dict(d_model=1024, n_heads=16, enc_layers=12, dec_layers=12, ffn_dim=4096, max_positions=1024,
-                vocab=dict(_VOCAB, text_size=50000, image_code_size=8192, loc_bins=1000),
-                modalities={"image": _image("timm:resnet152", 3, 480)})
+    return _ofa_published(1024, 16, 12, 12, 4096, "resnet152", 480)
 
 
 @register_model("ofa-huge")
 def ofa_huge() -> dict[str, Any]:
-    return dict(d_model=1280, n_heads=16, enc_layers=24, dec_layers=12, ffn_dim=5120, max_positions=1024,
-                vocab=dict(_VOCAB, text_size=50000, image_code_size=8192, loc_bins=1000),
-                modalities={"image": _image("timm:resnet152", 3, 480)})
+    return _ofa_published(1280, 16, 24, 12, 5120, "resnet152", 480)
