@@ -67,6 +67,9 @@ def test_a_slow_machine_gets_the_cheaper_configuration(tmp_path, monkeypatch, ca
         assert ("cheaper configuration" in capsys.readouterr().out) == expected_slow
     with pytest.raises(ValueError, match="data.tasks.captions.batch_size is not in the config"):
         apply_overrides(cfg, {"data.tasks.captions.batch_size": 8})
+    # the model's field overrides take new keys (ModelConfig names a wrong one when the model is built)
+    apply_overrides(cfg, {"model.overrides.ffn_dim": 512})
+    assert cfg.model.overrides.ffn_dim == 512
     # what the user set on the command line wins over the slow machine's configuration
     run = compose(["experiment=multitask", "data.tasks.caption.batch_size=12"], tmp_path)
     applied = apply_overrides(run, slow.overrides, keep={"data.tasks.caption.batch_size"})

@@ -116,16 +116,18 @@ def is_slow(training_gflops: float, reference_training_gflops: float, below: flo
 
 
 def apply_overrides(cfg: Any, overrides: Mapping[str, Any], keep: Collection[str] = ()) -> dict[str, Any]:
-    """Set each dotted config path of ``overrides`` in ``cfg`` (each must exist: a typo is an error, not a new key),
+    """Set each dotted config path of ``overrides`` in ``cfg`` (each must exist: a typo is an error, not a new key;
+    under ``model.overrides.``, whose keys the model's config checks when it is built, a new key is allowed),
     except those in ``keep`` (what the user set on the command line wins). Returns what was set."""
     from omegaconf import OmegaConf
 
     applied = {}
     for key, value in overrides.items():
-        if OmegaConf.select(cfg, key, default="<missing>") == "<missing>":
+        free = key.startswith("model.overrides.")
+        if not free and OmegaConf.select(cfg, key, default="<missing>") == "<missing>":
             raise ValueError(f"budget.slow_machine.overrides: {key} is not in the config")
         if key not in keep:
-            OmegaConf.update(cfg, key, value)
+            OmegaConf.update(cfg, key, value, force_add=free)
             applied[key] = value
     return applied
 
