@@ -43,15 +43,18 @@ def florence2_large() -> dict[str, Any]:
                 modalities={"florence_image": {"tower": "davit_huge_fl", "image_size": 768}})
 
 
+def _small_davit(dims: list[int], heads: list[int], window: int, size: int) -> dict[str, Any]:
+    """A CPU-sized 4-stage DaViT image tokenizer (depths 1, 1, 2, 1) of the given widths, heads, window and size."""
+    return {"tower": "davit_base_fl", "depths": [1, 1, 2, 1], "embed_dims": dims, "num_heads": heads,
+            "window_size": window, "image_size": size, "max_pos_embeddings": 24, "max_temporal_embeddings": 12}
+
+
 @register_model("test-florence2")
 def test_florence2() -> dict[str, Any]:
     """Micro Florence-2 for tests: d32, 2+2 layers, a 4-stage DaViT of widths 16..64 at 64 px (5 image tokens)."""
     return dict(d_model=32, n_heads=4, enc_layers=2, dec_layers=2, ffn_dim=64, max_positions=256, **BART_FORM,
                 vocab={"text_size": 1300},
-                modalities={"florence_image": {"tower": "davit_base_fl", "depths": [1, 1, 2, 1],
-                                               "embed_dims": [16, 32, 48, 64], "num_heads": [2, 2, 4, 4],
-                                               "window_size": 3, "image_size": 64, "max_pos_embeddings": 24,
-                                               "max_temporal_embeddings": 12}})
+                modalities={"florence_image": _small_davit([16, 32, 48, 64], [2, 2, 4, 4], window=3, size=64)})
 
 
 @register_model("florence2-small")
@@ -63,7 +66,4 @@ def florence2_small() -> dict[str, Any]:
     form = {**BART_FORM, "norm_first": True, "embed_norm": False}
     return dict(d_model=128, n_heads=4, enc_layers=3, dec_layers=3, ffn_dim=512, max_positions=256, **form,
                 vocab={"text_size": 1300},
-                modalities={"florence_image": {"tower": "davit_base_fl", "depths": [1, 1, 2, 1],
-                                               "embed_dims": [32, 64, 96, 128], "num_heads": [2, 4, 4, 4],
-                                               "window_size": 4, "image_size": 128, "max_pos_embeddings": 24,
-                                               "max_temporal_embeddings": 12}})
+                modalities={"florence_image": _small_davit([32, 64, 96, 128], [2, 4, 4, 4], window=4, size=128)})
