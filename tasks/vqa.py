@@ -389,14 +389,22 @@ class VQATask(Seq2SeqTask):
     monitor_metric = "vqa_acc"
 
     def __init__(self, *args: Any, decoding: str = "open", candidates: list[str] | None = None,
-                 candidate_chunk: int = 64, **kwargs: Any):
+                 candidate_chunk: int = 64, location_chain: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if decoding not in DECODING:
             raise ValueError(f"task.decoding must be one of {DECODING}, got {decoding!r}")
         self.decoding, self.candidate_chunk = decoding, candidate_chunk
         self.candidates: list[str] | None = list(candidates) if candidates else None
         self._cand: dict[str, Any] = {}
-        self.location_chain = False  # trained on relation chains: generation may write location tokens
+        self.location_chain = location_chain  # trained on relation chains: generation may write location tokens
+
+    @classmethod
+    def eval_settings(cls, settings: dict[str, Any], checkpoint: dict[str, Any], where: str) -> dict[str, Any]:
+        """The saved settings; a model trained on relation chains keeps writing them (``location_chain``)."""
+        from tasks.checkpoint import CheckpointMeta
+
+        state = CheckpointMeta.read(checkpoint, where).state
+        return {**settings, "location_chain": bool(state.get("location_chain") or settings.get("location_chain"))}
 
     # --- candidates ---------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

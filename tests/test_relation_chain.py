@@ -98,6 +98,10 @@ def test_a_chained_prediction_is_scored_by_its_final_word(chain_setup):
     task.setup("fit")
     assert task.location_chain and task.allowed_tokens()[model.layout.loc_start:].all()
     assert task.checkpoint_state()["location_chain"] is True
+    ckpt: dict = {}
+    task.checkpoint_meta().write(ckpt)  # zoo-eval rebuilds a task that keeps writing the chain
+    assert VQATask.eval_settings({"decoding": "open"}, ckpt, "ckpt")["location_chain"] is True
+    assert VQATask(model, tok, location_chain=True).allowed_tokens()[model.layout.loc_start:].all()
     refs = dm.references("val")
     assert any(r["question_type"] == "relation" for r in refs.values())
     loc = model.layout.loc_start
