@@ -437,7 +437,10 @@ class VQATask(Seq2SeqTask):
         return self._cand
 
     def checkpoint_state(self) -> dict[str, Any]:
-        return {**super().checkpoint_state(), "candidates": self.candidates, "location_chain": self.location_chain}
+        state = {**super().checkpoint_state(), "candidates": self.candidates}
+        if self.location_chain:  # inference must let it write the location tokens before the answer
+            state["location_chain"] = True
+        return state
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         self.candidates = state.get("candidates") or self.candidates

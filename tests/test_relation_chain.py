@@ -98,9 +98,18 @@ def test_a_chained_prediction_is_scored_by_its_final_word(chain_setup):
     task.setup("fit")
     assert task.location_chain and task.allowed_tokens()[model.layout.loc_start:].all()
     assert task.checkpoint_state()["location_chain"] is True
-    ckpt: dict = {}
-    task.checkpoint_meta().write(ckpt)  # zoo-eval rebuilds a task that keeps writing the chain
+    ckpt = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "hyper_parameters": dict(task.hparams)}
+    task.on_save_checkpoint(ckpt)
+    # zoo-eval rebuilds a task that keeps writing the chain; so does a loaded model (zoo.load, zoo-export)
     assert VQATask.eval_settings({"decoding": "open"}, ckpt, "ckpt")["location_chain"] is True
+    from tasks.checkpoint import bundle_from_checkpoint
+    from zoo.task_specs import task_spec
+
+    bundle = bundle_from_checkpoint(ckpt, "x.ckpt")
+    assert bundle.tasks["vqa"]["location_chain"] is True
+    assert bundle.allowed_tokens(task_spec("vqa"))[model.layout.loc_start:].all()
+    bundle.tasks["vqa"].pop("location_chain")
+    assert not bundle.allowed_tokens(task_spec("vqa"))[model.layout.loc_start:].any()
     assert VQATask(model, tok, location_chain=True).allowed_tokens()[model.layout.loc_start:].all()
     refs = dm.references("val")
     assert any(r["question_type"] == "relation" for r in refs.values())
