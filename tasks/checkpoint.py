@@ -182,6 +182,8 @@ def bundle_from_checkpoint(ckpt: dict[str, Any], where: str = "checkpoint",
         tasks[name] = {k: settings[k] for k in TASK_SETTINGS if k in settings}
         if (states.get(name) or {}).get("candidates"):  # closed-set VQA answers
             tasks[name]["candidates"] = list(states[name]["candidates"])
+        if (states.get(name) or {}).get("location_chain"):  # VQA trained on relation chains
+            tasks[name]["location_chain"] = True
     renderer, max_layout_len = renderer_for(ckpt, where)
     image_tokenizer = None if renderer is not None else image_tokenizer_for(ckpt, where, vq)
     if image_tokenizer is not None:

@@ -13,6 +13,7 @@ Scored with the official VQAv2 accuracy overall, per question type and per answe
 """
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ from tasks.data_module import SplitInfo, TextDataModule, empty_split_error, imag
 from zoo.task_specs import decode_text, task_spec
 from zoo.task_specs.vqa import DECODING
 from zoo.vocab import BOS_ID, EOS_ID, PAD_ID, VocabLayout
+
+log = logging.getLogger(__name__)
 
 
 class VQASet(Dataset):
@@ -135,6 +138,8 @@ class VQADataModule(TextDataModule):
         val_limit: int | None = None,
         aux_captions: str | None = None,
         aux_grounding: str | None = None,
+        relation_chain: str | None = None,
+        relation_chain_grid: int | None = None,
         allow_outside_root: bool = False,
     ):
         super().__init__()
@@ -152,6 +157,7 @@ class VQADataModule(TextDataModule):
         self.max_question_len, self.max_answer_len = max_question_len, max_answer_len
         self.max_candidates, self.val_limit = max_candidates, val_limit
         self.aux_captions, self.aux_grounding = aux_captions, aux_grounding
+        self.relation_chain, self.relation_chain_grid = relation_chain, relation_chain_grid
         self.allow_outside_root = allow_outside_root
         self.split_infos: dict[str, SplitInfo] = {}
         self.records: dict[str, list[VQARecord]] = {}
@@ -302,6 +308,9 @@ class VQADataModule(TextDataModule):
         recs = self.read("train")
         prompts = self._questions(recs)
         targets = self.encode_text([r.answer for r in recs], self.max_answer_len)
+        for i, chain in enumerate(self._relation_chains(recs)):
+            if chain is not None:
+                targets[i] = chain + targets[i]
         by_path: dict[Path, list[int]] = {}
         for i, r in enumerate(recs):
             by_path.setdefault(r.path, []).append(i)
@@ -324,6 +333,24 @@ class VQADataModule(TextDataModule):
         texts = [by_path.get(p, []) for p in paths]
         flat = iter(self.encode_text([c for caps in texts for c in caps], self.max_question_len))
         return [[next(flat) for _ in caps] for caps in texts], self.encode_text([task_spec("caption").prompt], 16)[0]
+
+    def _relation_chains(self, recs: list[VQARecord]) -> list[list[int] | None]:
+        """With ``relation_chain`` (a grounding file): each relation question's four location ids that precede
+        its answer in the training target (:mod:`tasks.data.relation_chain`); ``None`` for the others."""
+        if not self.relation_chain:
+            return [None] * len(recs)
+        from tasks.data.grounding import read_grounding
+        from tasks.data.relation_chain import relation_chains
+
+        assert self.layout is not None
+        problems = Problems(self.skip_bad, self.relation_chain)
+        refs = read_grounding(self.root / self.relation_chain, self.image_root, problems)
+        problems.log()
+        chains = relation_chains([(r.path, r.question, r.answer) for r in recs], refs, self.layout,
+                                 self.relation_chain_grid)
+        log.info("relation chains: %d training targets write both objects' locations before the answer",
+                 sum(c is not None for c in chains))
+        return chains
 
     def _aux_grounding(self, paths: list[Path]) -> list[list[tuple[list[int], list[int]]]] | None:
         """Each training image's grounding ``(prompt ids, four location ids)`` pairs from ``aux_grounding``."""
@@ -362,19 +389,40 @@ class VQATask(Seq2SeqTask):
     monitor_metric = "vqa_acc"
 
     def __init__(self, *args: Any, decoding: str = "open", candidates: list[str] | None = None,
-                 candidate_chunk: int = 64, **kwargs: Any):
+                 candidate_chunk: int = 64, location_chain: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if decoding not in DECODING:
             raise ValueError(f"task.decoding must be one of {DECODING}, got {decoding!r}")
         self.decoding, self.candidate_chunk = decoding, candidate_chunk
         self.candidates: list[str] | None = list(candidates) if candidates else None
         self._cand: dict[str, Any] = {}
+        self.location_chain = location_chain  # trained on relation chains: generation may write location tokens
+
+    @classmethod
+    def eval_settings(cls, settings: dict[str, Any], checkpoint: dict[str, Any], where: str) -> dict[str, Any]:
+        """The saved settings; a model trained on relation chains keeps writing them (``location_chain``)."""
+        from tasks.checkpoint import CheckpointMeta
+
+        state = CheckpointMeta.read(checkpoint, where).state
+        return {**settings, "location_chain": bool(state.get("location_chain") or settings.get("location_chain"))}
 
     # --- candidates ---------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         dm = self.datamodule
         if self.candidates is None and dm is not None and hasattr(dm, "answer_candidates") and dm.has_split("train"):
             self.candidates = dm.answer_candidates()
+        if dm is not None and getattr(dm, "relation_chain", None):
+            self.location_chain, self._allowed = True, None
+
+    def allowed_tokens(self) -> torch.Tensor | None:
+        """Text, plus the location tokens when the answers were trained as relation chains (the location
+        tokens are dropped again when predictions are decoded: only the answer words are scored)."""
+        if self._allowed is None:
+            allowed = self.spec.allowed_tokens(self.layout)
+            if self.location_chain:
+                allowed = allowed | self.layout.allowed_mask("loc_bins", eos=False)
+            self._allowed = allowed
+        return self._allowed
 
     def candidate_tensors(self) -> dict[str, Any]:
         """Candidate answers as unified ids, a trie over them and teacher-forcing tensors (cached)."""
@@ -389,10 +437,14 @@ class VQATask(Seq2SeqTask):
         return self._cand
 
     def checkpoint_state(self) -> dict[str, Any]:
-        return {**super().checkpoint_state(), "candidates": self.candidates}
+        state = {**super().checkpoint_state(), "candidates": self.candidates}
+        if self.location_chain:  # inference must let it write the location tokens before the answer
+            state["location_chain"] = True
+        return state
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         self.candidates = state.get("candidates") or self.candidates
+        self.location_chain, self._allowed = bool(state.get("location_chain", self.location_chain)), None
         self._cand = {}
 
     # --- Seq2SeqTask hooks --------------------------------------------------------------------

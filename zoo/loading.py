@@ -267,7 +267,7 @@ MODALITY_SCHEMAS: Mapping[str, dict[str, Check]] = _RegistrySchemas()
 TASK_SCHEMA: dict[str, Check] = {
     "max_new_tokens": _pos, "num_beams": _pos, "length_penalty": _num, "decoding": _ident,
     "guidance_scale": _num, "do_sample": _bool, "temperature": _num, "top_k": _nonneg, "top_p": _num,
-    "use_cache": _bool, "seed": _int, "candidates": _list_of(_str),
+    "use_cache": _bool, "seed": _int, "candidates": _list_of(_str), "location_chain": _bool,
 }
 IMAGE_CODES_SCHEMA: dict[str, Check] = {
     "folder": _str, "format": lambda v: v == "diffusers.VQModel", "num_codes": _pos, "grid": _list_of(_pos, 2),

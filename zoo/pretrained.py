@@ -303,12 +303,20 @@ class Pretrained:
                 raise ValueError(f"cannot read image {x if isinstance(x, (str, Path)) else type(x).__name__}: {e}") from e
         return torch.stack(out).to(self.device)
 
+    def allowed_tokens(self, spec: TaskSpec) -> torch.Tensor:
+        """The ids a text task may generate: the spec's, plus the location tokens for a task trained to write
+        them before its answer (VQA's relation chains, ``location_chain``; dropped when decoded)."""
+        allowed = spec.allowed_tokens(self.layout)
+        if (self.tasks.get(spec.name) or {}).get("location_chain"):
+            allowed = allowed | self.layout.allowed_mask("loc_bins", eos=False)
+        return allowed
+
     @torch.no_grad()
     def _generate_text(self, spec: TaskSpec, segments: dict[str, Any], gen: dict[str, Any]) -> list[str]:
         from zoo.generation import generate
 
         with self.autocast():
-            tokens = generate(self.model, segments, allowed=spec.allowed_tokens(self.layout), **gen)
+            tokens = generate(self.model, segments, allowed=self.allowed_tokens(spec), **gen)
         return self.decode_text(tokens)
 
     def autocast(self) -> Any:

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from tasks.data.grounding import shapes_refs
+from tasks.data.relation_chain import relation_word
 from tasks.data.shapes import COLOURS, SHAPES, SPLITS, ShapesConfig, ensure_shapes
 from zoo.atomic import atomic_file
 
@@ -75,10 +76,7 @@ def _name(o: dict) -> str:
 
 def _relation(a: dict, b: dict) -> str:
     """Where ``a`` is relative to ``b``, along the dominant axis (as in the captions)."""
-    dx, dy = a["x"] - b["x"], a["y"] - b["y"]
-    if abs(dx) >= abs(dy):
-        return "left" if dx < 0 else "right"
-    return "above" if dy < 0 else "below"
+    return relation_word(a["x"] - b["x"], a["y"] - b["y"])
 
 
 def questions_for_scene(scene: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
