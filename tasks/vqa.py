@@ -412,6 +412,9 @@ class VQATask(Seq2SeqTask):
         if self.candidates is None and dm is not None and hasattr(dm, "answer_candidates") and dm.has_split("train"):
             self.candidates = dm.answer_candidates()
         if dm is not None and getattr(dm, "relation_chain", None):
+            if self.decoding != "open":  # closed-set decoding scores bare answers, never trained for relation questions
+                raise ValueError(f"data.relation_chain trains relation answers after location tokens: it needs "
+                                 f"task.decoding=open, got {self.decoding!r}")
             self.location_chain, self._allowed = True, None
 
     def allowed_tokens(self) -> torch.Tensor | None:

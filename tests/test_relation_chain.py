@@ -123,3 +123,16 @@ def test_a_chained_prediction_is_scored_by_its_final_word(chain_setup):
     assert list(preds.values()) == [r["answers"][0] for r in refs.values()]
     assert task.compute_metrics("val", preds)["vqa_acc_relation"] == pytest.approx(100.0)
     task._trainer = None
+
+
+def test_a_chain_with_closed_set_decoding_is_refused(chain_setup):
+    _, dm, model, tok, VQATask = chain_setup
+    task = VQATask(model, tok, decoding="trie")
+
+    class _Trainer:
+        datamodule = dm
+
+    task._trainer = _Trainer()
+    with pytest.raises(ValueError, match="needs task.decoding=open, got 'trie'"):
+        task.setup("fit")
+    task._trainer = None
