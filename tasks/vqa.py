@@ -421,10 +421,7 @@ class VQATask(Seq2SeqTask):
         """Text, plus the location tokens when the answers were trained as relation chains (the location
         tokens are dropped again when predictions are decoded: only the answer words are scored)."""
         if self._allowed is None:
-            allowed = self.spec.allowed_tokens(self.layout)
-            if self.location_chain:
-                allowed = allowed | self.layout.allowed_mask("loc_bins", eos=False)
-            self._allowed = allowed
+            self._allowed = self.spec.allowed_tokens_for(self.layout, {"location_chain": self.location_chain})
         return self._allowed
 
     def candidate_tensors(self) -> dict[str, Any]:

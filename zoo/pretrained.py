@@ -306,10 +306,7 @@ class Pretrained:
     def allowed_tokens(self, spec: TaskSpec) -> torch.Tensor:
         """The ids a text task may generate: the spec's, plus the location tokens for a task trained to write
         them before its answer (VQA's relation chains, ``location_chain``; dropped when decoded)."""
-        allowed = spec.allowed_tokens(self.layout)
-        if (self.tasks.get(spec.name) or {}).get("location_chain"):
-            allowed = allowed | self.layout.allowed_mask("loc_bins", eos=False)
-        return allowed
+        return spec.allowed_tokens_for(self.layout, self.tasks.get(spec.name))
 
     @torch.no_grad()
     def _generate_text(self, spec: TaskSpec, segments: dict[str, Any], gen: dict[str, Any]) -> list[str]:

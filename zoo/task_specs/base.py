@@ -77,6 +77,15 @@ class TaskSpec:
         """Boolean ``[V]`` mask of the ids generation may emit."""
         return layout.allowed_mask(*self.vocab)
 
+    def allowed_tokens_for(self, layout: VocabLayout, saved: Mapping[str, Any] | None) -> torch.Tensor:
+        """:meth:`allowed_tokens` of a model trained with the saved task entry ``saved``: plus the location tokens
+        where it was trained to write them before its answer (``location_chain``, VQA's relation chains; they are
+        dropped when decoded)."""
+        allowed = self.allowed_tokens(layout)
+        if (saved or {}).get("location_chain"):
+            allowed = allowed | layout.allowed_mask("loc_bins", eos=False)
+        return allowed
+
     def decode(self, tokens: torch.Tensor, layout: VocabLayout, tokenizer: Any) -> list[Any]:
         """Generated ids ``[B, T]`` → outputs (texts)."""
         return decode_text(tokens, layout, tokenizer)
