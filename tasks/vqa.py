@@ -64,9 +64,11 @@ class VQAImageGroups(Dataset):
     def __init__(self, paths: list[Path], groups: list[list[int]], qids: list[Any], prompts: list[list[int]],
                  targets: list[list[int]], preprocess: ImagePreprocessor, questions_per_image: int | None = None,
                  captions: list[list[list[int]]] | None = None, caption_prompt: list[int] | None = None,
-                 grounding: list[list[tuple[list[int], list[int]]]] | None = None):
+                 grounding: list[list[tuple[list[int], list[int]]]] | None = None,
+                 weights: list[float] | None = None):
         self.paths, self.groups, self.qids, self.prompts, self.targets = paths, groups, qids, prompts, targets
         self.preprocess, self.k = preprocess, questions_per_image
+        self.weights = torch.tensor(weights, dtype=torch.float64) if weights is not None else None
         self.captions, self.caption_prompt, self.grounding = captions, caption_prompt, grounding
 
     def __len__(self) -> int:
@@ -74,8 +76,10 @@ class VQAImageGroups(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         idx = self.groups[i]
-        if self.k and len(idx) > self.k:
-            idx = [idx[j] for j in torch.randperm(len(idx))[: self.k].tolist()]
+        if self.k and len(idx) > self.k:  # draw k of the image's questions (by weight when weights are given)
+            pick = (torch.multinomial(self.weights[idx], self.k) if self.weights is not None
+                    else torch.randperm(len(idx))[: self.k])
+            idx = [idx[j] for j in pick.tolist()]
         item = {"image": self.preprocess(self.paths[i]), "prompts": [self.prompts[j] for j in idx],
                 "targets": [self.targets[j] for j in idx], "qids": [self.qids[j] for j in idx]}
         if self.captions is not None and self.captions[i]:  # auxiliary captioning target (multi-task)
@@ -140,6 +144,7 @@ class VQADataModule(TextDataModule):
         aux_grounding: str | None = None,
         relation_chain: str | None = None,
         relation_chain_grid: int | None = None,
+        question_type_weights: dict[str, float] | None = None,
         allow_outside_root: bool = False,
     ):
         super().__init__()
@@ -158,6 +163,10 @@ class VQADataModule(TextDataModule):
         self.max_candidates, self.val_limit = max_candidates, val_limit
         self.aux_captions, self.aux_grounding = aux_captions, aux_grounding
         self.relation_chain, self.relation_chain_grid = relation_chain, relation_chain_grid
+        self.question_type_weights = dict(question_type_weights or {})
+        bad = {k: v for k, v in self.question_type_weights.items() if not float(v) > 0}
+        if bad:
+            raise ValueError(f"data.question_type_weights must be positive numbers, got {bad}")
         self.allow_outside_root = allow_outside_root
         self.split_infos: dict[str, SplitInfo] = {}
         self.records: dict[str, list[VQARecord]] = {}
@@ -317,8 +326,23 @@ class VQADataModule(TextDataModule):
         captions, caption_prompt = self._aux_captions(list(by_path))
         ds = VQAImageGroups(list(by_path), list(by_path.values()), [r.question_id for r in recs], prompts, targets,
                             self.preprocess, self.questions_per_image, captions, caption_prompt,
-                            self._aux_grounding(list(by_path)))
+                            self._aux_grounding(list(by_path)), self._question_weights(recs))
         return self._loader(ds, self.batch_size, shuffle=True, collate=VQAGroupCollator())
+
+    def _question_weights(self, recs: list[VQARecord]) -> list[float] | None:
+        """Each training question's draw weight from ``question_type_weights`` (1 for types not named), or
+        ``None`` when none is set; a named type that no training question has is an error."""
+        if not self.question_type_weights:
+            return None
+        types = {r.question_type for r in recs}
+        unknown = sorted(set(self.question_type_weights) - types)
+        if unknown:
+            raise ValueError(f"data.question_type_weights names {unknown}, which no training question has "
+                             f"(question types: {sorted(t for t in types if t is not None)})")
+        if not self.questions_per_image:
+            log.warning("data.question_type_weights has no effect with data.questions_per_image=null "
+                        "(every question of an image is used each visit)")
+        return [float(self.question_type_weights.get(r.question_type, 1.0)) for r in recs]
 
     def _aux_captions(self, paths: list[Path]) -> tuple[list[list[list[int]]] | None, list[int] | None]:
         """Tokenised captions of each training image from ``aux_captions`` (a COCO captions file), if set."""

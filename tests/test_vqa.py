@@ -175,3 +175,33 @@ def test_sequence_loss_average_weighs_every_target_equally(setup):
         torch.testing.assert_close(token.loss(collate(items)), weighted, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="loss_average"):
         VQATask(model, tok, loss_average="batch")
+
+
+def test_question_type_weights_draw_the_named_type_more_often(vqa_root, setup):
+    from tasks.vqa import VQADataModule
+
+    model_dm, _, _, tasks = setup
+    model = tasks["open"].model
+    splits = {"train": {"questions": "vqa_questions_train.json", "annotations": "vqa_annotations_train.json"}}
+
+    def relation_share(weights):
+        dm = VQADataModule(str(vqa_root), generate=None, num_workers=0, batch_size=4, questions_per_image=1,
+                           question_type_weights=weights, splits=splits)
+        dm.prepare_data()
+        dm.bind(model.cfg, model.layout, tokenizer=model_dm.tokenizer)
+        ds = dm.train_dataloader().dataset.dataset
+        qtype = {r.question_id: r.question_type for r in dm.read("train")}
+        torch.manual_seed(0)
+        drawn = [qtype[q] for _ in range(20) for i in range(len(ds)) for q in ds[i]["qids"]]
+        return sum(t == "relation" for t in drawn) / len(drawn)
+
+    plain, weighted = relation_share(None), relation_share({"relation": 20})
+    assert plain < 0.3 and weighted > 2 * plain, (plain, weighted)
+    with pytest.raises(ValueError, match="no training question has"):
+        dm = VQADataModule(str(vqa_root), generate=None, num_workers=0, questions_per_image=1,
+                           question_type_weights={"relatoin": 2}, splits=splits)
+        dm.prepare_data()
+        dm.bind(model.cfg, model.layout, tokenizer=model_dm.tokenizer)
+        dm.train_dataloader()
+    with pytest.raises(ValueError, match="positive"):
+        VQADataModule(str(vqa_root), generate=None, question_type_weights={"relation": 0})
