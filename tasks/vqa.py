@@ -111,6 +111,11 @@ class VQAGroupCollator:
         return batch
 
 
+def _is_positive_number(value: object) -> bool:
+    """True for an int or float above 0 (not a bool, a string or NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
 class VQADataModule(TextDataModule):
     """VQA data in the VQAv2, JSONL or imagefolder format; generates Shapes VQA on first use.
 
@@ -164,7 +169,7 @@ class VQADataModule(TextDataModule):
         self.aux_captions, self.aux_grounding = aux_captions, aux_grounding
         self.relation_chain, self.relation_chain_grid = relation_chain, relation_chain_grid
         self.question_type_weights = dict(question_type_weights or {})
-        bad = {k: v for k, v in self.question_type_weights.items() if not float(v) > 0}
+        bad = {k: v for k, v in self.question_type_weights.items() if not _is_positive_number(v)}
         if bad:
             raise ValueError(f"data.question_type_weights must be positive numbers, got {bad}")
         self.allow_outside_root = allow_outside_root

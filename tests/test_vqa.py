@@ -205,3 +205,5 @@ def test_question_type_weights_draw_the_named_type_more_often(vqa_root, setup):
         dm.train_dataloader()
     with pytest.raises(ValueError, match="positive"):
         VQADataModule(str(vqa_root), generate=None, question_type_weights={"relation": 0})
+    with pytest.raises(ValueError, match="positive numbers.*'relation': 'many'"):
+        VQADataModule(str(vqa_root), generate=None, question_type_weights={"relation": "many"})
