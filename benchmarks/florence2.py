@@ -84,6 +84,39 @@ def cpu_info() -> dict[str, Any]:
     return info
 
 
+def matmul_peak_gflops(size: int = 2048, reps: int = 8) -> float:
+    """This machine's fp32 matmul throughput at the current torch thread count: the best of MKL's sgemm and
+    oneDNN's GEMM on packed weights (what mmzoo's linears use), ``size``-square problems."""
+    from zoo.onednn import _Packed, onednn_available, packed_linear
+
+    a, w = torch.randn(size, size), torch.randn(size, size)
+    calls = [lambda: torch.mm(a, w)]
+    if onednn_available():
+        packed = _Packed()
+        calls.append(lambda: packed_linear(a, w, None, packed))
+    best = float("inf")
+    with torch.inference_mode():
+        for call in calls:
+            call(), call()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                call()
+            best = min(best, (time.perf_counter() - t0) / reps)
+    return 2 * size**3 / best / 1e9
+
+
+def prefix_gflop(ref: Any, inputs: dict[str, Any]) -> float:
+    """GFLOP of one image's prefix in transformers (DaViT tower, projector, encoder, first decoder step), counted
+    by ``torch.utils.flop_counter``: work that any fp32 implementation of the model does once per image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    one = {k: v[:1] for k, v in inputs.items()}
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        ref.generate(**one, num_beams=1, max_new_tokens=1, min_new_tokens=1)
+    return counter.get_total_flops() / 1e9
+
+
 def parse_case(case: str) -> tuple[str, int]:
     name, _, beams = case.partition(":")
     if name not in PROMPTS or not beams.isdigit() or int(beams) < 1:
@@ -118,8 +151,12 @@ def main() -> None:
     ref.eval()
     print(f"params: transformers {sum(p.numel() for p in ref.parameters()) / 1e6:.1f}M, "
           f"mmzoo {ours.num_parameters() / 1e6:.1f}M; torch threads {torch.get_num_threads()}", flush=True)
+    # the bound: no fp32 implementation runs an image's prefix faster than its FLOPs at the matmul peak, so no
+    # implementation beats transformers by more than its time over (batch x that floor) (decoding left out)
+    peak = matmul_peak_gflops()
     g = torch.Generator().manual_seed(0)
     rows, payload = [], {}
+    floor_s: float | None = None
     first_call_mib: float | None = None
     for batch in args.batches:
         pixels = torch.randn(batch, 3, 768, 768, generator=g)
@@ -127,6 +164,11 @@ def main() -> None:
             prompt = PROMPTS[name]
             inputs = processor(text=[prompt] * batch, images=[torch.zeros(3, 8, 8)] * batch, return_tensors="pt")
             inputs["pixel_values"] = pixels
+            if floor_s is None:
+                gflop = prefix_gflop(ref, inputs)
+                floor_s = gflop / peak
+                print(f"prefix {gflop:.1f} GFLOP per image; fp32 matmul peak {peak:.1f} GFLOP/s → at least "
+                      f"{floor_s:.2f} s per image", flush=True)
             kw = dict(num_beams=beams, max_new_tokens=args.new, min_new_tokens=args.new, early_stopping=False)
             outs: dict[str, torch.Tensor] = {}
             sides = ["hf", "mmzoo"] + (["mmzoo_timm"] if args.ab else [])
@@ -169,29 +211,34 @@ def main() -> None:
             s_cpu = summarize(cpu, baseline="hf")
             key = f"{name}_batch{batch}_beams{beams}"
             length = outs["hf"].shape[1] - 1
+            hf_cpu, mm_cpu = s_cpu["hf"]["median_s"], s_cpu["mmzoo"]["median_s"]
+            bound = hf_cpu / (batch * floor_s)  # the largest speed-up over transformers the prefix allows
             payload[key] = {**s, "cpu_time": s_cpu, "identical_tokens": True, "new_tokens": length, "rounds": reps,
-                            "working_mib": working}
+                            "working_mib": working, "prefix_floor_s": batch * floor_s, "bound_vs_hf": bound,
+                            "mmzoo_share_of_bound": (hf_cpu / mm_cpu) / bound}
             row = [key, s["hf"]["median_s"], s["mmzoo"]["median_s"], batch / s["hf"]["median_s"],
                    batch / s["mmzoo"]["median_s"], s["mmzoo"]["speedup_vs_hf"], s_cpu["mmzoo"]["speedup_vs_hf"]]
             if args.ab:
                 row += [s["mmzoo_timm"]["median_s"], s["mmzoo_timm"]["speedup_vs_hf"],
                         s_cpu["mmzoo_timm"]["speedup_vs_hf"]]
+            row += [batch * floor_s, bound]
             rows.append(row + [" / ".join(f"{working[k]:.0f}" for k in sides), f"yes ({length} new)"])
             print(rows[-1], flush=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     header = ["case", "transformers s", "mmzoo s", "transformers images/s", "mmzoo images/s", "× transformers",
               "× (CPU time)"]
     if args.ab:
         header += ["mmzoo, timm tower s", "×", "× (CPU time)"]
     mem_names = " / ".join(["transformers", "mmzoo"] + (["timm tower"] if args.ab else []))
+    header += ["prefix floor s", "bound × transformers"]
     print(table(rows, header + [f"working MiB ({mem_names})", "same tokens"]))
-    print(f"peak RSS of the process (both models): {peak:.0f} MiB; mmzoo's first call kept {first_call_mib:.0f} MiB "
+    print(f"peak RSS of the process (both models): {peak_rss:.0f} MiB; mmzoo's first call kept {first_call_mib:.0f} MiB "
           f"(packed weight copies); {time.perf_counter() - t_start:.0f} s in all")
     name = args.name or ("florence2" if args.batches == [1, 8] else f"florence2_batch{'_'.join(map(str, args.batches))}")
     cpu_model = cpu_info()
     print(f"CPU: {cpu_model['model']}; {' '.join(cpu_model['avx512']) or 'no AVX-512'}")
-    record = {"args": vars(args), "cpu": cpu_model, "results": payload, "peak_rss_mib": peak,
-              "mmzoo_first_call_kept_mib": first_call_mib}
+    record = {"args": vars(args), "cpu": cpu_model, "results": payload, "peak_rss_mib": peak_rss,
+              "mmzoo_first_call_kept_mib": first_call_mib, "matmul_peak_gflops": peak, "prefix_floor_s": floor_s}
     print(f"saved {save(name, record)}")
 
 

@@ -98,6 +98,14 @@ def test_the_shipped_stem_is_the_one_the_shapes_experiments_ask_for(tmp_path):
         spec = resolve_spec({**user, "root": str(tmp_path)}, zoo.model_config(cfg.model.name).modalities["image"])
         name = f"{spec['backbone'].split(':', 1)[1]}-{spec_digest(spec)}.safetensors"
         assert (SHIPPED_STEMS / name).is_file(), (experiment, name)
+    # od_shapes: Florence-2's DaViT tower on its own Shapes split sizes
+    cfg = compose(["experiment=od_shapes"], tmp_path / "od_shapes")
+    (tmp_path / "shapes.json").write_text(json.dumps(_marker(ShapesConfig(**cfg.data.shapes))))
+    user = {k: v for k, v in OmegaConf.to_container(cfg.model.image_pretrain).items() if k not in ("freeze", "root")}
+    image = {**zoo.model_config(cfg.model.name).modalities["florence_image"],
+             **OmegaConf.to_container(cfg.model.overrides.modalities.florence_image)}
+    spec = resolve_spec({**user, "root": str(tmp_path)}, image)
+    assert (SHIPPED_STEMS / f"davit_base_fl-{spec_digest(spec)}.safetensors").is_file()
 
 
 def test_freeze_keeps_the_pretrained_stem_fixed(tiny_shapes):
@@ -137,3 +145,38 @@ def test_ranks_started_together_pretrain_the_backbone_once(tiny_shapes, tmp_path
     assert all(p.returncode == 0 for p in procs), logs
     assert sum("pretraining the image backbone" in log for log in logs) == 1, logs
     assert len(list((root / "backbones").glob("*.safetensors"))) == 1
+
+
+def test_florence_tower_pretrains_and_loads_into_the_model(tiny_shapes, tmp_path):
+    """Florence-2's DaViT tower (the ``florence_image`` modality) pretrains the same way: its sizes and ImageNet
+    normalisation go into the spec, and build_model loads the features-only file into the full tower."""
+    import zoo
+    from modalities.florence_image import IMAGENET_MEAN
+    from tasks.cli.train import build_model
+    from tasks.tools.backbone_pretrain import load_into_tower
+
+    image = zoo.model_config("test-florence2").modalities["florence_image"]
+    spec = resolve_spec({"root": str(tiny_shapes), "epochs": 1, "batch_size": 16}, image)
+    assert spec["backbone"] == "timm:davit_base_fl" and spec["out_index"] == 3 and spec["image_size"] == 64
+    assert spec["mean"] == list(IMAGENET_MEAN) and spec["tower_kwargs"]["embed_dims"] == [16, 32, 48, 64]
+    wider = resolve_spec({"root": str(tiny_shapes)}, {**image, "embed_dims": [16, 32, 48, 96]})
+    assert wider["tower_kwargs"]["embed_dims"] == [16, 32, 48, 96]
+
+    cfg = OmegaConf.create({"name": "test-florence2", "overrides": {},
+                            "image_pretrain": {"root": str(tiny_shapes), "epochs": 1, "batch_size": 16, "freeze": True}})
+    model = build_model(cfg, 1300)
+    weights = load_file(str(ensure_pretrained_backbone(spec)))  # build_model's cache file
+    tower = model.embedders["florence_image"].tower
+    state = tower.state_dict()
+    assert len(weights) == len(state)  # every tower tensor comes from the file
+    for k, v in weights.items():
+        assert torch.equal(state[k.replace("stages_", "stages.")], v), k
+    assert not any(p.requires_grad for p in tower.parameters())  # freeze: true
+    fresh = build_model(OmegaConf.create({"name": "test-florence2", "overrides": {}}), 1300)
+    assert not torch.equal(fresh.embedders["florence_image"].tower.state_dict()["stem.conv.weight"],
+                           state["stem.conv.weight"])
+
+    other = build_model(OmegaConf.create({"name": "test-florence2", "overrides": {
+        "modalities": {"florence_image": {"embed_dims": [16, 32, 48, 96]}}}}), 1300)
+    with pytest.raises(ValueError, match="does not fit the image tower"):
+        load_into_tower(other.embedders["florence_image"].tower, ensure_pretrained_backbone(spec))

@@ -52,8 +52,10 @@ def build_model(model_cfg: DictConfig, text_vocab_size: int, data_overrides: dic
         from tasks.runtime.distributed import prepare_lock
         from tasks.tools.backbone_pretrain import ensure_pretrained_backbone, resolve_spec
 
-        image_over = (overrides.get("modalities") or {}).get("image") or {}
-        image_cfg = {**zoo.model_config(model_cfg.name).modalities.get("image", {}), **image_over}
+        arch_modalities = zoo.model_config(model_cfg.name).modalities
+        image_key = "florence_image" if "florence_image" in arch_modalities else "image"  # Florence-2's DaViT tower
+        image_over = (overrides.get("modalities") or {}).get(image_key) or {}
+        image_cfg = {**arch_modalities.get(image_key, {}), **image_over}
         user_spec: dict[str, Any] = OmegaConf.to_container(pretrain, resolve=True)  # type: ignore[assignment]
         freeze = bool(user_spec.pop("freeze", False))
         spec = resolve_spec(user_spec, image_cfg)
@@ -63,16 +65,22 @@ def build_model(model_cfg: DictConfig, text_vocab_size: int, data_overrides: dic
         # leaves the RNG as it was, so the model's initialisation does not depend on whether the cache existed
         with prepare_lock(spec["root"]), isolated_rng():
             weights = ensure_pretrained_backbone(spec)
-        overrides.setdefault("modalities", {})["image"] = {**image_over, "pretrained": str(weights)}
+        if image_key == "image":  # timm loads the file itself; the DaViT tower is loaded below
+            overrides.setdefault("modalities", {})["image"] = {**image_over, "pretrained": str(weights)}
     vocab = dict(zoo.model_config(model_cfg.name).vocab)
     vocab.update(overrides.pop("vocab", {}) or {})
     vocab["text_size"] = text_vocab_size
     vocab.pop("ranges", None)
     model = zoo.create_model(model_cfg.name, vocab=vocab, **overrides)
+    if pretrain and image_key == "florence_image":
+        from tasks.tools.backbone_pretrain import load_into_tower
+
+        load_into_tower(model.embedders[image_key].tower, weights)
     if pretrain and freeze:  # keep the pretrained stem fixed: weights and BatchNorm statistics
         from tasks.adapters import freeze_batchnorm_stats
 
-        backbone = model.embedders["image"].backbone
+        embedder = model.embedders[image_key]
+        backbone = embedder.tower if image_key == "florence_image" else embedder.backbone
         backbone.requires_grad_(False)
         freeze_batchnorm_stats(backbone)
     return model

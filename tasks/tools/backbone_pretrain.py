@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -62,19 +63,35 @@ class DenseSceneHead(nn.Module):
 
 
 def resolve_spec(spec: Mapping[str, Any], image_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The full pretraining spec: the user's keys, the model's image backbone, and the defaults."""
+    """The full pretraining spec: the user's keys, the model's image backbone, and the defaults.
+
+    ``image_cfg`` is the model's image modality config: an ``image`` modality (``backbone: timm:<name>``,
+    ``out_index``) or Florence-2's ``florence_image`` (``tower``: a timm DaViT with its size overrides; its last
+    stage is what the model reads)."""
     unknown = set(spec) - SPEC_KEYS
     if unknown:
         raise ValueError(f"unknown model.image_pretrain keys {sorted(unknown)}; valid: {sorted(SPEC_KEYS)}")
     if not spec.get("root"):
         raise ValueError("model.image_pretrain needs 'root': a Shapes data folder (scenes_*.json, captions_*.json)")
-    backbone = str(image_cfg.get("backbone", ""))
+    tower_kwargs: dict[str, Any] = {}
+    if image_cfg.get("tower"):  # Florence-2's DaViT tower
+        from modalities.florence_image import FlorenceImageConfig
+
+        florence = FlorenceImageConfig(**image_cfg)
+        image_cfg = {"image_size": florence.image_size, "mean": florence.mean, "std": florence.std}
+        backbone, out_index = f"timm:{florence.tower}", 3
+        tower_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in florence.tower_kwargs().items()
+                        if k not in ("num_classes", "drop_path_rate")}
+    else:
+        backbone, out_index = str(image_cfg.get("backbone", "")), int(image_cfg.get("out_index", 2))
     if not backbone.startswith("timm:"):
         raise ValueError(f"model.image_pretrain trains timm backbones only, the image backbone is {backbone!r}")
-    out = {**DEFAULTS, "backbone": backbone, "out_index": int(image_cfg.get("out_index", 2)),
+    out = {**DEFAULTS, "backbone": backbone, "out_index": out_index,
            "image_size": int(image_cfg.get("image_size", 64)), **dict(spec),
            "mean": [float(m) for m in image_cfg.get("mean", (0.5, 0.5, 0.5))],
            "std": [float(m) for m in image_cfg.get("std", (0.5, 0.5, 0.5))]}
+    if tower_kwargs:  # part of the cache key: another tower size is another file
+        out["tower_kwargs"] = tower_kwargs
     out["root"] = str(Path(out["root"]).resolve())
     return out
 
@@ -115,7 +132,8 @@ def pretrain_backbone(spec: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor],
     name, out_index = spec["backbone"].split(":", 1)[1], int(spec["out_index"])
     # targets live on a grid of cell_stride-px cells (in the model's pixels); the model's stage feeds the
     # head directly when its stride is that fine, else through the stage whose stride matches (FPN)
-    strides = timm.create_model(name, features_only=True).feature_info.reduction()
+    tower_kwargs = dict(spec.get("tower_kwargs") or {})
+    strides = timm.create_model(name, features_only=True, **tower_kwargs).feature_info.reduction()
     cell = int(spec["cell_stride"])
     if strides[out_index] <= cell:
         stages: tuple[int, ...] = (out_index,)
@@ -125,7 +143,7 @@ def pretrain_backbone(spec: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor],
             raise ValueError(f"{spec['backbone']} has no stage of stride {cell} (strides {strides}); "
                              "set model.image_pretrain.cell_stride")
         stages = (finer[0], out_index)
-    net = timm.create_model(name, features_only=True, out_indices=stages)
+    net = timm.create_model(name, features_only=True, out_indices=stages, **tower_kwargs)
     reductions = net.feature_info.reduction()
     grid = size // reductions[0]
     if size % reductions[0] or grid < 2:
@@ -180,6 +198,24 @@ def pretrain_backbone(spec: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor],
     metrics = score_attributes(pred, scene_labels(root, "val", val_ids))
     metrics.update(train_seconds=seconds, final_loss=float(loss.detach()))
     return {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, metrics
+
+
+def load_into_tower(tower: nn.Module, path: str | Path) -> None:
+    """Load a pretrained features-only backbone file into a full timm model (Florence-2's DaViT tower): timm's
+    feature wrapper names the stages ``stages_<i>`` where the model has ``stages.<i>``. Every file tensor must land
+    in the tower; tower tensors the file lacks may only be its classifier head's."""
+    from safetensors.torch import load_file
+
+    weights = {re.sub(r"^stages_(\d+)\.", r"stages.\1.", k): v for k, v in load_file(str(path)).items()}
+    state = tower.state_dict()
+    missing = [k for k in state if k not in weights and not k.startswith("head.")]
+    unexpected = [k for k in weights if k not in state]
+    resized = [f"{k} {tuple(v.shape)} (tower: {tuple(state[k].shape)})" for k, v in weights.items()
+               if k in state and v.shape != state[k].shape]
+    if missing or unexpected or resized:
+        raise ValueError(f"pretrained backbone {path} does not fit the image tower: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}, other shapes {resized[:3]}")
+    tower.load_state_dict(weights, strict=False)
 
 
 def ensure_pretrained_backbone(spec: Mapping[str, Any], cache_dir: str | Path | None = None) -> Path:

@@ -62,7 +62,8 @@ def florence2_small() -> dict[str, Any]:
     """CPU-sized Florence-2 for training from scratch (2.8M parameters): d128, 3+3 layers, a 4-stage DaViT of widths
     32..128 at 128 px (17 image tokens). Pre-norm layers (the published sizes are BART's post-norm): from random
     weights the post-norm form washed the image out of the encoder and had not learned to read it after 500 Shapes
-    steps, the pre-norm one reached val mAP@0.5 0.09 by step 874 (docs/guides/florence2.md)."""
+    steps, the pre-norm one reached val mAP@0.5 0.09 by step 874 (docs/guides/florence2.md). ``experiment=od_shapes``
+    reads it at 256 px (65 image tokens) with its DaViT pretrained on the scenes' dense labels."""
     form = {**BART_FORM, "norm_first": True, "embed_norm": False}
     return dict(d_model=128, n_heads=4, enc_layers=3, dec_layers=3, ffn_dim=512, max_positions=256, **form,
                 vocab={"text_size": 1300},
