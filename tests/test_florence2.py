@@ -227,6 +227,38 @@ def test_tokens_equal_transformers(cache_env, name, decoding):
     print(f"florence2 config {name} {decoding}: tokens identical for {agree}/{len(prompts)} prompts x 3 images")
 
 
+def test_generation_encodes_large_images_in_chunks(cache_env, monkeypatch):
+    """CPU generation encodes rows of large images a few at a time (zoo.model.GENERATION_CHUNK_PIXELS): the same
+    memory as one batched encode, and the same tokens as transformers."""
+    import zoo.model
+
+    ref, processor = cache_env["a"]
+    m = zoo.load("hf-hub:florence-community/tiny-a")
+    prompts = ["<OD>", "<CAPTION_TO_PHRASE_GROUNDING>a red square", "<CAPTION>"]  # prompts of different lengths
+    inputs = _ref_inputs(processor, prompts, _images())
+    with torch.no_grad():
+        want = ref.generate(**inputs, num_beams=3, max_new_tokens=12)
+        ids, mask = m._prompt_segment([m._expand_prompt(p) for p in prompts])
+        segments = {"florence_image": inputs["pixel_values"], "text": (ids, mask)}
+        whole = m.model.encode(segments)
+        calls = []
+        encode = m.model.encode
+        monkeypatch.setattr(m.model, "encode", lambda x: calls.append(_rows_of(x)) or encode(x))
+        chunked = m.model.encode_for_generation(segments, max_pixels=2 * inputs["pixel_values"][0, 0].numel())
+        assert calls == [2, 1]
+        torch.testing.assert_close(chunked[0], whole[0], atol=1e-5, rtol=0)
+        assert torch.equal(chunked[1], whole[1])
+        calls.clear()
+        monkeypatch.setattr(zoo.model, "GENERATION_CHUNK_PIXELS", 1)  # one row a chunk
+        got = m.generate_ids(list(inputs["pixel_values"]), prompts, num_beams=3, max_new_tokens=12)
+    assert calls == [1, 1, 1]
+    assert torch.equal(want, got)
+
+
+def _rows_of(segments: dict) -> int:
+    return int(segments["florence_image"].shape[0])
+
+
 def test_microsoft_layout_tokens(cache_env):
     ref, processor = cache_env["a"]
     m = zoo.load("hf-hub:microsoft/tiny-a")

@@ -132,7 +132,7 @@ def generate(model, inputs: dict, max_new_tokens: int, num_beams: int = 1, **kwa
     if num_beams > 1 and kwargs.pop("do_sample", False):
         raise ValueError("sampling (do_sample=True) needs num_beams=1")
     with packed_linears(model):  # fp32 CPU: oneDNN GEMMs on packed weights (a no-op elsewhere)
-        memory, mask = model.encode(inputs)
+        memory, mask = model.encode_for_generation(inputs)
         if num_beams == 1:
             kwargs.pop("length_penalty", None)
             return greedy_search(model, memory, mask, max_new_tokens, **kwargs)

@@ -223,7 +223,7 @@ def hf_generate(model: Any, inputs: dict[str, Any], cfg: HFGenerationConfig,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Encode ``inputs`` once and decode with transformers' semantics → ``[B, 1 + T]`` (start token first)."""
     with packed_linears(model):  # fp32 CPU: packed oneDNN GEMMs (a no-op elsewhere)
-        memory, mask = model.encode(inputs)
+        memory, mask = model.encode_for_generation(inputs)
         if cfg.num_beams == 1:
             return greedy_or_sample(model, memory, mask, cfg, generator)
         return beam_search(model, memory, mask, cfg)
