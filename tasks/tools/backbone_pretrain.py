@@ -202,13 +202,13 @@ def pretrain_backbone(spec: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor],
 
 def load_into_tower(tower: nn.Module, path: str | Path) -> None:
     """Load a pretrained features-only backbone file into a full timm model (Florence-2's DaViT tower): timm's
-    feature wrapper names the stages ``stages_<i>`` where the model has ``stages.<i>``. Every file tensor must land
-    in the tower; tower tensors the file lacks may only be its classifier head's."""
+    feature wrapper names the stages ``stages_<i>`` where the model has ``stages.<i>``. The file and the tower (built
+    without its classifier head) must hold the same tensors, of the same shapes."""
     from safetensors.torch import load_file
 
     weights = {re.sub(r"^stages_(\d+)\.", r"stages.\1.", k): v for k, v in load_file(str(path)).items()}
     state = tower.state_dict()
-    missing = [k for k in state if k not in weights and not k.startswith("head.")]
+    missing = [k for k in state if k not in weights]
     unexpected = [k for k in weights if k not in state]
     resized = [f"{k} {tuple(v.shape)} (tower: {tuple(state[k].shape)})" for k, v in weights.items()
                if k in state and v.shape != state[k].shape]
