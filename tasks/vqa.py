@@ -149,6 +149,7 @@ class VQADataModule(TextDataModule):
         aux_grounding: str | None = None,
         relation_chain: str | None = None,
         relation_chain_grid: int | None = None,
+        object_chain: bool = False,
         question_type_weights: dict[str, float] | None = None,
         allow_outside_root: bool = False,
     ):
@@ -168,6 +169,10 @@ class VQADataModule(TextDataModule):
         self.max_candidates, self.val_limit = max_candidates, val_limit
         self.aux_captions, self.aux_grounding = aux_captions, aux_grounding
         self.relation_chain, self.relation_chain_grid = relation_chain, relation_chain_grid
+        if object_chain and not relation_chain:
+            raise ValueError("data.object_chain needs data.relation_chain (the grounding file the objects' centres "
+                             "come from)")
+        self.object_chain = bool(object_chain)
         self.question_type_weights = dict(question_type_weights or {})
         bad = {k: v for k, v in self.question_type_weights.items() if not _is_positive_number(v)}
         if bad:
@@ -365,7 +370,8 @@ class VQADataModule(TextDataModule):
 
     def _relation_chains(self, recs: list[VQARecord]) -> list[list[int] | None]:
         """With ``relation_chain`` (a grounding file): each relation question's four location ids that precede
-        its answer in the training target (:mod:`tasks.data.relation_chain`); ``None`` for the others."""
+        its answer in the training target (:mod:`tasks.data.relation_chain`), with ``object_chain`` also the two
+        of each question that names one object; ``None`` for the others."""
         if not self.relation_chain:
             return [None] * len(recs)
         from tasks.data.grounding import read_grounding
@@ -376,9 +382,12 @@ class VQADataModule(TextDataModule):
         refs = read_grounding(self.root / self.relation_chain, self.image_root, problems)
         problems.log()
         chains = relation_chains([(r.path, r.question, r.answer) for r in recs], refs, self.layout,
-                                 self.relation_chain_grid)
+                                 self.relation_chain_grid, self.object_chain)
         log.info("relation chains: %d training targets write both objects' locations before the answer",
-                 sum(c is not None for c in chains))
+                 sum(c is not None and len(c) == 4 for c in chains))
+        if self.object_chain:
+            log.info("object chains: %d training targets write the named object's location before the answer",
+                     sum(c is not None and len(c) == 2 for c in chains))
         return chains
 
     def _aux_grounding(self, paths: list[Path]) -> list[list[tuple[list[int], list[int]]]] | None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tasks.data.grounding import GroundingRef
-from tasks.data.relation_chain import centre_loc_ids, relation_chain, relation_word
+from tasks.data.relation_chain import centre_loc_ids, object_chain, relation_chain, relation_chains, relation_word
 from tasks.data.shapes import ShapesConfig
 from tasks.data.shapes_vqa import ensure_shapes_vqa
 from zoo.vocab import EOS_ID, VocabLayout
@@ -41,6 +41,25 @@ def test_chain_only_for_relation_questions_that_agree_with_the_answer():
     chain = relation_chain("where is the red circle relative to the blue square?", "right", refs, LAYOUT)
     assert chain is not None and chain[0] == LAYOUT.loc_start + round(0.9 * 99)
     assert relation_word(-0.3, 0.1) == "left" and relation_word(0.0, 0.2) == "below"
+
+
+def test_object_chain_is_the_named_objects_centre():
+    refs = [_ref("small red circle", 0.2, 0.5), _ref("large blue square", 0.7, 0.4), _ref("small blue cross", 0.9, 0.9)]
+    s = LAYOUT.loc_start
+    circle = [s + 12, s + 62]  # (0.2, 0.5) on the 4x4 grid → (0.125, 0.625)
+    assert object_chain("what colour is the circle?", "red", refs, LAYOUT, grid=4) == circle
+    assert object_chain("what shape is the red object?", "circle", refs, LAYOUT, grid=4) == circle
+    assert object_chain("what size is the red circle?", "small", refs, LAYOUT, grid=4) == circle
+    assert object_chain("is there a red circle?", "yes", refs, LAYOUT, grid=4) == circle
+    assert object_chain("what size is the blue square?", "large", refs, LAYOUT) == [s + 69, s + 40]
+    # no object by that name (an existence question answered no), or two (blue objects): a plain answer
+    assert object_chain("is there a green circle?", "no", refs, LAYOUT) is None
+    assert object_chain("what shape is the blue object?", "square", refs, LAYOUT) is None
+    assert object_chain("how many objects are there?", "3", refs, LAYOUT) is None
+    # relation questions keep their four-token chain; object chains only where asked for
+    questions = [(IMG, "where is the red circle relative to the blue square?", "left"), (IMG, "is there a red circle?", "yes")]
+    assert [len(c or []) for c in relation_chains(questions, refs, LAYOUT, 4)] == [4, 0]
+    assert [len(c or []) for c in relation_chains(questions, refs, LAYOUT, 4, objects=True)] == [4, 2]
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +155,34 @@ def test_a_chain_with_closed_set_decoding_is_refused(chain_setup):
     with pytest.raises(ValueError, match="needs task.decoding=open, got 'trie'"):
         task.setup("fit")
     task._trainer = None
+
+
+def test_object_chain_targets_write_the_named_objects_cell(chain_setup):
+    root, dm, model, _, _ = chain_setup
+    from tasks.vqa import VQADataModule
+
+    with pytest.raises(ValueError, match="data.object_chain needs data.relation_chain"):
+        VQADataModule(str(root), generate=None, object_chain=True)
+    obj = VQADataModule(str(root), generate=None, tokenizer_vocab_size=300, num_workers=0, batch_size=4,
+                        relation_chain="refs_train.json", relation_chain_grid=4, object_chain=True, splits=dm.splits)
+    obj.prepare_data()
+    obj.bind(model.cfg, model.layout)
+    obj.setup("fit")
+    layout, recs = model.layout, obj.read("train")
+    targets = obj.train_dataloader().dataset.dataset.targets
+    answers = obj.encode_text([r.answer for r in recs], obj.max_answer_len)
+    scenes = {s["image_id"]: s["objects"] for s in json.loads((root / "scenes_train.json").read_text())}
+    size = ShapesConfig().image_size
+    chained = {t: 0 for t in ("colour", "shape", "size", "exist")}
+    for r, target, answer in zip(recs, targets, answers):
+        if r.question_type not in chained or (r.question_type == "exist" and r.answer == "no"):
+            assert r.question_type == "relation" or target == answer, (r.question, target)
+            continue
+        assert target[2:] == answer and all(layout.loc_start <= t < layout.size for t in target[:2]), r.question
+        chained[r.question_type] += 1
+        x, y = ((t - layout.loc_start) / (layout.loc_bins - 1) for t in target[:2])
+        objs = [o for o in scenes[r.image_id] if o["colour"] in r.question.split() or o["shape"] in r.question[:-1].split()]
+        cells = {(int(o["x"] / size * 4), int(o["y"] / size * 4)) for o in objs
+                 if r.question_type in ("colour", "shape") or f"{o['colour']} {o['shape']}" in r.question}
+        assert (int(x * 4), int(y * 4)) in cells, (r.question, (x, y), cells)
+    assert all(n > 0 for n in chained.values()), chained

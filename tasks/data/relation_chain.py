@@ -9,6 +9,11 @@ tokens are dropped when predictions are decoded (:func:`zoo.task_specs.base.deco
 
 ``grid`` snaps each centre to the centre of its cell of a ``grid`` x ``grid`` grid (``4``: the 16-px tokens
 ofa-tiny sees of a 64-px Shapes image), a coarser, easier location to learn than the fine bins.
+
+With ``objects=True`` (``data.object_chain``) the questions that name one object (``what colour is the circle?``,
+``what shape is the red object?``, ``what size is the red circle?``, ``is there a red circle?`` answered yes) are
+trained as ``<x> <y> <answer>`` too: every such question then also teaches the model to find an object by its
+words, the step relation questions fail at while it is being learnt.
 """
 from __future__ import annotations
 
@@ -19,10 +24,18 @@ from typing import Sequence
 from tasks.data.grounding import GroundingRef
 from zoo.vocab import VocabLayout
 
-__all__ = ["RELATION_QUESTION", "relation_word", "centre_loc_ids", "relation_chain", "relation_chains"]
+__all__ = ["RELATION_QUESTION", "OBJECT_QUESTIONS", "relation_word", "centre_loc_ids", "relation_chain",
+           "object_chain", "relation_chains"]
 
 #: the relation question: group 1 names the object asked about, group 2 the reference object
 RELATION_QUESTION = re.compile(r"^\s*where is the (.+?) relative to the (.+?)\s*\?\s*$", re.IGNORECASE)
+#: questions that name one object: group 1 is its name (the words its reference's phrase contains)
+OBJECT_QUESTIONS = tuple(re.compile(p, re.IGNORECASE) for p in (
+    r"^\s*what colour is the (.+?)\s*\?\s*$",
+    r"^\s*what shape is the (.+?) object\s*\?\s*$",
+    r"^\s*what size is the (.+?)\s*\?\s*$",
+    r"^\s*is there an? (.+?)\s*\?\s*$",
+))
 
 
 def relation_word(dx: float, dy: float) -> str:
@@ -48,14 +61,11 @@ def centre_loc_ids(x: float, y: float, layout: VocabLayout, grid: int | None = N
 
 
 def _named(refs: Sequence[GroundingRef], name: str) -> list[tuple[float, float]]:
-    """Centres of the references whose phrase is ``name`` or ends with it (``small red circle`` for ``red circle``)."""
-    name = name.strip().lower()
-    out = []
-    for r in refs:
-        s = r.sentence.lower()
-        if s == name or s.endswith(" " + name):
-            out.append(((r.box[0] + r.box[2]) / 2, (r.box[1] + r.box[3]) / 2))
-    return out
+    """Centres of the references whose phrase holds every word of ``name`` (``small red circle`` for ``red
+    circle``, ``circle`` or ``red``)."""
+    words = set(name.lower().split())
+    return [((r.box[0] + r.box[2]) / 2, (r.box[1] + r.box[3]) / 2) for r in refs
+            if words <= set(r.sentence.lower().split())]
 
 
 def relation_chain(question: str, answer: str, refs: Sequence[GroundingRef], layout: VocabLayout,
@@ -76,10 +86,30 @@ def relation_chain(question: str, answer: str, refs: Sequence[GroundingRef], lay
     return None
 
 
+def object_chain(question: str, answer: str, refs: Sequence[GroundingRef], layout: VocabLayout,
+                 grid: int | None = None) -> list[int] | None:
+    """The two location ids ``x y`` (the centre of the one object a question names, :data:`OBJECT_QUESTIONS`) that
+    precede ``answer``; ``None`` when the question names no object or its name fits no object or several (an
+    existence question answered "no" stays a plain answer)."""
+    for pattern in OBJECT_QUESTIONS:
+        m = pattern.match(question)
+        if m is not None:
+            found = _named(refs, m.group(1))
+            return centre_loc_ids(*found[0], layout, grid) if len(found) == 1 else None
+    return None
+
+
 def relation_chains(questions: Sequence[tuple[Path, str, str]], refs: Sequence[GroundingRef], layout: VocabLayout,
-                    grid: int | None = None) -> list[list[int] | None]:
-    """:func:`relation_chain` of every ``(image path, question, answer)`` with the references of its image."""
+                    grid: int | None = None, objects: bool = False) -> list[list[int] | None]:
+    """:func:`relation_chain` of every ``(image path, question, answer)`` with the references of its image; with
+    ``objects`` also :func:`object_chain` of the questions that are not relation questions."""
     by_path: dict[Path, list[GroundingRef]] = {}
     for r in refs:
         by_path.setdefault(r.path, []).append(r)
-    return [relation_chain(q, a, by_path.get(p, []), layout, grid) for p, q, a in questions]
+    out = []
+    for p, q, a in questions:
+        chain = relation_chain(q, a, by_path.get(p, []), layout, grid)
+        if chain is None and objects and RELATION_QUESTION.match(q) is None:
+            chain = object_chain(q, a, by_path.get(p, []), layout, grid)
+        out.append(chain)
+    return out
