@@ -144,6 +144,25 @@ def stack(items: list[torch.Tensor]) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class PretrainableBackbone:
+    """How ``model.image_pretrain`` (dense scene pretraining, ``tasks/tools/backbone_pretrain.py``) pretrains, loads
+    and freezes a modality's backbone.
+
+    ``target(cfg)``: what to pretrain, from the modality's config dict (the architecture's with the run's overrides):
+    ``backbone`` (``timm:<name>``), ``out_index`` (the stage the model reads), ``image_size``, ``mean``, ``std``
+    and, for a timm model built with size arguments, ``tower_kwargs``; ``module(embedder)``: the pretrained part of
+    a built embedder (what ``freeze: true`` fixes). The weights file reaches the model one of two ways:
+    ``config_for(path)``, config keys that make the embedder load it when built, or ``load(embedder, path)``, which
+    loads it into the built embedder.
+    """
+
+    target: Callable[[dict[str, Any]], dict[str, Any]]
+    module: Callable[[torch.nn.Module], torch.nn.Module]
+    config_for: Callable[[str], dict[str, Any]] | None = None
+    load: Callable[[torch.nn.Module, str], None] | None = None
+
+
+@dataclass(frozen=True)
 class Modality:
     """Everything shared code needs to know about one modality.
 
@@ -153,7 +172,8 @@ class Modality:
     own, e.g. text, which uses the shared token embedding); ``preprocess(cfg)``: the CPU preprocessor (picklable);
     ``collate(items)``: a batch of its per-sample values; ``typed``: takes a modality-type embedding;
     ``field_checks``: per-field checks of the saved config, overriding those derived from the dataclass's field
-    types (bounds, names); ``check(d)``: a further check of a saved config (raises ``ValueError``).
+    types (bounds, names); ``check(d)``: a further check of a saved config (raises ``ValueError``);
+    ``pretrainable``: how its backbone is pretrained on dense scene labels (:class:`PretrainableBackbone`), if it can be.
     """
 
     name: str
@@ -165,6 +185,7 @@ class Modality:
     legacy_type_index: int | None = None
     field_checks: dict[str, Check] = field(default_factory=dict)
     check: Callable[[dict[str, Any]], None] | None = None
+    pretrainable: PretrainableBackbone | None = None
 
     @property
     def is_input(self) -> bool:

@@ -9,14 +9,17 @@ mean-pooled token followed by the ``h*w`` spatial tokens, projected to ``d_model
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from modalities.base import ModalityConfig, is_ident, list_of, optional, register_modality, upto
+from modalities.base import (ModalityConfig, PretrainableBackbone, is_ident, list_of, optional, register_modality,
+                             upto)
 from modalities.image import ImagePreprocessor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -152,10 +155,43 @@ class FlorenceImageEmbedder(nn.Module):
         return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
 
 
+def _pretrain_target(d: dict[str, Any]) -> dict[str, Any]:
+    """What dense scene pretraining trains: the DaViT tower (with this config's sizes) up to its last stage, the one
+    the embedder reads, at the config's image size and normalisation."""
+    cfg = FlorenceImageConfig(**d)
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.tower_kwargs().items()
+              if k not in ("num_classes", "drop_path_rate")}
+    return {"backbone": f"timm:{cfg.tower}", "out_index": 3, "image_size": cfg.image_size, "mean": cfg.mean,
+            "std": cfg.std, "tower_kwargs": kwargs}
+
+
+def load_tower_weights(embedder: FlorenceImageEmbedder, path: str | Path) -> None:
+    """Load a pretrained features-only DaViT file into the embedder's full tower: timm's feature wrapper names the
+    stages ``stages_<i>`` where the tower has ``stages.<i>``. The file and the tower (built without its classifier
+    head) must hold the same tensors, of the same shapes; anything else is a ``ValueError`` naming them."""
+    from safetensors.torch import load_file
+
+    tower = embedder.tower
+    weights = {re.sub(r"^stages_(\d+)\.", r"stages.\1.", k): v for k, v in load_file(str(path)).items()}
+    state = tower.state_dict()
+    missing = [k for k in state if k not in weights]
+    unexpected = [k for k in weights if k not in state]
+    resized = [f"{k} {tuple(v.shape)} (tower: {tuple(state[k].shape)})" for k, v in weights.items()
+               if k in state and v.shape != state[k].shape]
+    if missing or unexpected or resized:
+        raise ValueError(f"pretrained backbone {path} does not fit the image tower: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}, other shapes {resized[:3]}")
+    tower.load_state_dict(weights, strict=False)
+
+
+# dense scene pretraining (model.image_pretrain) trains the DaViT tower; its file is loaded into the built tower
+PRETRAINABLE = PretrainableBackbone(target=_pretrain_target, module=lambda embedder: embedder.tower,
+                                    load=load_tower_weights)
 # an imported architecture's tower: no modality-type embedding (models with it set type_embed=False)
 register_modality("florence_image", config=FlorenceImageConfig, embedder=FlorenceImageEmbedder,
                   preprocess=FlorenceImagePreprocessor, typed=False,
                   field_checks={"tower": is_ident, "depths": optional(list_of(upto(2**10))),
                                 "embed_dims": optional(list_of(upto(2**16))), "num_heads": optional(list_of(upto(2**10))),
                                 "window_size": optional(upto(2**10)), "image_size": upto(2**14),
-                                "max_pos_embeddings": upto(2**14), "max_temporal_embeddings": upto(2**14)})
+                                "max_pos_embeddings": upto(2**14), "max_temporal_embeddings": upto(2**14)},
+                  pretrainable=PRETRAINABLE)

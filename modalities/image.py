@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
-from modalities.base import ModalityConfig, is_dict, is_pos, register_modality
+from modalities.base import ModalityConfig, PretrainableBackbone, is_dict, is_pos, register_modality
 
 
 @dataclass
@@ -334,6 +334,16 @@ def _check_saved(d: dict[str, Any]) -> None:
         check_backbone(d.get("backbone", ImageConfig.backbone), d.get("backbone_kwargs") or {})
 
 
+def _pretrain_target(d: dict[str, Any]) -> dict[str, Any]:
+    """What dense scene pretraining trains: the backbone at the stage the embedder reads, at its image size."""
+    return {"backbone": str(d.get("backbone", "")), "out_index": int(d.get("out_index", 2)),
+            "image_size": int(d.get("image_size", 64)), "mean": d.get("mean", (0.5, 0.5, 0.5)),
+            "std": d.get("std", (0.5, 0.5, 0.5))}
+
+
+# dense scene pretraining: the weights file becomes the backbone's `pretrained` file (timm loads it when building)
+PRETRAINABLE = PretrainableBackbone(target=_pretrain_target, module=lambda embedder: embedder.backbone,
+                                    config_for=lambda path: {"pretrained": path})
 register_modality("image", config=ImageConfig, embedder=ImageEmbedder, preprocess=ImagePreprocessor, typed=True,
                   legacy_type_index=1, field_checks={"image_size": is_pos, "backbone_kwargs": is_dict},
-                  check=_check_saved)
+                  check=_check_saved, pretrainable=PRETRAINABLE)

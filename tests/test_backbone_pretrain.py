@@ -104,7 +104,7 @@ def test_the_shipped_stem_is_the_one_the_shapes_experiments_ask_for(tmp_path):
     user = {k: v for k, v in OmegaConf.to_container(cfg.model.image_pretrain).items() if k not in ("freeze", "root")}
     image = {**zoo.model_config(cfg.model.name).modalities["florence_image"],
              **OmegaConf.to_container(cfg.model.overrides.modalities.florence_image)}
-    spec = resolve_spec({**user, "root": str(tmp_path)}, image)
+    spec = resolve_spec({**user, "root": str(tmp_path)}, image, "florence_image")
     assert (SHIPPED_STEMS / f"davit_base_fl-{spec_digest(spec)}.safetensors").is_file()
 
 
@@ -152,14 +152,14 @@ def test_florence_tower_pretrains_and_loads_into_the_model(tiny_shapes, tmp_path
     normalisation go into the spec, and build_model loads the features-only file into the full tower."""
     import zoo
     from modalities.florence_image import IMAGENET_MEAN
+    from modalities.florence_image import load_tower_weights
     from tasks.cli.train import build_model
-    from tasks.tools.backbone_pretrain import load_into_tower
 
     image = zoo.model_config("test-florence2").modalities["florence_image"]
-    spec = resolve_spec({"root": str(tiny_shapes), "epochs": 1, "batch_size": 16}, image)
+    spec = resolve_spec({"root": str(tiny_shapes), "epochs": 1, "batch_size": 16}, image, "florence_image")
     assert spec["backbone"] == "timm:davit_base_fl" and spec["out_index"] == 3 and spec["image_size"] == 64
     assert spec["mean"] == list(IMAGENET_MEAN) and spec["tower_kwargs"]["embed_dims"] == [16, 32, 48, 64]
-    wider = resolve_spec({"root": str(tiny_shapes)}, {**image, "embed_dims": [16, 32, 48, 96]})
+    wider = resolve_spec({"root": str(tiny_shapes)}, {**image, "embed_dims": [16, 32, 48, 96]}, "florence_image")
     assert wider["tower_kwargs"]["embed_dims"] == [16, 32, 48, 96]
 
     cfg = OmegaConf.create({"name": "test-florence2", "overrides": {},
@@ -179,4 +179,4 @@ def test_florence_tower_pretrains_and_loads_into_the_model(tiny_shapes, tmp_path
     other = build_model(OmegaConf.create({"name": "test-florence2", "overrides": {
         "modalities": {"florence_image": {"embed_dims": [16, 32, 48, 96]}}}}), 1300)
     with pytest.raises(ValueError, match="does not fit the image tower"):
-        load_into_tower(other.embedders["florence_image"].tower, ensure_pretrained_backbone(spec))
+        load_tower_weights(other.embedders["florence_image"], ensure_pretrained_backbone(spec))

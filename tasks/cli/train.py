@@ -49,38 +49,40 @@ def build_model(model_cfg: DictConfig, text_vocab_size: int, data_overrides: dic
             overrides.setdefault(key, value)
     pretrain = model_cfg.get("image_pretrain")
     if pretrain:  # the image backbone starts from weights pretrained on dense scene labels (cached)
+        from modalities.base import get_modality
         from tasks.runtime.distributed import prepare_lock
         from tasks.tools.backbone_pretrain import ensure_pretrained_backbone, resolve_spec
 
         arch_modalities = zoo.model_config(model_cfg.name).modalities
-        image_key = "florence_image" if "florence_image" in arch_modalities else "image"  # Florence-2's DaViT tower
+        image_key = next((m for m in arch_modalities if get_modality(m).pretrainable), None)
+        if image_key is None:
+            raise ValueError(f"model.image_pretrain: {model_cfg.name} has no modality whose backbone can be pretrained "
+                             f"(its modalities: {sorted(arch_modalities)})")
+        hook = get_modality(image_key).pretrainable
         image_over = (overrides.get("modalities") or {}).get(image_key) or {}
         image_cfg = {**arch_modalities.get(image_key, {}), **image_over}
         user_spec: dict[str, Any] = OmegaConf.to_container(pretrain, resolve=True)  # type: ignore[assignment]
         freeze = bool(user_spec.pop("freeze", False))
-        spec = resolve_spec(user_spec, image_cfg)
+        spec = resolve_spec(user_spec, image_cfg, image_key)
         from tasks.runtime.resume import isolated_rng
 
         # torchrun/srun ranks: the first pretrains, the others load its cache; pretraining or reading the cache
         # leaves the RNG as it was, so the model's initialisation does not depend on whether the cache existed
         with prepare_lock(spec["root"]), isolated_rng():
             weights = ensure_pretrained_backbone(spec)
-        if image_key == "image":  # timm loads the file itself; the DaViT tower is loaded below
-            overrides.setdefault("modalities", {})["image"] = {**image_over, "pretrained": str(weights)}
+        if hook.config_for:  # the embedder loads the file when it is built
+            overrides.setdefault("modalities", {})[image_key] = {**image_over, **hook.config_for(str(weights))}
     vocab = dict(zoo.model_config(model_cfg.name).vocab)
     vocab.update(overrides.pop("vocab", {}) or {})
     vocab["text_size"] = text_vocab_size
     vocab.pop("ranges", None)
     model = zoo.create_model(model_cfg.name, vocab=vocab, **overrides)
-    if pretrain and image_key == "florence_image":
-        from tasks.tools.backbone_pretrain import load_into_tower
-
-        load_into_tower(model.embedders[image_key].tower, weights)
+    if pretrain and hook.load:
+        hook.load(model.embedders[image_key], str(weights))
     if pretrain and freeze:  # keep the pretrained stem fixed: weights and BatchNorm statistics
         from tasks.adapters import freeze_batchnorm_stats
 
-        embedder = model.embedders[image_key]
-        backbone = embedder.tower if image_key == "florence_image" else embedder.backbone
+        backbone = hook.module(model.embedders[image_key])
         backbone.requires_grad_(False)
         freeze_batchnorm_stats(backbone)
     return model

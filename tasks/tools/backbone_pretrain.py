@@ -8,8 +8,9 @@ grid predicts objectness, shape and colour (:func:`tasks.data.shapes_images.scen
 
 :func:`ensure_pretrained_backbone` trains the configured ``timm`` backbone that way once and caches
 its weights as a safetensors file keyed by the spec and the data; :func:`tasks.cli.train.build_model` then
-hands that file to timm as the backbone's ``pretrained`` weights (``model.image_pretrain`` in the
-experiment config). The unified model's config records nothing from it: saved models carry their own
+loads that file into the model (``model.image_pretrain`` in the experiment config) the way the image modality's
+:class:`~modalities.base.PretrainableBackbone` says: ``image`` hands it to timm as the backbone's ``pretrained``
+weights, ``florence_image`` loads it into the built DaViT tower. The unified model's config records nothing from it: saved models carry their own
 weights.
 """
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 import uuid
 from pathlib import Path
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modalities.base import get_modality
 from tasks.data.shapes import COLOURS, SHAPES
 from tasks.data.shapes_images import data_marker, split_dense_logits
 
@@ -62,36 +63,29 @@ class DenseSceneHead(nn.Module):
         return split_dense_logits(self.out(h))
 
 
-def resolve_spec(spec: Mapping[str, Any], image_cfg: Mapping[str, Any]) -> dict[str, Any]:
+def resolve_spec(spec: Mapping[str, Any], image_cfg: Mapping[str, Any], modality: str = "image") -> dict[str, Any]:
     """The full pretraining spec: the user's keys, the model's image backbone, and the defaults.
 
-    ``image_cfg`` is the model's image modality config: an ``image`` modality (``backbone: timm:<name>``,
-    ``out_index``) or Florence-2's ``florence_image`` (``tower``: a timm DaViT with its size overrides; its last
-    stage is what the model reads)."""
+    ``image_cfg`` is the model's config of ``modality``, a registered modality whose backbone can be pretrained
+    (:class:`modalities.base.PretrainableBackbone`: ``image``'s timm backbone, Florence-2's DaViT tower), which
+    says what to train."""
     unknown = set(spec) - SPEC_KEYS
     if unknown:
         raise ValueError(f"unknown model.image_pretrain keys {sorted(unknown)}; valid: {sorted(SPEC_KEYS)}")
     if not spec.get("root"):
         raise ValueError("model.image_pretrain needs 'root': a Shapes data folder (scenes_*.json, captions_*.json)")
-    tower_kwargs: dict[str, Any] = {}
-    if image_cfg.get("tower"):  # Florence-2's DaViT tower
-        from modalities.florence_image import FlorenceImageConfig
-
-        florence = FlorenceImageConfig(**image_cfg)
-        image_cfg = {"image_size": florence.image_size, "mean": florence.mean, "std": florence.std}
-        backbone, out_index = f"timm:{florence.tower}", 3
-        tower_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in florence.tower_kwargs().items()
-                        if k not in ("num_classes", "drop_path_rate")}
-    else:
-        backbone, out_index = str(image_cfg.get("backbone", "")), int(image_cfg.get("out_index", 2))
+    hook = get_modality(modality).pretrainable
+    if hook is None:
+        raise ValueError(f"model.image_pretrain: modality {modality!r} has no backbone to pretrain")
+    target = hook.target(dict(image_cfg))
+    backbone = target["backbone"]
     if not backbone.startswith("timm:"):
         raise ValueError(f"model.image_pretrain trains timm backbones only, the image backbone is {backbone!r}")
-    out = {**DEFAULTS, "backbone": backbone, "out_index": out_index,
-           "image_size": int(image_cfg.get("image_size", 64)), **dict(spec),
-           "mean": [float(m) for m in image_cfg.get("mean", (0.5, 0.5, 0.5))],
-           "std": [float(m) for m in image_cfg.get("std", (0.5, 0.5, 0.5))]}
-    if tower_kwargs:  # part of the cache key: another tower size is another file
-        out["tower_kwargs"] = tower_kwargs
+    out = {**DEFAULTS, "backbone": backbone, "out_index": int(target["out_index"]),
+           "image_size": int(target["image_size"]), **dict(spec),
+           "mean": [float(m) for m in target["mean"]], "std": [float(m) for m in target["std"]]}
+    if target.get("tower_kwargs"):  # part of the cache key: another tower size is another file
+        out["tower_kwargs"] = target["tower_kwargs"]
     out["root"] = str(Path(out["root"]).resolve())
     return out
 
@@ -198,24 +192,6 @@ def pretrain_backbone(spec: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor],
     metrics = score_attributes(pred, scene_labels(root, "val", val_ids))
     metrics.update(train_seconds=seconds, final_loss=float(loss.detach()))
     return {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, metrics
-
-
-def load_into_tower(tower: nn.Module, path: str | Path) -> None:
-    """Load a pretrained features-only backbone file into a full timm model (Florence-2's DaViT tower): timm's
-    feature wrapper names the stages ``stages_<i>`` where the model has ``stages.<i>``. The file and the tower (built
-    without its classifier head) must hold the same tensors, of the same shapes."""
-    from safetensors.torch import load_file
-
-    weights = {re.sub(r"^stages_(\d+)\.", r"stages.\1.", k): v for k, v in load_file(str(path)).items()}
-    state = tower.state_dict()
-    missing = [k for k in state if k not in weights]
-    unexpected = [k for k in weights if k not in state]
-    resized = [f"{k} {tuple(v.shape)} (tower: {tuple(state[k].shape)})" for k, v in weights.items()
-               if k in state and v.shape != state[k].shape]
-    if missing or unexpected or resized:
-        raise ValueError(f"pretrained backbone {path} does not fit the image tower: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}, other shapes {resized[:3]}")
-    tower.load_state_dict(weights, strict=False)
 
 
 def ensure_pretrained_backbone(spec: Mapping[str, Any], cache_dir: str | Path | None = None) -> Path:
