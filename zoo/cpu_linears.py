@@ -25,7 +25,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from zoo.onednn import (  # noqa: F401
     _PLAIN,
-    _Packed,
+    PackedWeight,
     onednn_available,
     onednn_linear,
     packed_applies,
@@ -34,7 +34,7 @@ from zoo.onednn import (  # noqa: F401
 
 #: packed weights per model (by layer id); weak keys: a deleted model takes its packed copies along, and the
 #: copies never travel with the model (state_dict, deepcopy, pickle)
-_PACKED: weakref.WeakKeyDictionary[nn.Module, dict[int, _Packed]] = weakref.WeakKeyDictionary()
+_PACKED: weakref.WeakKeyDictionary[nn.Module, dict[int, PackedWeight]] = weakref.WeakKeyDictionary()
 
 
 
@@ -54,14 +54,14 @@ def _release_all_after_step(optimizer: torch.optim.Optimizer, args: object, kwar
 register_optimizer_step_post_hook(_release_all_after_step)
 
 
-def _packed_forward(layer: nn.Linear, packed: _Packed):
+def _packed_forward(layer: nn.Linear, packed: PackedWeight):
     def forward(x: torch.Tensor) -> torch.Tensor:
         return packed_linear(x, layer.weight, layer.bias, packed)
 
     return forward
 
 
-def _packed_ffn_forward(ffn: nn.Module, packed: _Packed):
+def _packed_ffn_forward(ffn: nn.Module, packed: PackedWeight):
     """``fc2(gelu(fc1(x)))`` with the GELU fused into fc1's GEMM (fc1's own hooks are not called)."""
     def forward(x: torch.Tensor) -> torch.Tensor:
         return ffn.fc2(packed_linear(x, ffn.fc1.weight, ffn.fc1.bias, packed, gelu=ffn.approximate))
@@ -85,19 +85,19 @@ def packed_linears(model: nn.Module, enabled: bool = True) -> Iterator[None]:
 
     layers = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in m.__dict__]
     for m in layers:
-        m.forward = _packed_forward(m, cache.setdefault(id(m), _Packed()))  # type: ignore[method-assign]
+        m.forward = _packed_forward(m, cache.setdefault(id(m), PackedWeight()))  # type: ignore[method-assign]
     # only plain fc1 layers: a LoRA-wrapped or quantized fc1 must run its own forward
     ffns = [m for m in model.modules() if type(m) is FeedForward and type(m.fc1) is nn.Linear
             and "forward" not in m.__dict__]
     for m in ffns:
-        m.forward = _packed_ffn_forward(m, cache.setdefault(id(m.fc1), _Packed()))  # type: ignore[method-assign]
+        m.forward = _packed_ffn_forward(m, cache.setdefault(id(m.fc1), PackedWeight()))  # type: ignore[method-assign]
     layers += ffns
     from zoo.fast_davit import (
         install,  # Florence-2's timm DaViT tower: its lean forward on the packed weights
     )
 
     layers += install(model, cache)
-    model.__dict__["packed_output"] = cache.setdefault(id(model), _Packed())
+    model.__dict__["packed_output"] = cache.setdefault(id(model), PackedWeight())
     try:
         yield
     finally:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as nn_module
 
-from zoo.onednn import _Packed, onednn_linear, packed_applies
+from zoo.onednn import PackedWeight, onednn_linear, packed_applies
 
 _DAVIT = ("timm.models.davit", "DaVit")
 
@@ -36,7 +36,7 @@ def is_davit(module: nn.Module) -> bool:
     return (cls.__module__, cls.__name__) == _DAVIT
 
 
-def _linear_add(x: torch.Tensor, other: torch.Tensor, packed: _Packed, lin: nn.Linear) -> torch.Tensor:
+def _linear_add(x: torch.Tensor, other: torch.Tensor, packed: PackedWeight, lin: nn.Linear) -> torch.Tensor:
     """``other + lin(x)`` for 2-D ``x`` / ``other``, the add fused into the GEMM."""
     return torch.ops.mkldnn._linear_pointwise.binary(x, other, packed.get(lin.weight), lin.bias, "add")
 
@@ -88,7 +88,7 @@ def _covered(tower: nn.Module) -> bool:
 class FastDaViT:
     """``forward_features`` of one timm ``DaVit`` on packed weights (see the module docstring)."""
 
-    def __init__(self, tower: nn.Module, packed: dict[int, _Packed]):
+    def __init__(self, tower: nn.Module, packed: dict[int, PackedWeight]):
         self.tower = tower
         self.packed = packed
 
@@ -179,7 +179,7 @@ class FastDaViT:
         return self._mlp(x.reshape(b * n, c), block).view(b, hh, ww, c)
 
 
-def install(model: nn.Module, packed: dict[int, _Packed]) -> list[nn.Module]:
+def install(model: nn.Module, packed: dict[int, PackedWeight]) -> list[nn.Module]:
     """Point ``forward_features`` of every timm ``DaVit`` in ``model`` at :class:`FastDaViT` (whose linear layers
     ``packed`` holds); returns the towers patched (``del tower.forward_features`` undoes it)."""
     towers: list[nn.Module] = []

@@ -21,7 +21,7 @@ def onednn_available() -> bool:
             and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
 
 
-class _Packed:
+class PackedWeight:
     """The packed weight of one linear layer and the weight state it was packed from."""
 
     __slots__ = ("key", "source", "weight")
@@ -50,7 +50,7 @@ def packed_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)))
 
 
-def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: _Packed,
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight,
                   gelu: str | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` (then ``F.gelu(approximate=gelu)`` when ``gelu`` is ``"none"`` or ``"tanh"``),
     through the packed oneDNN kernel where it applies (CPU fp32, no grad); the GELU is then fused into the GEMM."""
