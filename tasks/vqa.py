@@ -149,7 +149,7 @@ class VQADataModule(TextDataModule):
         aux_grounding: str | None = None,
         relation_chain: str | None = None,
         relation_chain_grid: int | None = None,
-        object_chain: bool = False,
+        object_chain: list[str] | None = None,
         question_type_weights: dict[str, float] | None = None,
         allow_outside_root: bool = False,
     ):
@@ -172,7 +172,10 @@ class VQADataModule(TextDataModule):
         if object_chain and not relation_chain:
             raise ValueError("data.object_chain needs data.relation_chain (the grounding file the objects' centres "
                              "come from)")
-        self.object_chain = bool(object_chain)
+        if isinstance(object_chain, (bool, str)):
+            raise ValueError("data.object_chain must be a list of question kinds (colour, shape, size, exist), "
+                             f"got {object_chain!r}")
+        self.object_chain = list(object_chain or [])
         self.question_type_weights = dict(question_type_weights or {})
         bad = {k: v for k, v in self.question_type_weights.items() if not _is_positive_number(v)}
         if bad:

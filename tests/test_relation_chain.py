@@ -59,7 +59,10 @@ def test_object_chain_is_the_named_objects_centre():
     # relation questions keep their four-token chain; object chains only where asked for
     questions = [(IMG, "where is the red circle relative to the blue square?", "left"), (IMG, "is there a red circle?", "yes")]
     assert [len(c or []) for c in relation_chains(questions, refs, LAYOUT, 4)] == [4, 0]
-    assert [len(c or []) for c in relation_chains(questions, refs, LAYOUT, 4, objects=True)] == [4, 2]
+    assert [len(c or []) for c in relation_chains(questions, refs, LAYOUT, 4, objects=["exist"])] == [4, 2]
+    assert [len(c or []) for c in relation_chains(questions, refs, LAYOUT, 4, objects=["size"])] == [4, 0]
+    with pytest.raises(ValueError, match=r"unknown question kinds \['colours'\]"):
+        relation_chains(questions, refs, LAYOUT, 4, objects=["colours"])
 
 
 @pytest.fixture(scope="module")
@@ -162,9 +165,10 @@ def test_object_chain_targets_write_the_named_objects_cell(chain_setup):
     from tasks.vqa import VQADataModule
 
     with pytest.raises(ValueError, match="data.object_chain needs data.relation_chain"):
-        VQADataModule(str(root), generate=None, object_chain=True)
+        VQADataModule(str(root), generate=None, object_chain=["size"])
     obj = VQADataModule(str(root), generate=None, tokenizer_vocab_size=300, num_workers=0, batch_size=4,
-                        relation_chain="refs_train.json", relation_chain_grid=4, object_chain=True, splits=dm.splits)
+                        relation_chain="refs_train.json", relation_chain_grid=4, splits=dm.splits,
+                        object_chain=["colour", "shape", "size", "exist"])
     obj.prepare_data()
     obj.bind(model.cfg, model.layout)
     obj.setup("fit")

@@ -10,16 +10,17 @@ tokens are dropped when predictions are decoded (:func:`zoo.task_specs.base.deco
 ``grid`` snaps each centre to the centre of its cell of a ``grid`` x ``grid`` grid (``4``: the 16-px tokens
 ofa-tiny sees of a 64-px Shapes image), a coarser, easier location to learn than the fine bins.
 
-With ``objects=True`` (``data.object_chain``) the questions that name one object (``what colour is the circle?``,
-``what shape is the red object?``, ``what size is the red circle?``, ``is there a red circle?`` answered yes) are
-trained as ``<x> <y> <answer>`` too: every such question then also teaches the model to find an object by its
-words, the step relation questions fail at while it is being learnt.
+``objects`` (``data.object_chain``) names the kinds of question that name one object (:data:`OBJECT_QUESTIONS`:
+``colour`` what colour is the circle?, ``shape`` what shape is the red object?, ``size`` what size is the red
+circle?, ``exist`` is there a red circle? answered yes) to train as ``<x> <y> <answer>`` too: each such question
+then also teaches the model to find an object by its words, the step relation questions fail at while it is
+being learnt.
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from tasks.data.grounding import GroundingRef
 from zoo.vocab import VocabLayout
@@ -29,13 +30,13 @@ __all__ = ["RELATION_QUESTION", "OBJECT_QUESTIONS", "relation_word", "centre_loc
 
 #: the relation question: group 1 names the object asked about, group 2 the reference object
 RELATION_QUESTION = re.compile(r"^\s*where is the (.+?) relative to the (.+?)\s*\?\s*$", re.IGNORECASE)
-#: questions that name one object: group 1 is its name (the words its reference's phrase contains)
-OBJECT_QUESTIONS = tuple(re.compile(p, re.IGNORECASE) for p in (
-    r"^\s*what colour is the (.+?)\s*\?\s*$",
-    r"^\s*what shape is the (.+?) object\s*\?\s*$",
-    r"^\s*what size is the (.+?)\s*\?\s*$",
-    r"^\s*is there an? (.+?)\s*\?\s*$",
-))
+#: questions that name one object, by kind: group 1 is its name (the words its reference's phrase contains)
+OBJECT_QUESTIONS = {kind: re.compile(p, re.IGNORECASE) for kind, p in (
+    ("colour", r"^\s*what colour is the (.+?)\s*\?\s*$"),
+    ("shape", r"^\s*what shape is the (.+?) object\s*\?\s*$"),
+    ("size", r"^\s*what size is the (.+?)\s*\?\s*$"),
+    ("exist", r"^\s*is there an? (.+?)\s*\?\s*$"),
+)}
 
 
 def relation_word(dx: float, dy: float) -> str:
@@ -87,12 +88,12 @@ def relation_chain(question: str, answer: str, refs: Sequence[GroundingRef], lay
 
 
 def object_chain(question: str, answer: str, refs: Sequence[GroundingRef], layout: VocabLayout,
-                 grid: int | None = None) -> list[int] | None:
-    """The two location ids ``x y`` (the centre of the one object a question names, :data:`OBJECT_QUESTIONS`) that
-    precede ``answer``; ``None`` when the question names no object or its name fits no object or several (an
-    existence question answered "no" stays a plain answer)."""
-    for pattern in OBJECT_QUESTIONS:
-        m = pattern.match(question)
+                 grid: int | None = None, kinds: Iterable[str] = tuple(OBJECT_QUESTIONS)) -> list[int] | None:
+    """The two location ids ``x y`` (the centre of the one object a question of one of ``kinds`` names,
+    :data:`OBJECT_QUESTIONS`) that precede ``answer``; ``None`` when the question is of no such kind, or its name
+    fits no object or several (an existence question answered "no" stays a plain answer)."""
+    for kind in kinds:
+        m = OBJECT_QUESTIONS[kind].match(question)
         if m is not None:
             found = _named(refs, m.group(1))
             return centre_loc_ids(*found[0], layout, grid) if len(found) == 1 else None
@@ -100,9 +101,12 @@ def object_chain(question: str, answer: str, refs: Sequence[GroundingRef], layou
 
 
 def relation_chains(questions: Sequence[tuple[Path, str, str]], refs: Sequence[GroundingRef], layout: VocabLayout,
-                    grid: int | None = None, objects: bool = False) -> list[list[int] | None]:
-    """:func:`relation_chain` of every ``(image path, question, answer)`` with the references of its image; with
-    ``objects`` also :func:`object_chain` of the questions that are not relation questions."""
+                    grid: int | None = None, objects: Sequence[str] = ()) -> list[list[int] | None]:
+    """:func:`relation_chain` of every ``(image path, question, answer)`` with the references of its image, and
+    :func:`object_chain` of the questions of the kinds ``objects`` names."""
+    unknown = sorted(set(objects) - set(OBJECT_QUESTIONS))
+    if unknown:
+        raise ValueError(f"object chains: unknown question kinds {unknown}; known: {sorted(OBJECT_QUESTIONS)}")
     by_path: dict[Path, list[GroundingRef]] = {}
     for r in refs:
         by_path.setdefault(r.path, []).append(r)
@@ -110,6 +114,6 @@ def relation_chains(questions: Sequence[tuple[Path, str, str]], refs: Sequence[G
     for p, q, a in questions:
         chain = relation_chain(q, a, by_path.get(p, []), layout, grid)
         if chain is None and objects and RELATION_QUESTION.match(q) is None:
-            chain = object_chain(q, a, by_path.get(p, []), layout, grid)
+            chain = object_chain(q, a, by_path.get(p, []), layout, grid, objects)
         out.append(chain)
     return out
