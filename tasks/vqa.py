@@ -172,8 +172,10 @@ class VQADataModule(TextDataModule):
         if object_chain and not relation_chain:
             raise ValueError("data.object_chain needs data.relation_chain (the grounding file the objects' centres "
                              "come from)")
-        if isinstance(object_chain, (bool, str)):
-            raise ValueError("data.object_chain must be a list of question kinds (colour, shape, size, exist), "
+        from tasks.data.relation_chain import OBJECT_QUESTIONS
+
+        if isinstance(object_chain, (bool, str)) or not set(object_chain or []) <= set(OBJECT_QUESTIONS):
+            raise ValueError(f"data.object_chain must be a list of question kinds ({', '.join(OBJECT_QUESTIONS)}), "
                              f"got {object_chain!r}")
         self.object_chain = list(object_chain or [])
         self.question_type_weights = dict(question_type_weights or {})

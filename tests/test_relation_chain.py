@@ -166,6 +166,9 @@ def test_object_chain_targets_write_the_named_objects_cell(chain_setup):
 
     with pytest.raises(ValueError, match="data.object_chain needs data.relation_chain"):
         VQADataModule(str(root), generate=None, object_chain=["size"])
+    for bad in (True, "size", ["sizes"]):  # refused when the datamodule is made, before any work
+        with pytest.raises(ValueError, match="data.object_chain must be a list of question kinds"):
+            VQADataModule(str(root), generate=None, relation_chain="refs_train.json", object_chain=bad)
     obj = VQADataModule(str(root), generate=None, tokenizer_vocab_size=300, num_workers=0, batch_size=4,
                         relation_chain="refs_train.json", relation_chain_grid=4, splits=dm.splits,
                         object_chain=["colour", "shape", "size", "exist"])
