@@ -285,7 +285,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             ckpt = best or None
         else:
             ckpt = ckpt_path
-        trainer.test(task, datamodule=dm, ckpt_path=ckpt, weights_only=True)
+        # verbose=False: the figures are printed once, below (Lightning's table split a multitask run's over two)
+        trainer.test(task, datamodule=dm, ckpt_path=ckpt, weights_only=True, verbose=False)
     metrics.update(task.final_metrics)
     if trainer.is_global_zero:
         report_metrics(task, metrics, out, "final metrics")
